@@ -1,0 +1,1 @@
+//! Command-line subcommands (one file each); each only parses and calls the library.

@@ -1,0 +1,9 @@
+//! `qlora`: QLoRA fine-tuning on a frozen NF4 base with 16-bit LoRA adapters.
+//!
+//! The 4-bit formats and kernels live in the `qlora-quant` crate (re-exported as [`quant`]);
+//! this crate holds models, adapters, training, export and the CLI.
+
+pub use qlora_quant as quant;
+
+pub mod cli;
+pub mod model;
