@@ -29,7 +29,8 @@ pub fn block_count(n: usize, blocksize: usize) -> usize {
 /// Packed 4-bit codes and the f32 absmax of every block.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Quantized {
-    /// Two codes per byte: element `2k` in the high nibble, `2k + 1` in the low nibble.
+    /// Two codes per byte: element `2k` in the high nibble, `2k + 1` in the low nibble; an odd
+    /// count ends with the code of 0.0 as padding.
     pub packed: Vec<u8>,
     /// `max |x|` of each block.
     pub absmax: Vec<f32>,
@@ -62,7 +63,9 @@ pub fn quantize(data: &[f32], blocksize: usize, qtype: QuantType) -> Result<Quan
             };
             for (byte, pair) in out.iter_mut().zip(block.chunks(2)) {
                 let hi = rounding.nibble_of(scale(pair[0]));
-                let lo = pair.get(1).map_or(0, |&x| rounding.nibble_of(scale(x)));
+                // bnb pads an odd count with the value 0.0 and quantizes it (NF4 nibble 7,
+                // FP4 nibble 0), so the padding nibble is the code of zero, not a literal 0.
+                let lo = rounding.nibble_of(pair.get(1).map_or(0.0, |&x| scale(x)));
                 *byte = (hi << 4) | lo;
             }
         });
