@@ -46,16 +46,123 @@ pub fn dequantize_one(code: u8, nested: f32, offset: f32) -> f32 {
     scaled + offset
 }
 
-/// The f32 mean of the absmax vector, as close to `torch.mean` as a portable sum gets.
+/// The f32 mean of the absmax vector, bit for bit what `torch.mean` returns on CPU.
 ///
-/// torch sums in a vectorised order; an f64 sum rounded once matches it in most cases and is at
-/// most 1 ulp away otherwise (bnb's own fixtures document this).
+/// torch computes `sum(absmax) / n` in f32, and its sum is a cascade in f32 over 8-lane vectors
+/// (the AVX2 kernels its x86 wheels dispatch to), reproduced by `torch_sum`. An f64 sum rounded once is 1 ulp
+/// off for about one vector in five, so we follow torch's order instead. Exact whenever torch
+/// reduces on one thread, which it does below 32768 values (`GRAIN_SIZE`, i.e. weights under
+/// 2M elements at blocksize 64); above that a multi-threaded torch splits the sum per thread,
+/// and the result can differ from this one by 1 ulp.
 pub fn mean_offset(absmax: &[f32]) -> f32 {
     if absmax.is_empty() {
         return 0.0;
     }
-    let sum: f64 = absmax.iter().map(|&a| a as f64).sum();
-    (sum / absmax.len() as f64) as f32
+    torch_sum(absmax) / absmax.len() as f32
+}
+
+/// Lanes of torch's `Vectorized<float>` in the kernels that computed the reference offsets.
+const TORCH_LANES: usize = 8;
+
+/// Rows of accumulators torch keeps live at once (`ilp_factor` in `SumKernel.cpp`).
+const TORCH_ILP: usize = 4;
+
+/// torch's f32 `cascade_sum` for a contiguous vector on one thread (`vectorized_inner_sum`):
+/// whole 8-lane vectors are summed by [`cascade_rows`] in 4 interleaved accumulators, the
+/// leftover vectors join accumulator 0, the four are added lane-wise; then the scalar tail is
+/// summed from zero and the 8 lanes are added to it in order. Vectors shorter than 8 take
+/// torch's scalar path, the same cascade over single floats.
+fn torch_sum(x: &[f32]) -> f32 {
+    if x.len() < TORCH_LANES {
+        return row_sum::<1>(x)[0];
+    }
+    let whole = x.len() / TORCH_LANES * TORCH_LANES;
+    let lanes = row_sum::<TORCH_LANES>(&x[..whole]);
+    let mut total = x[whole..].iter().fold(0f32, |acc, &v| acc + v);
+    for lane in lanes {
+        total += lane;
+    }
+    total
+}
+
+/// torch's `row_sum` over `x` seen as vectors of `L` lanes (`x.len()` a multiple of `L`).
+fn row_sum<const L: usize>(x: &[f32]) -> [f32; L] {
+    let load = |i: usize| -> [f32; L] {
+        let mut v = [0f32; L];
+        v.copy_from_slice(&x[i * L..(i + 1) * L]);
+        v
+    };
+    let vectors = x.len() / L;
+    let rows = vectors / TORCH_ILP;
+    let mut partial = cascade_rows(rows, load);
+    for i in rows * TORCH_ILP..vectors {
+        add_lanes(&mut partial[0], &load(i));
+    }
+    let [mut sum, p1, p2, p3] = partial;
+    for p in [p1, p2, p3] {
+        add_lanes(&mut sum, &p);
+    }
+    sum
+}
+
+/// torch's `multi_row_sum`: `rows` rows of [`TORCH_ILP`] vectors (vector `k` of row `i` is
+/// `load(i * 4 + k)`), accumulated on 4 levels; level `j` is flushed into level `j + 1` every
+/// `2^(j * level_power)` rows, so only partial sums of similar size are added together.
+fn cascade_rows<const L: usize>(
+    rows: usize,
+    load: impl Fn(usize) -> [f32; L],
+) -> [[f32; L]; TORCH_ILP] {
+    const LEVELS: usize = 4;
+    let level_power = 4.max(ceil_log2(rows) / LEVELS);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = [[[0f32; L]; TORCH_ILP]; LEVELS];
+    let mut i = 0;
+    while i + level_step <= rows {
+        for _ in 0..level_step {
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                add_lanes(a, &load(i * TORCH_ILP + k));
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for k in 0..TORCH_ILP {
+                let lower = std::mem::replace(&mut acc[j - 1][k], [0f32; L]);
+                add_lanes(&mut acc[j][k], &lower);
+            }
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    for i in i..rows {
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            add_lanes(a, &load(i * TORCH_ILP + k));
+        }
+    }
+    let [mut sum, l1, l2, l3] = acc;
+    for level in [l1, l2, l3] {
+        for (s, l) in sum.iter_mut().zip(level.iter()) {
+            add_lanes(s, l);
+        }
+    }
+    sum
+}
+
+#[inline(always)]
+fn add_lanes<const L: usize>(acc: &mut [f32; L], v: &[f32; L]) {
+    for (a, b) in acc.iter_mut().zip(v) {
+        *a += b;
+    }
+}
+
+/// ATen's `CeilLog2`: 1 for x <= 2, else the bit width of x - 1.
+fn ceil_log2(x: usize) -> usize {
+    if x <= 2 {
+        1
+    } else {
+        (usize::BITS - (x - 1).leading_zeros()) as usize
+    }
 }
 
 /// Double-quantize `absmax` with a given offset (normally [`mean_offset`]).

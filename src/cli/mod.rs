@@ -1,1 +1,29 @@
 //! Command-line subcommands (one file each); each only parses and calls the library.
+
+use clap::{Parser, Subcommand};
+
+pub mod quantize;
+
+/// QLoRA fine-tuning in Rust: NF4 + double-quantized frozen base, 16-bit LoRA adapters.
+#[derive(Parser, Debug)]
+#[command(
+    name = "qlora",
+    version,
+    about = "QLoRA fine-tuning in Rust: a frozen 4-bit (NF4) base model with 16-bit LoRA adapters",
+    long_about = "QLoRA fine-tuning in Rust: a frozen 4-bit (NF4) base model with 16-bit LoRA \
+adapters.\n\nModels are Hugging Face folders (config.json + safetensors); 4-bit checkpoints use the \
+bitsandbytes layout, bit-exact, so they interoperate with transformers + bitsandbytes.\n\n\
+Run `qlora <COMMAND> --help` for the options of each command."
+)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Quantize an HF model folder to a bitsandbytes 4-bit (NF4/FP4) checkpoint.
+    Quantize(quantize::QuantizeArgs),
+}

@@ -1,1 +1,14 @@
 //! Models: configs, loaders, the decoder, and linear layers over 4-bit or dense bases.
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod gguf_config;
+pub mod gguf_tokenizer;
+pub mod linear;
+pub mod llama;
+pub mod loader;
+pub mod quantize;
+pub mod shard_writer;

@@ -1,6 +1,15 @@
 //! CPU kernels: dequantization, fused `x · deq(W)ᵀ`, GEMV, and the transposed product.
 //!
-//! PLACEHOLDER BODIES: correct but not fast; replaced by the SIMD/fused kernels.
+//! Every kernel reads the packed codes directly; none materializes the whole weight. The plain
+//! references they are tested against are `blockwise::dequantize_reference` and
+//! [`decode::decode_scalar`].
+
+mod decode;
+mod dequantize;
+mod gemm;
+mod gemv;
+mod isa;
+mod scratch;
 
 use half::{bf16, f16};
 
@@ -8,55 +17,75 @@ use crate::tensor::Nf4Tensor;
 use crate::QuantError;
 
 /// Dequantize all of `w` into `out` (f32, flat row-major).
+///
+/// # Panics
+/// If `out.len()` is not the number of elements of `w`.
 pub fn dequantize_into(w: &Nf4Tensor, out: &mut [f32]) {
-    let code = w.qtype().values();
-    let bs = w.blocksize();
-    for (i, o) in out.iter_mut().enumerate() {
-        let nib = crate::blockwise::nibble_at(w.packed(), i);
-        *o = code[nib as usize] * w.absmax().get(i / bs);
-    }
+    dequantize::dequantize_par(w, out);
 }
 
 /// Dequantize into bf16 (round to nearest even).
+///
+/// # Panics
+/// If `out.len()` is not the number of elements of `w`.
 pub fn dequantize_bf16_into(w: &Nf4Tensor, out: &mut [bf16]) {
-    let v = w.dequantize_f32();
-    for (o, x) in out.iter_mut().zip(v) {
-        *o = bf16::from_f32(x);
-    }
+    dequantize::dequantize_par(w, out);
 }
 
 /// Dequantize into f16 (round to nearest even).
+///
+/// # Panics
+/// If `out.len()` is not the number of elements of `w`.
 pub fn dequantize_f16_into(w: &Nf4Tensor, out: &mut [f16]) {
-    let v = w.dequantize_f32();
-    for (o, x) in out.iter_mut().zip(v) {
-        *o = f16::from_f32(x);
-    }
+    dequantize::dequantize_par(w, out);
 }
 
+/// Activation rows up to which the register-decoding GEMV beats decoding panels for `gemm`.
+const GEMV_MAX_ROWS: usize = 8;
+
+/// `(n, k)` of the weight, after checking that `a` holds `m` rows of `a_cols(n, k)` and `b` holds
+/// `m` rows of `b_cols(n, k)`.
 fn check(
     w: &Nf4Tensor,
-    a: usize,
-    a_cols: usize,
-    b: usize,
-    b_cols: usize,
+    m: usize,
+    (a_name, a_len, a_cols): (&str, usize, fn(usize, usize) -> usize),
+    (b_name, b_len, b_cols): (&str, usize, fn(usize, usize) -> usize),
 ) -> Result<(usize, usize), QuantError> {
     let (n, k) = w.dims2()?;
-    let _ = (a, a_cols, b, b_cols);
+    for (name, len, cols) in [(a_name, a_len, a_cols(n, k)), (b_name, b_len, b_cols(n, k))] {
+        let want = m.checked_mul(cols).ok_or_else(|| {
+            QuantError::invalid(name, format!("{m} rows of {cols} overflow usize"))
+        })?;
+        if len != want {
+            return Err(QuantError::invalid(
+                name,
+                format!(
+                    "has {len} elements, but {m} rows against the weight [{n}, {k}] need {m} × {cols} = {want}"
+                ),
+            ));
+        }
+    }
     Ok((n, k))
 }
 
 /// `y[m, n] = x[m, k] · deq(W)ᵀ` with `W: [n, k]`.
+///
+/// Up to 8 rows decode W in registers (GEMV, bound by memory bandwidth); more rows decode panels
+/// of W into per-thread scratch for `gemm`.
 pub fn matmul_into(x: &[f32], m: usize, w: &Nf4Tensor, y: &mut [f32]) -> Result<(), QuantError> {
-    let (n, k) = check(w, m, 0, 0, 0)?;
-    let wd = w.dequantize_f32();
-    for i in 0..m {
-        for j in 0..n {
-            let mut acc = 0f32;
-            for p in 0..k {
-                acc += x[i * k + p] * wd[j * k + p];
-            }
-            y[i * n + j] = acc;
-        }
+    let (n, k) = check(w, m, ("x", x.len(), |_, k| k), ("y", y.len(), |n, _| n))?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+    let isa = isa::Isa::detect();
+    if m <= GEMV_MAX_ROWS {
+        gemv::gemv(isa, x, m, w, n, k, y);
+    } else {
+        gemm::matmul(isa, x, m, w, n, k, y);
     }
     Ok(())
 }
@@ -68,16 +97,19 @@ pub fn matmul_t_into(
     w: &Nf4Tensor,
     dx: &mut [f32],
 ) -> Result<(), QuantError> {
-    let (n, k) = check(w, m, 0, 0, 0)?;
-    let wd = w.dequantize_f32();
-    dx.fill(0.0);
-    for i in 0..m {
-        for j in 0..n {
-            let g = dy[i * n + j];
-            for p in 0..k {
-                dx[i * k + p] += g * wd[j * k + p];
-            }
-        }
+    let (n, k) = check(w, m, ("dy", dy.len(), |n, _| n), ("dx", dx.len(), |_, k| k))?;
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    if n == 0 {
+        dx.fill(0.0);
+        return Ok(());
+    }
+    let isa = isa::Isa::detect();
+    if m <= GEMV_MAX_ROWS {
+        gemv::gemv_t(isa, dy, m, w, n, k, dx);
+    } else {
+        gemm::matmul_t(isa, dy, m, w, n, k, dx);
     }
     Ok(())
 }

@@ -1,0 +1,110 @@
+//! Evaluation: mean token negative log-likelihood and perplexity over a dataset.
+
+use candle_core::{DType, Tensor, D};
+use serde::Serialize;
+
+use crate::model::error::ModelError;
+use crate::model::llama::Llama;
+
+/// Result of an evaluation.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct EvalReport {
+    /// Mean negative log-likelihood per predicted token (nats).
+    pub mean_nll: f64,
+    /// `exp(mean_nll)`.
+    pub perplexity: f64,
+    /// Predicted tokens counted.
+    pub tokens: usize,
+    /// Windows run through the model.
+    pub windows: usize,
+}
+
+/// Rows of logits computed at once: bounds the `[rows, vocab]` f32 buffer.
+const LOGIT_ROWS: usize = 256;
+
+/// Split each sequence into windows of at most `seq_len` tokens (non-overlapping; each window
+/// predicts its own tokens after the first).
+pub fn windows(seqs: &[Vec<u32>], seq_len: usize) -> Vec<Vec<u32>> {
+    seqs.iter()
+        .flat_map(|s| s.chunks(seq_len.max(2)))
+        .filter(|w| w.len() >= 2)
+        .map(|w| w.to_vec())
+        .collect()
+}
+
+/// Summed NLL and count of the next-token predictions in `ids` (`[1, t]`), logits in chunks.
+pub fn sequence_nll(model: &Llama, ids: &[u32]) -> Result<(f64, usize), ModelError> {
+    let t = ids.len();
+    let x = Tensor::from_vec(ids.to_vec(), (1, t), model.device())?;
+    let pos = model.positions(1, t, 0)?;
+    let hidden = model.forward_hidden(
+        &x,
+        &pos,
+        &crate::model::llama::AttentionSpan::Causal,
+        None,
+        false,
+    )?;
+    let hidden = hidden.squeeze(0)?;
+    let mut total = 0f64;
+    let n = t - 1;
+    let mut start = 0;
+    while start < n {
+        let len = LOGIT_ROWS.min(n - start);
+        let logits = model.logits(&hidden.narrow(0, start, len)?)?;
+        let lse = log_sum_exp(&logits)?;
+        let targets = Tensor::from_vec(
+            ids[start + 1..start + 1 + len].to_vec(),
+            (len, 1),
+            model.device(),
+        )?;
+        let picked = logits.gather(&targets, 1)?.squeeze(1)?;
+        total += (lse - picked)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        start += len;
+    }
+    Ok((total, n))
+}
+
+/// `log Σ exp(x)` over the last dimension, stably.
+pub fn log_sum_exp(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let s = x
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?;
+    (s + max)?.squeeze(D::Minus1)
+}
+
+/// Mean NLL and perplexity of `model` over `seqs`, cut into `seq_len` windows; `progress` is
+/// called after each window with (done, total).
+pub fn evaluate(
+    model: &Llama,
+    seqs: &[Vec<u32>],
+    seq_len: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<EvalReport, ModelError> {
+    let wins = windows(seqs, seq_len);
+    if wins.is_empty() {
+        return Err(ModelError::invalid(
+            "eval data",
+            "no window has two or more tokens to predict from",
+        ));
+    }
+    let (mut nll, mut count) = (0f64, 0usize);
+    for (i, w) in wins.iter().enumerate() {
+        let (s, n) = sequence_nll(model, w)?;
+        nll += s;
+        count += n;
+        progress(i + 1, wins.len());
+    }
+    let mean_nll = nll / count as f64;
+    Ok(EvalReport {
+        mean_nll,
+        perplexity: mean_nll.exp(),
+        tokens: count,
+        windows: wins.len(),
+    })
+}

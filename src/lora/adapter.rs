@@ -1,0 +1,104 @@
+//! One LoRA adapter on one linear layer: `y += scale · (dropout(x) · Aᵀ) · Bᵀ`, optionally DoRA.
+
+use candle_core::{DType, Result, Tensor, Var, D};
+
+/// The trainable low-rank update of one projection.
+///
+/// A is `[r, in]`, B is `[out, r]` (PEFT's layout). They are stored in the adapter dtype (bf16 by
+/// default) and cast to the compute dtype inside the forward, so gradients flow back to them.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// Down projection `[r, in]`.
+    pub a: Var,
+    /// Up projection `[out, r]`.
+    pub b: Var,
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub scale: f64,
+    /// Dropout probability on the adapter's input, applied in training only.
+    pub dropout: f32,
+    /// DoRA magnitude vector `[out]`; `None` for plain LoRA.
+    pub magnitude: Option<Var>,
+}
+
+impl LoraAdapter {
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `(out, in)` of the layer this adapter fits.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.b.dims()[0], self.a.dims()[1])
+    }
+
+    /// The low-rank term `scale · (dropout(x) · Aᵀ) · Bᵀ` in `x`'s dtype; `x` is `[m, in]`.
+    pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dt = x.dtype();
+        let x = if train && self.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.dropout)?
+        } else {
+            x.clone()
+        };
+        let a = self.a.as_tensor().to_dtype(dt)?;
+        let b = self.b.as_tensor().to_dtype(dt)?;
+        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
+    }
+
+    /// `scale · B · A` as an `[out, in]` f32 tensor (for merging).
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let a = self.a.as_tensor().to_dtype(DType::F32)?;
+        let b = self.b.as_tensor().to_dtype(DType::F32)?;
+        b.matmul(&a)? * self.scale
+    }
+
+    /// Every trainable tensor of this adapter, with its PEFT suffix (`lora_A.weight`, ...).
+    pub fn parameters(&self) -> Vec<(&'static str, &Var)> {
+        let mut p = vec![("lora_A.weight", &self.a), ("lora_B.weight", &self.b)];
+        if let Some(m) = &self.magnitude {
+            p.push(("lora_magnitude_vector", m));
+        }
+        p
+    }
+
+    /// DoRA output given the base product without bias, the row norms of `W0` squared, and a
+    /// function computing `A · W0ᵀ` (`[r, out]`, through the fused 4-bit kernel for NF4 bases).
+    ///
+    /// `y = base + (m / ‖W0 + sBA‖ - 1) · base + (m / ‖W0 + sBA‖) · s (xAᵀ)Bᵀ`; the norm is
+    /// detached as in the DoRA paper (§4.3) and PEFT. It is computed without materializing
+    /// `W0 + sBA`: `‖w_i‖² = ‖W0_i‖² + 2s·B_i·(W0 Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ`.
+    pub fn dora_output(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        w0_row_sq: &Tensor,
+        a_w0t: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let Some(mag) = &self.magnitude else {
+            candle_core::bail!("dora_output called on an adapter without a magnitude vector")
+        };
+        let dt = x.dtype();
+        let norm = self.weight_row_norms(w0_row_sq, a_w0t)?.detach();
+        let ratio = mag
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .div(&norm)?
+            .to_dtype(dt)?;
+        let delta = self.delta(x, train)?;
+        let scaled_base = base.broadcast_mul(&(ratio.clone() - 1.0)?)?;
+        base + scaled_base + delta.broadcast_mul(&ratio)?
+    }
+
+    /// `‖W0 + sBA‖` per output row, in f32, from the pieces described in [`Self::dora_output`].
+    pub fn weight_row_norms(&self, w0_row_sq: &Tensor, a_w0t: &Tensor) -> Result<Tensor> {
+        let a = self.a.as_tensor().to_dtype(DType::F32)?;
+        let b = self.b.as_tensor().to_dtype(DType::F32)?;
+        let s = self.scale;
+        // cross_i = Σ_r B[i, r] · (A W0ᵀ)[r, i]
+        let cross = (b.clone() * a_w0t.to_dtype(DType::F32)?.t()?)?.sum(D::Minus1)?;
+        let aat = a.matmul(&a.t()?)?;
+        let ba_sq = (b.matmul(&aat)? * &b)?.sum(D::Minus1)?;
+        let sq = ((w0_row_sq.to_dtype(DType::F32)? + (cross * (2.0 * s))?)? + (ba_sq * (s * s))?)?;
+        sq.relu()?.sqrt()
+    }
+}

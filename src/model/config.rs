@@ -1,0 +1,315 @@
+//! The decoder configuration, read from an HF `config.json` (transformers 4.x and 5.x keys).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::error::ModelError;
+
+/// How RoPE frequencies are scaled.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Llama 3.x "llama3" scaling (low/high frequency bands, smooth interpolation between).
+    Llama3 {
+        /// Overall factor.
+        factor: f64,
+        /// Low-frequency factor.
+        low_freq_factor: f64,
+        /// High-frequency factor.
+        high_freq_factor: f64,
+        /// Context length the model was pretrained with.
+        original_max_position_embeddings: f64,
+    },
+    /// Linear position interpolation.
+    Linear {
+        /// Positions are divided by this.
+        factor: f64,
+    },
+}
+
+/// A Llama-family decoder (Llama 1/2/3, Mistral, Qwen2, SmolLM).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// `model_type` as written (llama, mistral, qwen2).
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest context the model supports.
+    pub max_position_embeddings: usize,
+    /// q/k/v projections have a bias (Qwen2).
+    pub attention_bias: bool,
+    /// o_proj has a bias too (rare; `attention_bias` on Llama covers all four).
+    pub o_proj_bias: bool,
+    /// MLP projections have a bias.
+    pub mlp_bias: bool,
+    /// lm_head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence token.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence tokens (Llama 3 has several).
+    pub eos_token_ids: Vec<u32>,
+    /// Padding token.
+    pub pad_token_id: Option<u32>,
+    /// Mistral's sliding attention window, if any.
+    pub sliding_window: Option<usize>,
+}
+
+const SUPPORTED: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+impl LlamaConfig {
+    /// Read `config.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.display().to_string(),
+            what: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_json(&v).map_err(|what| ModelError::Config {
+            path: path.display().to_string(),
+            what,
+        })
+    }
+
+    /// Parse an HF config object; the error says which field is missing or wrong.
+    pub fn from_json(v: &Value) -> Result<Self, String> {
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or("missing field `model_type`")?
+            .to_string();
+        if !SUPPORTED.contains(&model_type.as_str()) {
+            return Err(format!(
+                "unsupported architecture `{model_type}` (supported: {})",
+                SUPPORTED.join(", ")
+            ));
+        }
+        let usize_field = |k: &str| -> Result<usize, String> {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or(format!("missing or non-integer field `{k}`"))
+        };
+        let opt_usize = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
+        let opt_bool = |k: &str| v.get(k).and_then(Value::as_bool);
+        let hidden_size = usize_field("hidden_size")?;
+        let num_attention_heads = usize_field("num_attention_heads")?;
+        if num_attention_heads == 0 || hidden_size == 0 {
+            return Err("`hidden_size` and `num_attention_heads` must be positive".into());
+        }
+        let num_key_value_heads = opt_usize("num_key_value_heads").unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(format!(
+                "`num_attention_heads` ({num_attention_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})"
+            ));
+        }
+        let head_dim = opt_usize("head_dim").unwrap_or(hidden_size / num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(format!(
+                "`head_dim` must be even and positive, got {head_dim}"
+            ));
+        }
+        // transformers 5 moved rope settings into `rope_parameters`; 4.x has them top level.
+        let rope = v.get("rope_parameters").filter(|r| r.is_object());
+        let rope_theta = rope
+            .and_then(|r| r.get("rope_theta"))
+            .or_else(|| v.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        let scaling = rope
+            .filter(|r| r.get("rope_type").and_then(Value::as_str) != Some("default"))
+            .or_else(|| v.get("rope_scaling").filter(|r| r.is_object()));
+        let rope_scaling = match scaling {
+            None => RopeScaling::None,
+            Some(s) => parse_rope_scaling(s)?,
+        };
+        let eos_token_ids = match v.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
+            _ => vec![],
+        };
+        let is_qwen2 = model_type == "qwen2";
+        let attention_bias = opt_bool("attention_bias").unwrap_or(is_qwen2);
+        Ok(Self {
+            vocab_size: usize_field("vocab_size")?,
+            hidden_size,
+            intermediate_size: usize_field("intermediate_size")?,
+            num_hidden_layers: usize_field("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .ok_or("missing field `rms_norm_eps`")?,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(4096),
+            // Qwen2 has biases on q/k/v only; Llama's `attention_bias` covers o_proj as well.
+            attention_bias,
+            o_proj_bias: attention_bias && !is_qwen2,
+            mlp_bias: opt_bool("mlp_bias").unwrap_or(false),
+            tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(false),
+            bos_token_id: opt_usize("bos_token_id").map(|x| x as u32),
+            eos_token_ids,
+            pad_token_id: opt_usize("pad_token_id").map(|x| x as u32),
+            sliding_window: if opt_bool("use_sliding_window") == Some(false) {
+                None
+            } else {
+                opt_usize("sliding_window")
+            },
+            model_type,
+        })
+    }
+
+    /// Query heads per key/value head.
+    pub fn kv_groups(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// `[out, in]` of each of the seven projections, by its short name.
+    pub fn projection_shape(&self, name: &str) -> Option<(usize, usize)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        Some(match name {
+            "q_proj" => (q, h),
+            "k_proj" | "v_proj" => (kv, h),
+            "o_proj" => (h, q),
+            "gate_proj" | "up_proj" => (i, h),
+            "down_proj" => (h, i),
+            _ => return None,
+        })
+    }
+
+    /// Parameters of the dense model (embeddings, projections, norms, head).
+    pub fn parameter_count(&self) -> usize {
+        let per_layer: usize = PROJECTIONS
+            .iter()
+            .filter_map(|p| self.projection_shape(p))
+            .map(|(o, i)| o * i)
+            .sum::<usize>()
+            + 2 * self.hidden_size;
+        let embed = self.vocab_size * self.hidden_size;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + head + self.num_hidden_layers * per_layer + self.hidden_size
+    }
+}
+
+/// The seven linear projections of a decoder layer, in PEFT's usual order.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Checkpoint name of projection `proj` in layer `layer` (`model.layers.3.mlp.up_proj`).
+pub fn projection_path(layer: usize, proj: &str) -> String {
+    let group = if matches!(proj, "gate_proj" | "up_proj" | "down_proj") {
+        "mlp"
+    } else {
+        "self_attn"
+    };
+    format!("model.layers.{layer}.{group}.{proj}")
+}
+
+fn parse_rope_scaling(s: &Value) -> Result<RopeScaling, String> {
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f64, String> {
+        s.get(k)
+            .and_then(Value::as_f64)
+            .ok_or(format!("rope scaling `{kind}` needs field `{k}`"))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        other => Err(format!(
+            "unsupported rope scaling type `{other}` (supported: default, llama3, linear)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_transformers5_rope_parameters_and_llama3_scaling() {
+        let v = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}, "eos_token_id": [1, 2]});
+        let c = LlamaConfig::from_json(&v).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        assert_eq!(c.eos_token_ids, vec![1, 2]);
+        assert_eq!(c.head_dim, 4);
+        assert_eq!(c.num_key_value_heads, 2);
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_only() {
+        let v = json!({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "rms_norm_eps": 1e-6, "rope_theta": 1e6});
+        let c = LlamaConfig::from_json(&v).unwrap();
+        assert!(c.attention_bias && !c.o_proj_bias);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let v = json!({"model_type": "gpt2"});
+        assert!(LlamaConfig::from_json(&v)
+            .unwrap_err()
+            .contains("unsupported architecture `gpt2`"));
+        let v = json!({"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2});
+        assert!(LlamaConfig::from_json(&v)
+            .unwrap_err()
+            .contains("`vocab_size`"));
+        let v = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 3,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-5});
+        assert!(LlamaConfig::from_json(&v).unwrap_err().contains("multiple"));
+    }
+}

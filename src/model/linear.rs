@@ -1,0 +1,129 @@
+//! A linear layer over a frozen base (4-bit or dense) with an optional LoRA adapter.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use qlora_quant::{nf4_linear, Nf4Tensor};
+
+use crate::lora::LoraAdapter;
+
+/// The frozen weight of a projection, `[out, in]`.
+#[derive(Clone, Debug)]
+pub enum BaseWeight {
+    /// NF4/FP4 codes, multiplied through the fused dequantizing kernel.
+    Quantized(Arc<Nf4Tensor>),
+    /// A dense tensor in the compute dtype (full-precision comparison runs).
+    Dense(Tensor),
+}
+
+impl BaseWeight {
+    /// `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            BaseWeight::Quantized(w) => {
+                let s = w.shape();
+                (s[0], s[1])
+            }
+            BaseWeight::Dense(t) => (t.dims()[0], t.dims()[1]),
+        }
+    }
+
+    /// `x · Wᵀ` for `x` of shape `[m, in]`.
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            BaseWeight::Quantized(w) => nf4_linear(x, w),
+            BaseWeight::Dense(w) => x.matmul(&w.to_dtype(x.dtype())?.t()?),
+        }
+    }
+
+    /// The weight as a dense f32 tensor (dequantized if 4-bit).
+    pub fn to_dense_f32(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            BaseWeight::Quantized(w) => w
+                .dequantize(DType::F32, device)
+                .map_err(candle_core::Error::wrap),
+            BaseWeight::Dense(t) => t.to_dtype(DType::F32),
+        }
+    }
+
+    /// Bytes the frozen weight takes in memory.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            BaseWeight::Quantized(w) => w.storage_bytes(),
+            BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+}
+
+/// `y = x · W0ᵀ + bias + LoRA(x)`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// The frozen weight.
+    pub base: BaseWeight,
+    /// Optional bias `[out]` (Qwen2's q/k/v), frozen.
+    pub bias: Option<Tensor>,
+    /// Optional trainable adapter.
+    pub adapter: Option<LoraAdapter>,
+    /// `‖W0_i‖²` per row, cached for DoRA.
+    dora_row_sq: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer with no adapter.
+    pub fn new(base: BaseWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            base,
+            bias,
+            adapter: None,
+            dora_row_sq: None,
+        }
+    }
+
+    /// Attach (or replace) the adapter; for DoRA the row norms of the base are computed once.
+    pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
+        self.dora_row_sq = match &adapter {
+            Some(a) if a.magnitude.is_some() => Some(self.base_row_sq_norms()?),
+            _ => None,
+        };
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// `‖W0_i‖²` for each output row, f32.
+    pub fn base_row_sq_norms(&self) -> Result<Tensor> {
+        let device = match &self.base {
+            BaseWeight::Dense(t) => t.device().clone(),
+            BaseWeight::Quantized(_) => Device::Cpu,
+        };
+        self.base.to_dense_f32(&device)?.sqr()?.sum(D::Minus1)
+    }
+
+    /// Forward for `x` of shape `[.., in]`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (_, inp) = self.base.shape();
+        let x2 = x.reshape(((), inp))?;
+        let base = self.base.matmul_t(&x2)?;
+        let mut y = match &self.adapter {
+            None => base,
+            Some(a) if a.magnitude.is_some() => {
+                let row_sq = self
+                    .dora_row_sq
+                    .as_ref()
+                    .ok_or_else(|| candle_core::Error::Msg("DoRA norms not prepared".into()))?;
+                let a_w0t = self
+                    .base
+                    .matmul_t(&a.a.as_tensor().to_dtype(x.dtype())?.detach())?;
+                a.dora_output(&x2, &base, row_sq, &a_w0t.detach(), train)?
+            }
+            Some(a) => (base + a.delta(&x2, train)?)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
+        }
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = y.dim(1)?;
+        y.reshape(out_dims)
+    }
+}

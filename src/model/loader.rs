@@ -1,0 +1,379 @@
+//! Build a [`Llama`] from an HF folder (16/32-bit or bitsandbytes 4-bit) or a GGUF file.
+//!
+//! Weights come in one tensor at a time from a memory map (or the GGUF reader); linear weights are
+//! quantized to NF4/FP4 as they arrive, so the 16-bit model is never whole in memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use qlora_quant::{Nf4Tensor, QuantType};
+use serde_json::Value;
+
+use super::checkpoint::SafetensorsDir;
+use super::config::{projection_path, LlamaConfig, PROJECTIONS};
+use super::error::ModelError;
+use super::gguf::GgufFile;
+use super::linear::{BaseWeight, Linear};
+use super::llama::{Attention, DecoderLayer, Llama, Mlp, Rope};
+use crate::data::tokenizer::TextTokenizer;
+
+/// How the frozen base is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseFormat {
+    /// 4-bit codes (NF4 or FP4).
+    Quantized(QuantType),
+    /// Full precision in the compute dtype (for comparison runs).
+    Dense,
+}
+
+impl BaseFormat {
+    /// Parse `nf4`, `fp4`, `none`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "nf4" => Ok(BaseFormat::Quantized(QuantType::Nf4)),
+            "fp4" => Ok(BaseFormat::Quantized(QuantType::Fp4)),
+            "none" => Ok(BaseFormat::Dense),
+            other => Err(format!("unknown base format `{other}` (nf4, fp4, none)")),
+        }
+    }
+
+    /// The name `parse` accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseFormat::Quantized(q) => q.name(),
+            BaseFormat::Dense => "none",
+        }
+    }
+}
+
+/// Loading options.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// NF4 (default), FP4, or a dense base.
+    pub base: BaseFormat,
+    /// Blocksize of on-the-fly quantization.
+    pub blocksize: usize,
+    /// Double-quantize the absmax (QLoRA default).
+    pub double_quant: bool,
+    /// Dtype activations are computed in.
+    pub compute_dtype: DType,
+    /// Dtype dense weights (embeddings, norms, head, a dense base) are stored in; default the
+    /// compute dtype. bf16 storage with f32 compute halves their memory.
+    pub weight_dtype: Option<DType>,
+    /// Device.
+    pub device: Device,
+    /// Longest sequence the RoPE tables cover (default: the config's, at most 8192).
+    pub max_positions: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            base: BaseFormat::Quantized(QuantType::Nf4),
+            blocksize: 64,
+            double_quant: true,
+            compute_dtype: DType::F32,
+            weight_dtype: None,
+            device: Device::Cpu,
+            max_positions: None,
+        }
+    }
+}
+
+/// Where the weights were read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// HF folder with 16/32-bit safetensors.
+    Safetensors,
+    /// HF folder saved by transformers + bitsandbytes in 4-bit.
+    Bnb4bit,
+    /// GGUF file (llama.cpp).
+    Gguf,
+}
+
+/// A loaded model with what came along with it.
+pub struct LoadedModel {
+    /// The decoder.
+    pub model: Llama,
+    /// Its tokenizer, when the source has one.
+    pub tokenizer: Option<TextTokenizer>,
+    /// The kind of source.
+    pub kind: SourceKind,
+    /// The path it came from.
+    pub path: PathBuf,
+    /// HF-style config.json content (for exports).
+    pub config_json: Value,
+}
+
+/// A source of HF-named tensors.
+trait TensorSource {
+    /// Dense tensor in f32 on the CPU.
+    fn dense(&mut self, name: &str) -> Result<Tensor, ModelError>;
+    /// A weight already stored in 4-bit, if the source has it that way.
+    fn quantized(&mut self, prefix: &str) -> Result<Option<Nf4Tensor>, ModelError>;
+    /// Whether a tensor exists.
+    fn has(&self, name: &str) -> bool;
+}
+
+struct StDir {
+    dir: SafetensorsDir,
+    bnb: bool,
+}
+
+impl TensorSource for StDir {
+    fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
+        self.dir
+            .read_tensor(name, &Device::Cpu)?
+            .to_dtype(DType::F32)
+            .map_err(|e| self.dir.tensor_error(name, e.to_string()))
+    }
+    fn quantized(&mut self, prefix: &str) -> Result<Option<Nf4Tensor>, ModelError> {
+        if self.bnb
+            && self
+                .dir
+                .names()
+                .any(|n| n.starts_with(&format!("{prefix}.quant_state.")))
+        {
+            Ok(Some(self.dir.read_nf4(prefix)?))
+        } else {
+            Ok(None)
+        }
+    }
+    fn has(&self, name: &str) -> bool {
+        self.dir.contains(name)
+    }
+}
+
+struct Gguf {
+    file: GgufFile,
+    names: Vec<String>,
+}
+
+impl TensorSource for Gguf {
+    fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
+        self.file
+            .read_hf_tensor(name, &Device::Cpu)
+            .map_err(|e| ModelError::invalid(self.file.path().display().to_string(), e.to_string()))
+    }
+    fn quantized(&mut self, _prefix: &str) -> Result<Option<Nf4Tensor>, ModelError> {
+        Ok(None)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+}
+
+/// Load a model from `path`: a `.gguf` file, or an HF folder (plain or bitsandbytes 4-bit).
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
+    if is_gguf {
+        let gguf_err = |e: super::gguf::GgufError| {
+            ModelError::invalid(path.display().to_string(), e.to_string())
+        };
+        let file = GgufFile::open(path).map_err(gguf_err)?;
+        let config_json = file.hf_config().map_err(gguf_err)?;
+        let cfg = LlamaConfig::from_json(&config_json).map_err(|what| ModelError::Config {
+            path: path.display().to_string(),
+            what,
+        })?;
+        let tok = file.tokenizer().map_err(gguf_err)?;
+        let tokenizer = TextTokenizer::new(
+            tok.tokenizer,
+            tok.chat_template,
+            tok.bos_token_id,
+            tok.eos_token_id.into_iter().collect(),
+        );
+        let names = file
+            .tensor_entries()
+            .map_err(gguf_err)?
+            .into_iter()
+            .map(|e| e.hf_name)
+            .collect();
+        let mut src = Gguf { file, names };
+        let model = build(&cfg, &mut src, opts)?;
+        return Ok(LoadedModel {
+            model,
+            tokenizer: Some(tokenizer),
+            kind: SourceKind::Gguf,
+            path: path.to_path_buf(),
+            config_json,
+        });
+    }
+    if !path.is_dir() {
+        return Err(ModelError::Missing {
+            path: path.to_path_buf(),
+            hint: "expected an HF model folder (config.json + *.safetensors) or a .gguf file",
+        });
+    }
+    let cfg_path = path.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let config_json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let cfg = LlamaConfig::from_json(&config_json).map_err(|what| ModelError::Config {
+        path: cfg_path.display().to_string(),
+        what,
+    })?;
+    let bnb = config_json
+        .get("quantization_config")
+        .is_some_and(|q| q.get("quant_method").and_then(Value::as_str) == Some("bitsandbytes"));
+    let dir = SafetensorsDir::open(path)?;
+    let tokenizer = TextTokenizer::from_dir(path)?;
+    let mut src = StDir { dir, bnb };
+    let model = build(&cfg, &mut src, opts)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        kind: if bnb {
+            SourceKind::Bnb4bit
+        } else {
+            SourceKind::Safetensors
+        },
+        path: path.to_path_buf(),
+        config_json,
+    })
+}
+
+fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<(), ModelError> {
+    if t.dims() != expected {
+        return Err(ModelError::Shape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            got: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn build(
+    cfg: &LlamaConfig,
+    src: &mut dyn TensorSource,
+    opts: &LoadOptions,
+) -> Result<Llama, ModelError> {
+    let dev = &opts.device;
+    let h = cfg.hidden_size;
+    let wdt = opts.weight_dtype.unwrap_or(opts.compute_dtype);
+    let dense = |src: &mut dyn TensorSource, name: &str, shape: &[usize]| {
+        let t = src.dense(name)?;
+        check_shape(name, &t, shape)?;
+        Ok::<_, ModelError>(t.to_dtype(wdt)?.to_device(dev)?)
+    };
+    let embed_tokens = dense(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let lm_head = if cfg.tie_word_embeddings && !src.has("lm_head.weight") {
+        None
+    } else {
+        Some(dense(src, "lm_head.weight", &[cfg.vocab_size, h])?)
+    };
+    let norm = dense(src, "model.norm.weight", &[h])?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for li in 0..cfg.num_hidden_layers {
+        let mut lin = Vec::with_capacity(7);
+        for proj in PROJECTIONS {
+            let path = projection_path(li, proj);
+            let (out, inp) = cfg.projection_shape(proj).unwrap_or((0, 0));
+            lin.push(load_linear(cfg, src, &path, proj, out, inp, opts)?);
+        }
+        let mut it = lin.into_iter();
+        let mut next = || {
+            it.next()
+                .ok_or_else(|| ModelError::invalid("layer", "projection list exhausted"))
+        };
+        let attn = Attention::new(cfg, next()?, next()?, next()?, next()?);
+        let mlp = Mlp {
+            gate_proj: next()?,
+            up_proj: next()?,
+            down_proj: next()?,
+        };
+        let ln1 = dense(
+            src,
+            &format!("model.layers.{li}.input_layernorm.weight"),
+            &[h],
+        )?;
+        let ln2 = dense(
+            src,
+            &format!("model.layers.{li}.post_attention_layernorm.weight"),
+            &[h],
+        )?;
+        layers.push(DecoderLayer::new(cfg, ln1, attn, ln2, mlp));
+    }
+    let max_pos = opts
+        .max_positions
+        .unwrap_or(cfg.max_position_embeddings.min(8192));
+    Ok(Llama {
+        cfg: cfg.clone(),
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+        rope: Rope::new(cfg, max_pos, dev)?,
+        compute_dtype: opts.compute_dtype,
+    })
+}
+
+fn load_linear(
+    cfg: &LlamaConfig,
+    src: &mut dyn TensorSource,
+    path: &str,
+    proj: &str,
+    out: usize,
+    inp: usize,
+    opts: &LoadOptions,
+) -> Result<Linear, ModelError> {
+    let wname = format!("{path}.weight");
+    let stored = src.quantized(&wname)?;
+    let base = match (stored, opts.base) {
+        (Some(q), BaseFormat::Quantized(_)) => {
+            if q.shape() != [out, inp] {
+                return Err(ModelError::Shape {
+                    name: wname,
+                    expected: vec![out, inp],
+                    got: q.shape().to_vec(),
+                });
+            }
+            BaseWeight::Quantized(Arc::new(q))
+        }
+        (Some(q), BaseFormat::Dense) => {
+            // A 4-bit checkpoint asked to run dense: the dequantized weights are the base.
+            BaseWeight::Dense(
+                q.dequantize(DType::F32, &Device::Cpu)
+                    .map_err(ModelError::Settings)?
+                    .to_dtype(opts.weight_dtype.unwrap_or(opts.compute_dtype))?
+                    .to_device(&opts.device)?,
+            )
+        }
+        (None, format) => {
+            let w = src.dense(&wname)?;
+            check_shape(&wname, &w, &[out, inp])?;
+            match format {
+                BaseFormat::Quantized(qt) => {
+                    let q = Nf4Tensor::from_tensor(&w, qt, opts.blocksize, opts.double_quant)
+                        .map_err(|source| ModelError::Quantize {
+                            name: wname.clone(),
+                            source,
+                        })?;
+                    BaseWeight::Quantized(Arc::new(q))
+                }
+                BaseFormat::Dense => BaseWeight::Dense(
+                    w.to_dtype(opts.weight_dtype.unwrap_or(opts.compute_dtype))?
+                        .to_device(&opts.device)?,
+                ),
+            }
+        }
+    };
+    let has_bias = match proj {
+        "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
+        "o_proj" => cfg.o_proj_bias,
+        _ => cfg.mlp_bias,
+    };
+    let bias_name = format!("{path}.bias");
+    let bias = if has_bias || src.has(&bias_name) {
+        let b = src.dense(&bias_name)?;
+        check_shape(&bias_name, &b, &[out])?;
+        Some(b.to_dtype(opts.compute_dtype)?.to_device(&opts.device)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(base, bias))
+}

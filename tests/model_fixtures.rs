@@ -1,0 +1,249 @@
+//! The decoder and LoRA against transformers/PEFT references on the tiny Llama fixtures.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use qlora::lora::peft;
+use qlora::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn reference(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).expect("reference file")
+}
+
+fn load(dir: &str, base: BaseFormat) -> LoadedModel {
+    let opts = LoadOptions {
+        base,
+        ..Default::default()
+    };
+    load_model(&fixtures().join(dir), &opts).expect("model loads")
+}
+
+fn ids_of(r: &HashMap<String, Tensor>) -> Tensor {
+    r["input_ids"].to_dtype(DType::U32).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn tiny_llama_f32_logits_and_hidden_states_match_transformers() {
+    let m = load("tiny-llama", BaseFormat::Dense);
+    let r = reference(&fixtures().join("tiny-llama/reference.safetensors"));
+    let ids = ids_of(&r);
+    let logits = m.model.forward(&ids).unwrap();
+    let d = max_abs_diff(&logits, &r["logits"]);
+    assert!(d <= 1e-4, "logits differ by {d}");
+    let hs = m.model.hidden_states(&ids).unwrap();
+    assert_eq!(hs.len(), 3);
+    for (i, h) in hs.iter().enumerate() {
+        let d = max_abs_diff(h, &r[&format!("hidden_states.{i}")]);
+        assert!(d <= 1e-4, "hidden_states.{i} differs by {d}");
+    }
+}
+
+#[test]
+fn peft_adapter_logits_match_peft() {
+    let mut m = load("tiny-llama", BaseFormat::Dense);
+    let cfg = peft::load_adapter(&mut m.model, &fixtures().join("lora/adapter"), None).unwrap();
+    assert_eq!((cfg.rank, cfg.alpha, cfg.scale()), (8, 16.0, 2.0));
+    let r = reference(&fixtures().join("lora/reference.safetensors"));
+    let logits = m.model.forward(&ids_of(&r)).unwrap();
+    let d = max_abs_diff(&logits, &r["logits_adapter"]);
+    assert!(d <= 1e-4, "adapter logits differ by {d}");
+    // And it really changes the output (so the comparison above means something).
+    assert!(max_abs_diff(&logits, &r["logits_base"]) > 1e-2);
+}
+
+#[test]
+fn bnb_4bit_checkpoint_matches_bitsandbytes_with_and_without_adapter() {
+    let mut m = load(
+        "bnb4/model",
+        BaseFormat::Quantized(qlora::quant::QuantType::Nf4),
+    );
+    assert_eq!(m.kind, qlora::model::loader::SourceKind::Bnb4bit);
+    let r = reference(&fixtures().join("bnb4/reference.safetensors"));
+    let ids = ids_of(&r);
+    let d = max_abs_diff(&m.model.forward(&ids).unwrap(), &r["logits_4bit"]);
+    assert!(d <= 1e-4, "4-bit logits differ by {d}");
+    peft::load_adapter(&mut m.model, &fixtures().join("lora/adapter"), None).unwrap();
+    let d = max_abs_diff(&m.model.forward(&ids).unwrap(), &r["logits_4bit_lora"]);
+    assert!(d <= 1e-4, "QLoRA logits differ by {d}");
+}
+
+#[test]
+fn quantizing_on_load_equals_the_bnb_checkpoint() {
+    // tiny-llama quantized on the fly gives exactly bitsandbytes' 4-bit model.
+    let m = load(
+        "tiny-llama",
+        BaseFormat::Quantized(qlora::quant::QuantType::Nf4),
+    );
+    let r = reference(&fixtures().join("bnb4/reference.safetensors"));
+    let d = max_abs_diff(&m.model.forward(&ids_of(&r)).unwrap(), &r["logits_4bit"]);
+    assert!(d <= 1e-4, "on-the-fly NF4 logits differ by {d}");
+}
+
+#[test]
+fn saved_adapter_has_peft_keys_and_loads_back_identically() {
+    let mut m = load("tiny-llama", BaseFormat::Dense);
+    let cfg = peft::load_adapter(&mut m.model, &fixtures().join("lora/adapter"), None).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("adapter");
+    peft::save_adapter(&m.model, &cfg, "../tiny-llama", &out).unwrap();
+    let ours = reference(&out.join(peft::WEIGHTS_FILE));
+    let theirs = reference(&fixtures().join("lora/adapter").join(peft::WEIGHTS_FILE));
+    let mut a: Vec<_> = ours.keys().collect();
+    let mut b: Vec<_> = theirs.keys().collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "same PEFT key names");
+    for (k, t) in &theirs {
+        assert_eq!(ours[k].dims(), t.dims(), "{k} shape");
+        assert_eq!(max_abs_diff(&ours[k], t), 0.0, "{k} values");
+    }
+    let saved_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(peft::CONFIG_FILE)).unwrap())
+            .unwrap();
+    let fixture_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("lora/adapter").join(peft::CONFIG_FILE)).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "peft_type",
+        "task_type",
+        "use_dora",
+    ] {
+        assert_eq!(
+            saved_cfg[key], fixture_cfg[key],
+            "adapter_config.json `{key}`"
+        );
+    }
+    // Writing over an existing folder is refused.
+    let err = peft::save_adapter(&m.model, &cfg, "x", &out).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+}
+
+#[test]
+fn adapter_that_does_not_fit_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bad");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        fixtures().join("lora/adapter/adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    // Rank-8 adapter tensors with one A of the wrong input width.
+    let mut t = reference(&fixtures().join("lora/adapter/adapter_model.safetensors"));
+    let key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight";
+    t.insert(
+        key.into(),
+        Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+    let mut m = load("tiny-llama", BaseFormat::Dense);
+    let err = peft::load_adapter(&mut m.model, &dir, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(key) && err.contains("[8, 192]"), "{err}");
+
+    // A target module the model does not have.
+    let cfg = std::fs::read_to_string(dir.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"q_proj\"", "\"query_key_value\"");
+    std::fs::write(dir.join("adapter_config.json"), cfg).unwrap();
+    let err = peft::load_adapter(&mut m.model, &dir, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("query_key_value"), "{err}");
+}
+
+#[test]
+fn bad_config_and_shape_mismatch_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-llama/model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(fixtures().join("tiny-llama/config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"llama\"", "\"gpt_neox\""),
+    )
+    .unwrap();
+    let err = load_model(&dir, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("unsupported architecture `gpt_neox`"), "{err}");
+
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"intermediate_size\": 192", "\"intermediate_size\": 256"),
+    )
+    .unwrap();
+    let err = load_model(&dir, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("gate_proj.weight") && err.contains("[256, 64]"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"vocab_size\"", "\"vocab_sz\""),
+    )
+    .unwrap();
+    let err = load_model(&dir, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("`vocab_size`"), "{err}");
+}
+
+#[test]
+fn kv_cache_generation_equals_full_forward() {
+    let m = load(
+        "tiny-llama",
+        BaseFormat::Quantized(qlora::quant::QuantType::Nf4),
+    );
+    let r = reference(&fixtures().join("tiny-llama/reference.safetensors"));
+    let ids = ids_of(&r).narrow(0, 0, 1).unwrap();
+    let full = m.model.forward(&ids).unwrap();
+    let mut cache = qlora::model::llama::KvCache::new(m.model.layers.len());
+    let first = m
+        .model
+        .forward_cached(&ids.narrow(1, 0, 10).unwrap(), &mut cache)
+        .unwrap();
+    let d = max_abs_diff(&first, &full.narrow(1, 9, 1).unwrap().squeeze(1).unwrap());
+    assert!(d <= 1e-4, "prefill {d}");
+    for t in 10..16 {
+        let step = m
+            .model
+            .forward_cached(&ids.narrow(1, t, 1).unwrap(), &mut cache)
+            .unwrap();
+        let d = max_abs_diff(&step, &full.narrow(1, t, 1).unwrap().squeeze(1).unwrap());
+        assert!(d <= 1e-4, "cached step {t}: {d}");
+    }
+}
