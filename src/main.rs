@@ -1,8 +1,11 @@
 use clap::Parser;
-use qlora::cli::{quantize, Cli, Command};
+use qlora::cli::{eval, generate, inspect, quantize, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Quantize(args) => quantize::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
     }
 }

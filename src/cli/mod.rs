@@ -2,6 +2,10 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod eval;
+pub mod generate;
+pub mod inspect;
+pub mod model_args;
 pub mod quantize;
 
 /// QLoRA fine-tuning in Rust: NF4 + double-quantized frozen base, 16-bit LoRA adapters.
@@ -26,4 +30,10 @@ pub struct Cli {
 pub enum Command {
     /// Quantize an HF model folder to a bitsandbytes 4-bit (NF4/FP4) checkpoint.
     Quantize(quantize::QuantizeArgs),
+    /// Mean token NLL and perplexity of a model (and adapter) on a dataset.
+    Eval(eval::EvalArgs),
+    /// Generate text with a model (and adapter), streaming tokens.
+    Generate(generate::GenerateArgs),
+    /// Show what a model folder, 4-bit checkpoint, GGUF file or adapter holds.
+    Inspect(inspect::InspectArgs),
 }

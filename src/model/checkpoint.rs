@@ -101,6 +101,30 @@ impl SafetensorsFile {
             .get(self.data_start + start..self.data_start + end)?;
         TensorView::new(info.dtype, info.shape.clone(), data).ok()
     }
+
+    /// Drop tensor `name`'s pages from this process's resident memory once it has been used
+    /// (they are read from the file again if touched later). Without this, every tensor read
+    /// through the map stays resident until the kernel needs the memory, and a one-pass
+    /// conversion looks (to `ps`, `time -v`, cgroups) as if it held the whole input. Best effort.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(info) = self.metadata.info(name) {
+            let (start, end) = info.data_offsets;
+            // Pages shared with neighbouring tensors are dropped too; that only costs a re-read.
+            // SAFETY: the map is a read-only MAP_SHARED mapping of a file we never modify, so
+            // MADV_DONTNEED cannot change what any live borrow reads: a later access faults the
+            // same bytes back in from the file. The range is within the map (validated at open).
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    self.data_start + start,
+                    end - start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
 }
 
 #[derive(Deserialize)]
@@ -279,6 +303,13 @@ impl SafetensorsDir {
         self.files[*self.location.get(name)?].get(name)
     }
 
+    /// Drop tensor `name`'s mapped pages from resident memory (see [`SafetensorsFile::release`]).
+    pub fn release(&self, name: &str) {
+        if let Some(&i) = self.location.get(name) {
+            self.files[i].release(name);
+        }
+    }
+
     /// A view of tensor `name`; an error naming the folder if it is absent.
     pub fn view(&self, name: &str) -> Result<TensorView<'_>, ModelError> {
         self.get(name).ok_or_else(|| ModelError::TensorNotFound {
@@ -314,7 +345,7 @@ impl SafetensorsDir {
         Nf4Tensor::from_bnb(prefix, |name| self.get(name)).map_err(|source| ModelError::Nf4 {
             prefix: prefix.to_string(),
             dir: self.dir.clone(),
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -405,20 +436,5 @@ mod tests {
         let err = SafetensorsDir::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("model.safetensors"), "{err}");
         assert!(err.contains(&dir.path().display().to_string()), "{err}");
-    }
-}
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!(
-            "PROBE quant {} candle {} model {} st {} io {} json {}",
-            std::mem::size_of::<crate::quant::QuantError>(),
-            std::mem::size_of::<candle_core::Error>(),
-            std::mem::size_of::<super::ModelError>(),
-            std::mem::size_of::<safetensors::SafeTensorError>(),
-            std::mem::size_of::<std::io::Error>(),
-            std::mem::size_of::<serde_json::Error>()
-        );
     }
 }

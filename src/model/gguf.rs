@@ -21,43 +21,54 @@ use super::gguf_tokenizer::{self, GgufTokenizer};
 /// Everything that can go wrong reading a GGUF model.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: {source}")]
+    /// Opening or reading the file failed.
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: cannot parse GGUF: {source}")]
+    /// candle could not parse the header.
+    #[error("{path} is not a GGUF file candle can parse")]
     Parse {
         path: PathBuf,
         source: candle_core::Error,
     },
+    /// A tensor type id that candle does not know (e.g. IQ4_NL).
     #[error("{path}: tensor `{tensor}` has ggml type id {type_id}, which candle cannot read; convert the model with one of {SUPPORTED_TYPES}")]
     UnknownTensorType {
         path: PathBuf,
         tensor: String,
         type_id: u32,
     },
+    /// A tensor type candle knows but cannot read from GGUF (Q8_1, Q8_K).
     #[error("tensor `{tensor}` is {dtype:?}, which cannot be dequantized; convert the model with one of {SUPPORTED_TYPES}")]
     UnsupportedTensorType { tensor: String, dtype: GgmlDType },
-    #[error("tensor `{tensor}`: {source}")]
+    /// Reading, dequantizing or un-permuting a tensor failed.
+    #[error("cannot read tensor `{tensor}`")]
     Tensor {
         tensor: String,
         source: candle_core::Error,
     },
+    /// A tensor asked for by name is absent.
     #[error("tensor `{0}` is not in the GGUF file")]
     MissingTensor(String),
+    /// A tensor that is not one of a Llama's weights.
     #[error("tensor `{0}` has no Hugging Face Llama name (unexpected in a llama GGUF)")]
     UnknownTensorName(String),
+    /// A required metadata key is absent.
     #[error("GGUF metadata has no `{0}`")]
     MissingMetadata(String),
+    /// A metadata value of the wrong type.
     #[error("GGUF metadata `{key}` should be {expected}, found {found}")]
     MetadataType {
         key: String,
         expected: &'static str,
         found: String,
     },
+    /// An architecture other than `llama`.
     #[error("GGUF architecture `{0}` is not supported; only `llama` is")]
     UnsupportedArchitecture(String),
+    /// The tokenizer metadata is unsupported or inconsistent.
     #[error("GGUF tokenizer: {0}")]
     Tokenizer(String),
 }

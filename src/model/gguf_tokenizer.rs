@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn unknown_pre_tokenizer_is_named() {
-        let err = pre_tokenizer(Some("falcon")).err().expect("unsupported");
+        let err = pre_tokenizer(Some("falcon")).expect_err("unsupported");
         assert!(err.to_string().contains("falcon"), "{err}");
     }
 }

@@ -178,13 +178,14 @@ impl Attention {
         }
     }
 
-    /// `x`: `[b, t, hidden]`; `pos`: `[b, t]` positions; `cache`: this layer's past keys/values.
+    /// `x`: `[b, t, hidden]`; `pos`: `[b, t]` positions; `mask`: additive `[b|1, 1, 1, t, s]`
+    /// from [`attention_mask`]; `cache`: this layer's past keys/values.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
         pos: &Tensor,
-        span: &AttentionSpan<'_>,
+        mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Result<Tensor> {
@@ -218,7 +219,13 @@ impl Attention {
         let qg = q.reshape((b, kvh, g * t, d))?;
         let scores = (qg.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
         let scores = scores.reshape((b, kvh, g, t, s))?;
-        let mask = attention_mask(b, t, past, span, x.device())?;
+        if mask.dim(D::Minus1)? != past + t {
+            candle_core::bail!(
+                "attention mask covers {} keys, expected {}",
+                mask.dim(D::Minus1)?,
+                past + t
+            );
+        }
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = softmax_last_dim(&scores)?.reshape((b, kvh, g * t, s))?;
         let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
@@ -228,7 +235,8 @@ impl Attention {
 }
 
 /// Additive mask `[b, 1, 1, t, past + t]`: 0 where attention is allowed, -inf elsewhere.
-fn attention_mask(
+/// Built once per forward and shared by every layer.
+pub fn attention_mask(
     b: usize,
     t: usize,
     past: usize,
@@ -318,12 +326,12 @@ impl DecoderLayer {
         x: &Tensor,
         rope: &Rope,
         pos: &Tensor,
-        span: &AttentionSpan<'_>,
+        mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, self.eps)?;
-        let a = (x + self.self_attn.forward(&h, rope, pos, span, cache, train)?)?;
+        let a = (x + self.self_attn.forward(&h, rope, pos, mask, cache, train)?)?;
         let h = rms_norm(&a, &self.post_attention_layernorm, self.eps)?;
         a + self.mlp.forward(&h, train)?
     }
@@ -419,10 +427,13 @@ impl Llama {
                 self.rope.max_positions()
             );
         }
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_deref().map_or(0, KvCache::len);
+        let mask = attention_mask(b, t, past, span, self.device())?.to_dtype(self.compute_dtype)?;
         let mut h = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = layer.forward(&h, &self.rope, pos, span, slot, train)?;
+            h = layer.forward(&h, &self.rope, pos, &mask, slot, train)?;
         }
         rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
     }
@@ -461,10 +472,11 @@ impl Llama {
     pub fn hidden_states(&self, ids: &Tensor) -> Result<Vec<Tensor>> {
         let (b, t) = ids.dims2()?;
         let pos = self.positions(b, t, 0)?;
+        let mask = attention_mask(b, t, 0, &AttentionSpan::Causal, self.device())?;
         let mut h = self.embed(ids)?;
         let mut out = vec![h.clone()];
         for layer in &self.layers {
-            h = layer.forward(&h, &self.rope, &pos, &AttentionSpan::Causal, None, false)?;
+            h = layer.forward(&h, &self.rope, &pos, &mask, None, false)?;
             out.push(h.clone());
         }
         let last = out.len() - 1;

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_config;
 pub mod gguf_tokenizer;
+pub mod inspect;
 pub mod linear;
 pub mod llama;
 pub mod loader;

@@ -150,6 +150,7 @@ pub fn quantize_model_dir(
         let is_linear = is_quantized_linear(name);
         if is_linear {
             let nf4 = quantize_weight(&weights, name, options)?;
+            weights.release(name);
             let group = nf4
                 .to_bnb_tensors(name)
                 .into_iter()

@@ -1,0 +1,83 @@
+//! `qlora eval`: mean token NLL and perplexity of a model (and adapter) on a dataset.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::model_args::ModelArgs;
+use crate::data::dataset::read_token_sequences;
+use crate::eval::evaluate;
+
+/// Arguments of `qlora eval`.
+#[derive(Args, Debug)]
+#[command(
+    about = "Mean token negative log-likelihood and perplexity over a dataset",
+    long_about = "Mean token negative log-likelihood and perplexity over a dataset.\n\n\
+DATA may be plain text (.txt, tokenized whole), JSONL with a `text` field per line, or JSONL with \
+pre-tokenized `input_ids` (lists of ints, used as given). Sequences are cut into non-overlapping \
+windows of --seq-len tokens; every token after the first of a window is predicted and counted.",
+    after_help = "Example:\n  qlora eval --model SmolLM2-135M-Instruct.Q4_1.gguf --data valid.txt --seq-len 512 --json"
+)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Dataset file (.txt, or .jsonl with `text` or `input_ids`).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+
+    /// Print one JSON object (mean_nll, perplexity, tokens, windows, tokens_per_s) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `qlora eval`.
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
+    let m = args.model.load(Some(args.seq_len))?;
+    let seqs = read_token_sequences(&args.data, m.tokenizer.as_ref())
+        .with_context(|| format!("reading {}", args.data.display()))?;
+    let vocab = m.model.cfg.vocab_size as u32;
+    if let Some(bad) = seqs.iter().flatten().find(|&&t| t >= vocab) {
+        anyhow::bail!(
+            "{}: token id {bad} is outside the model's vocabulary of {vocab}",
+            args.data.display()
+        );
+    }
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+    };
+    bar.set_message("eval");
+    let start = Instant::now();
+    let report = evaluate(&m.model, &seqs, args.seq_len, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let tps = report.tokens as f64 / secs;
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["tokens_per_s"] = serde_json::json!(tps);
+        v["seconds"] = serde_json::json!(secs);
+        println!("{v}");
+    } else {
+        println!(
+            "mean NLL {:.4}  perplexity {:.3}  over {} tokens in {} windows ({:.1} s, {:.0} tokens/s)",
+            report.mean_nll, report.perplexity, report.tokens, report.windows, secs, tps
+        );
+    }
+    Ok(())
+}

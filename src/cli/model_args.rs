@@ -1,0 +1,54 @@
+//! Options shared by every command that loads a model.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::lora::peft;
+use crate::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
+
+/// Which model to load and how.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// HF model folder (safetensors, or a bitsandbytes 4-bit checkpoint) or a .gguf file.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
+    /// Base weights: nf4 or fp4 (4-bit, quantized on load unless already 4-bit), or none (full
+    /// precision, for comparison).
+    #[arg(long, value_name = "nf4|fp4|none", default_value = "nf4", value_parser = BaseFormat::parse)]
+    pub quant: BaseFormat,
+
+    /// Blocksize when quantizing on load.
+    #[arg(long, default_value_t = 64)]
+    pub blocksize: usize,
+
+    /// Keep the absmax in f32 instead of double-quantizing it.
+    #[arg(long)]
+    pub no_double_quant: bool,
+}
+
+impl ModelArgs {
+    /// Load the model (and adapter), with context in errors.
+    pub fn load(&self, max_positions: Option<usize>) -> anyhow::Result<LoadedModel> {
+        let opts = LoadOptions {
+            base: self.quant,
+            blocksize: self.blocksize,
+            double_quant: !self.no_double_quant,
+            max_positions,
+            ..Default::default()
+        };
+        let mut m = load_model(&self.model, &opts)
+            .with_context(|| format!("loading model {}", self.model.display()))?;
+        if let Some(dir) = &self.adapter {
+            peft::load_adapter(&mut m.model, dir, None)
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+        }
+        Ok(m)
+    }
+}
