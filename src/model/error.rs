@@ -121,7 +121,6 @@ pub enum ModelError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// A `config.json` that is unreadable as a model configuration.
     /// A tensor disagrees with the config or the model it is loaded into.
     #[error("tensor `{name}` has shape {got:?}, but {expected:?} is needed")]
     Shape {
@@ -132,6 +131,7 @@ pub enum ModelError {
         /// What the file holds.
         got: Vec<usize>,
     },
+    /// A `config.json` that is unreadable as a model configuration.
     #[error("{path}: {what}")]
     Config {
         /// The config file.

@@ -101,8 +101,10 @@ pub fn nf4_memory_bytes(cfg: &LlamaConfig) -> u64 {
 pub fn inspect(path: &Path) -> Result<Inspection, ModelError> {
     let mut out = Inspection::default();
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        let file = GgufFile::open(path)
-            .map_err(|e| ModelError::invalid(path.display().to_string(), e.to_string()))?;
+        let file = GgufFile::open(path).map_err(|source| ModelError::Gguf {
+            path: path.to_path_buf(),
+            source,
+        })?;
         out.kind = "GGUF model (llama.cpp)".into();
         out.disk_bytes = file_size(path);
         if let Ok(cfg_json) = file.hf_config() {

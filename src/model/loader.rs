@@ -154,7 +154,10 @@ impl TensorSource for Gguf {
     fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
         self.file
             .read_hf_tensor(name, &Device::Cpu)
-            .map_err(|e| ModelError::invalid(self.file.path().display().to_string(), e.to_string()))
+            .map_err(|source| ModelError::Gguf {
+                path: self.file.path().to_path_buf(),
+                source,
+            })
     }
     fn quantized(&mut self, _prefix: &str) -> Result<Option<Nf4Tensor>, ModelError> {
         Ok(None)
@@ -168,8 +171,9 @@ impl TensorSource for Gguf {
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelError> {
     let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
     if is_gguf {
-        let gguf_err = |e: super::gguf::GgufError| {
-            ModelError::invalid(path.display().to_string(), e.to_string())
+        let gguf_err = |source: super::gguf::GgufError| ModelError::Gguf {
+            path: path.to_path_buf(),
+            source,
         };
         let file = GgufFile::open(path).map_err(gguf_err)?;
         let config_json = file.hf_config().map_err(gguf_err)?;
