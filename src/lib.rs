@@ -11,3 +11,5 @@ pub mod data;
 pub mod eval;
 pub mod lora;
 pub mod model;
+pub mod optim;
+pub mod train;

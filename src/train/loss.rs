@@ -25,7 +25,10 @@ pub fn chunked_cross_entropy(
         candle_core::bail!("{} targets for {n} rows", targets.len());
     }
     let vocab = head.dim(0)?;
-    if let Some(t) = targets.iter().find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
+    if let Some(t) = targets
+        .iter()
+        .find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab))
+    {
         candle_core::bail!("target id {t} is outside the vocabulary of {vocab}");
     }
     if head.dim(1)? != hidden {
@@ -88,7 +91,11 @@ impl ChunkedCrossEntropy {
 
 fn log_sum_exp(logits: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?;
-    let s = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let s = logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?;
     (s + max)?.squeeze(D::Minus1)
 }
 
@@ -103,7 +110,9 @@ impl CustomOp1 for ChunkedCrossEntropy {
         let mut total = 0f64;
         self.for_each_chunk(&h, |start, len, logits| {
             let lse = log_sum_exp(logits)?;
-            let picked = logits.gather(&self.targets_of(start, len, &dev)?, 1)?.squeeze(1)?;
+            let picked = logits
+                .gather(&self.targets_of(start, len, &dev)?, 1)?
+                .squeeze(1)?;
             let nll = ((lse - picked)? * self.mask_of(start, len, &dev)?)?;
             total += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
             Ok(())
@@ -132,7 +141,8 @@ impl CustomOp1 for ChunkedCrossEntropy {
                 &Tensor::ones((len, 1), DType::F32, &dev)?,
                 1,
             )?;
-            let dlogits = (p - onehot)?.broadcast_mul(&self.mask_of(start, len, &dev)?.unsqueeze(1)?)?;
+            let dlogits =
+                (p - onehot)?.broadcast_mul(&self.mask_of(start, len, &dev)?.unsqueeze(1)?)?;
             parts.push((dlogits.matmul(&self.head)? * scale)?);
             Ok(())
         })?;
@@ -170,7 +180,9 @@ mod tests {
         let logits = h.as_tensor().matmul(&head.t().unwrap()).unwrap();
         let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let keep: Vec<u32> = vec![0, 2, 3, 4, 6];
-        let rows = lsm.index_select(&Tensor::new(keep.as_slice(), &dev).unwrap(), 0).unwrap();
+        let rows = lsm
+            .index_select(&Tensor::new(keep.as_slice(), &dev).unwrap(), 0)
+            .unwrap();
         let tg: Vec<u32> = keep.iter().map(|&i| targets[i as usize] as u32).collect();
         let want = rows
             .gather(&Tensor::from_vec(tg, (5, 1), &dev).unwrap(), 1)

@@ -1,0 +1,4 @@
+//! Training: loss, the step, and the trainer loop.
+
+pub mod loss;
+pub mod step;
