@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use qlora::lora::{self, peft};
 use qlora::model::loader::{load_model, LoadOptions};
 use qlora::optim::{AdamW, AdamWConfig};
+use qlora::train::layerwise::loss_and_grads_layerwise;
 use qlora::train::step::{loss_and_grads, Batch};
 
 fn fx(p: &str) -> PathBuf {
@@ -39,6 +40,18 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn twenty_steps_match_peft() {
+    run_parity(None);
+}
+
+#[test]
+fn twenty_steps_match_peft_layerwise_with_and_without_checkpointing() {
+    let a = run_parity(Some(false));
+    let b = run_parity(Some(true));
+    assert_eq!(a, b, "checkpointing on/off give bit-identical losses");
+}
+
+/// Runs the 20 steps; `layerwise`: None = one autograd graph, Some(ckpt) = layer by layer.
+fn run_parity(layerwise: Option<bool>) -> Vec<f64> {
     let mut m = load_model(&fx("bnb4/model"), &LoadOptions::default())
         .unwrap()
         .model;
@@ -59,8 +72,13 @@ fn twenty_steps_match_peft() {
         ..Default::default()
     };
     let mut opt = AdamW::new(named.clone(), cfg, |_| 1.0).unwrap();
+    let mut losses = Vec::new();
     for (step, &want_loss) in want.iter().enumerate() {
-        let (loss, grads) = loss_and_grads(&m, &batch, &vars, true).unwrap();
+        let (loss, grads) = match layerwise {
+            None => loss_and_grads(&m, &batch, &vars, true).unwrap(),
+            Some(ckpt) => loss_and_grads_layerwise(&m, &batch, &vars, ckpt).unwrap(),
+        };
+        losses.push(loss);
         let rel = (loss - want_loss).abs() / want_loss;
         assert!(
             rel < 1e-4,
@@ -103,4 +121,5 @@ fn twenty_steps_match_peft() {
         "final adapter differs from PEFT's by rel {worst:e}"
     );
     eprintln!("final adapter: worst relative difference to PEFT {worst:e}");
+    losses
 }

@@ -1,6 +1,30 @@
 //! One LoRA adapter on one linear layer: `y += scale · (dropout(x) · Aᵀ) · Bᵀ`, optionally DoRA.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor, Var, D};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// The seed of the current dropout draw, shared by all adapters of a model.
+///
+/// Dropout masks are a pure function of (this seed, the adapter's key), not of a hidden RNG
+/// stream, so activation checkpointing can recompute a layer with exactly the masks the first
+/// forward used, and a resumed run draws the same masks as an uninterrupted one.
+#[derive(Clone, Debug, Default)]
+pub struct DropoutSeed(Arc<AtomicU64>);
+
+impl DropoutSeed {
+    /// Set the seed for the next forward passes.
+    pub fn set(&self, seed: u64) {
+        self.0.store(seed, Ordering::Relaxed);
+    }
+    /// The current seed.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// The trainable low-rank update of one projection.
 ///
@@ -18,6 +42,10 @@ pub struct LoraAdapter {
     pub dropout: f32,
     /// DoRA magnitude vector `[out]`; `None` for plain LoRA.
     pub magnitude: Option<Var>,
+    /// Distinguishes this adapter's dropout masks from the others'.
+    pub dropout_key: u64,
+    /// Shared dropout seed (see [`DropoutSeed`]).
+    pub dropout_seed: DropoutSeed,
 }
 
 impl LoraAdapter {
@@ -35,13 +63,27 @@ impl LoraAdapter {
     pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dt = x.dtype();
         let x = if train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout)?
+            self.apply_dropout(x)?
         } else {
             x.clone()
         };
         let a = self.a.as_tensor().to_dtype(dt)?;
         let b = self.b.as_tensor().to_dtype(dt)?;
         x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
+    }
+
+    /// Inverted dropout with a mask drawn from (shared seed, this adapter's key).
+    fn apply_dropout(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.dropout;
+        let seed = self.dropout_seed.get().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ self.dropout_key.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
     }
 
     /// `scale · B · A` as an `[out, in]` f32 tensor (for merging).

@@ -57,6 +57,8 @@ pub fn init_adapter(
         scale: cfg.scale(),
         dropout: cfg.dropout,
         magnitude: None,
+        dropout_key: 0,
+        dropout_seed: Default::default(),
     };
     if cfg.use_dora {
         // m starts at ‖W0 + sBA‖ per row, so the layer's output is unchanged at step 0.

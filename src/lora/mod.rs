@@ -5,7 +5,7 @@ pub mod config;
 pub mod init;
 pub mod peft;
 
-pub use adapter::LoraAdapter;
+pub use adapter::{DropoutSeed, LoraAdapter};
 pub use config::{parse_targets, LoraConfig, LoraInit};
 
 use candle_core::Var;
@@ -30,6 +30,21 @@ pub fn attach_new(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// Give every adapter of `model` a distinct dropout key and one shared seed handle, which the
+/// trainer sets before each forward.
+pub fn share_dropout_seed(model: &mut Llama) -> DropoutSeed {
+    let seed = DropoutSeed::default();
+    for (li, layer) in model.layers.iter_mut().enumerate() {
+        for (pi, (_, lin)) in layer.projections_mut().into_iter().enumerate() {
+            if let Some(a) = lin.adapter.as_mut() {
+                a.dropout_key = (li * 8 + pi) as u64 + 1;
+                a.dropout_seed = seed.clone();
+            }
+        }
+    }
+    seed
 }
 
 /// Every trainable variable of the model's adapters, with its PEFT key.

@@ -185,6 +185,8 @@ pub fn load_adapter(
                 scale: cfg.scale(),
                 dropout: cfg.dropout,
                 magnitude: magnitude.map(var).transpose()?,
+                dropout_key: 0,
+                dropout_seed: Default::default(),
             };
             lin.set_adapter(Some(adapter))?;
         }

@@ -1,4 +1,5 @@
 //! Training: loss, the step, and the trainer loop.
 
+pub mod layerwise;
 pub mod loss;
 pub mod step;
