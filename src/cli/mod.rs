@@ -7,6 +7,7 @@ pub mod generate;
 pub mod inspect;
 pub mod model_args;
 pub mod quantize;
+pub mod train;
 
 /// QLoRA fine-tuning in Rust: NF4 + double-quantized frozen base, 16-bit LoRA adapters.
 #[derive(Parser, Debug)]
@@ -30,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Quantize an HF model folder to a bitsandbytes 4-bit (NF4/FP4) checkpoint.
     Quantize(quantize::QuantizeArgs),
+    /// Fine-tune LoRA adapters on a frozen 4-bit base.
+    Train(train::TrainArgs),
     /// Mean token NLL and perplexity of a model (and adapter) on a dataset.
     Eval(eval::EvalArgs),
     /// Generate text with a model (and adapter), streaming tokens.

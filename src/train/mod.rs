@@ -2,4 +2,6 @@
 
 pub mod layerwise;
 pub mod loss;
+pub mod plot;
 pub mod step;
+pub mod trainer;

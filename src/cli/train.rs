@@ -1,0 +1,380 @@
+//! `qlora train`: fine-tune LoRA adapters on a frozen NF4 (or FP4, or full-precision) base.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::{DType, Tensor};
+use clap::Args;
+use serde::Deserialize;
+
+use super::model_args::ModelArgs;
+use crate::data::dataset::read_token_sequences;
+use crate::lora::{self, parse_targets, peft, LoraConfig, LoraInit};
+use crate::model::loader::BaseFormat;
+use crate::optim::schedule::{Schedule, ScheduleKind};
+use crate::optim::AdamWConfig;
+use crate::train::step::Batch;
+use crate::train::trainer::{train, TrainSettings};
+
+/// Every training option; each may also come from the `--config` TOML file (same names, with
+/// `-` or `_`). Command-line flags win over the file, the file over the defaults.
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainOptions {
+    /// Optimizer steps (default: one epoch, or --epochs).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Epochs over the training data (used when --steps is not given; default 1).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Sequences per micro-batch [default: 4].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Tokens per sequence [default: 512].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Peak learning rate [default: 2e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant | linear | cosine [default: cosine].
+    #[arg(long)]
+    pub lr_scheduler: Option<String>,
+    /// Warmup steps (overrides --warmup-ratio).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of the steps [default: 0.03].
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Decoupled weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 disables) [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// LoRA+ learning-rate ratio for B [default: 1].
+    #[arg(long)]
+    pub lora_plus_ratio: Option<f64>,
+    /// LoRA rank [default: 16].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha [default: 32].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRA dropout [default: 0.05].
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// all-linear or a comma list of projections [default: all-linear].
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// Adapter weights dtype: bf16 | f32 [default: bf16].
+    #[arg(long)]
+    pub adapter_dtype: Option<String>,
+    /// kaiming | gaussian | pissa [default: kaiming].
+    #[arg(long)]
+    pub init: Option<String>,
+    /// Scale by alpha/sqrt(r) (rsLoRA).
+    #[arg(long)]
+    pub rslora: Option<bool>,
+    /// DoRA adapters.
+    #[arg(long)]
+    pub dora: Option<bool>,
+    /// Activation checkpointing per layer: true | false [default: true].
+    #[arg(long)]
+    pub grad_checkpointing: Option<bool>,
+    /// Random seed [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep the data order.
+    #[arg(long)]
+    pub no_shuffle: Option<bool>,
+    /// Fraction of sequences held out for validation [default: 0.05].
+    #[arg(long)]
+    pub val_split: Option<f64>,
+    /// Validation file instead of a split.
+    #[arg(long)]
+    pub val_data: Option<PathBuf>,
+    /// Validate every N steps [default: 0 = start and end only].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+}
+
+/// Arguments of `qlora train`.
+#[derive(Args, Debug)]
+#[command(
+    about = "Fine-tune LoRA adapters on a frozen 4-bit (NF4) base",
+    long_about = "Fine-tune LoRA adapters on a frozen 4-bit (NF4) base model.\n\n\
+Defaults are those of a 7B QLoRA: NF4 + double quantization, r 16, alpha 32, all linear \
+projections, lr 2e-4 with cosine decay and 3% warmup, activation checkpointing on. Every option \
+can also be set in a TOML file given with --config (keys are the flag names, e.g. `lr = 1e-4`, \
+`lr-scheduler = \"linear\"`); flags win over the file.\n\n\
+Writes OUT/metrics.jsonl (one JSON line per step and per validation), OUT/loss.svg and the \
+adapter in PEFT format under OUT/adapter.",
+    after_help = "Example:\n  qlora train --model SmolLM2-135M-Instruct.Q4_1.gguf --data data/sonnets/train.txt --out runs/sonnets --steps 60 --seq-len 256"
+)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training data (.txt, or .jsonl/.json with `text` or `input_ids`).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Output folder (must not hold an adapter yet).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// TOML file with training options.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Start from this PEFT adapter instead of fresh adapters.
+    #[arg(long, value_name = "DIR")]
+    pub init_adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: TrainOptions,
+}
+
+macro_rules! merge {
+    ($cli:expr, $file:expr, [$($f:ident),*]) => {
+        TrainOptions { $($f: $cli.$f.take().or($file.$f.take()),)* }
+    };
+}
+
+fn read_config(path: &Path) -> anyhow::Result<TrainOptions> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("{}: not a valid training config", path.display()))
+}
+
+/// Cut token sequences into rows of `seq_len` and group them into batches.
+fn batches(seqs: &[Vec<u32>], seq_len: usize, batch_size: usize) -> anyhow::Result<Vec<Batch>> {
+    let rows: Vec<&[u32]> = seqs
+        .iter()
+        .flat_map(|s| s.chunks(seq_len))
+        .filter(|w| w.len() == seq_len)
+        .collect();
+    rows.chunks(batch_size)
+        .filter(|c| c.len() == batch_size)
+        .map(|c| {
+            let flat: Vec<u32> = c.iter().flat_map(|r| r.iter().copied()).collect();
+            let labels = flat.iter().map(|&t| t as i64).collect();
+            Ok(Batch {
+                ids: Tensor::from_vec(flat, (c.len(), seq_len), &candle_core::Device::Cpu)?,
+                labels,
+                segments: None,
+                positions: None,
+            })
+        })
+        .collect()
+}
+
+/// Run `qlora train`.
+pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
+    let mut file = match &args.config {
+        Some(p) => read_config(p)?,
+        None => TrainOptions::default(),
+    };
+    let o = merge!(
+        args.opts,
+        file,
+        [
+            steps,
+            epochs,
+            batch_size,
+            grad_accum,
+            seq_len,
+            lr,
+            lr_scheduler,
+            warmup_steps,
+            warmup_ratio,
+            weight_decay,
+            max_grad_norm,
+            lora_plus_ratio,
+            rank,
+            alpha,
+            dropout,
+            targets,
+            adapter_dtype,
+            init,
+            rslora,
+            dora,
+            grad_checkpointing,
+            seed,
+            no_shuffle,
+            val_split,
+            val_data,
+            eval_every
+        ]
+    );
+    let adapter_dir = args.out.join("adapter");
+    anyhow::ensure!(
+        !adapter_dir.exists(),
+        "{} already holds an adapter; choose another --out",
+        args.out.display()
+    );
+    let seq_len = o.seq_len.unwrap_or(512);
+    let batch_size = o.batch_size.unwrap_or(4);
+    let grad_accum = o.grad_accum.unwrap_or(1).max(1);
+    anyhow::ensure!(
+        seq_len >= 2 && batch_size >= 1,
+        "--seq-len must be >= 2 and --batch-size >= 1"
+    );
+    let seed = o.seed.unwrap_or(42);
+
+    let mut m = args.model.load(Some(seq_len))?;
+    let tok = m.tokenizer.clone();
+    let mut seqs = read_token_sequences(&args.data, tok.as_ref())
+        .with_context(|| format!("reading {}", args.data.display()))?;
+    let vocab = m.model.cfg.vocab_size as u32;
+    if let Some(bad) = seqs.iter().flatten().find(|&&t| t >= vocab) {
+        anyhow::bail!(
+            "{}: token id {bad} is outside the model's vocabulary of {vocab}",
+            args.data.display()
+        );
+    }
+    // Rows first, then a seeded shuffle and the validation split, so no row is in both.
+    let mut rows: Vec<Vec<u32>> = seqs
+        .drain(..)
+        .flat_map(|s| s.chunks(seq_len).map(|c| c.to_vec()).collect::<Vec<_>>())
+        .filter(|r| r.len() == seq_len)
+        .collect();
+    if !o.no_shuffle.unwrap_or(false) {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    }
+    let val_rows: Vec<Vec<u32>> = match &o.val_data {
+        Some(p) => read_token_sequences(p, tok.as_ref())?
+            .into_iter()
+            .flat_map(|s| s.chunks(seq_len).map(|c| c.to_vec()).collect::<Vec<_>>())
+            .filter(|r| r.len() >= 2)
+            .collect(),
+        None => {
+            let n = ((rows.len() as f64) * o.val_split.unwrap_or(0.05)).round() as usize;
+            rows.drain(..n.min(rows.len().saturating_sub(1))).collect()
+        }
+    };
+    anyhow::ensure!(
+        rows.len() >= batch_size,
+        "{}: {} rows of {seq_len} tokens, fewer than one batch of {batch_size}",
+        args.data.display(),
+        rows.len()
+    );
+    let train_batches = batches(&rows, seq_len, batch_size)?;
+    let val_batches: Vec<Batch> = val_rows
+        .iter()
+        .map(|r| batches(std::slice::from_ref(r), r.len(), 1))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+
+    let adapter_dtype = match o.adapter_dtype.as_deref().unwrap_or("bf16") {
+        "bf16" => DType::BF16,
+        "f32" => DType::F32,
+        other => anyhow::bail!("--adapter-dtype `{other}`: expected bf16 or f32"),
+    };
+    let lora_cfg = match &args.init_adapter {
+        Some(dir) => peft::load_adapter(&mut m.model, dir, Some(adapter_dtype))
+            .with_context(|| format!("loading --init-adapter {}", dir.display()))?,
+        None => {
+            let cfg = LoraConfig {
+                rank: o.rank.unwrap_or(16),
+                alpha: o.alpha.unwrap_or(32.0),
+                dropout: o.dropout.unwrap_or(0.05),
+                targets: parse_targets(o.targets.as_deref().unwrap_or("all-linear"))
+                    .map_err(anyhow::Error::msg)?,
+                use_rslora: o.rslora.unwrap_or(false),
+                use_dora: o.dora.unwrap_or(false),
+                init: LoraInit::parse(o.init.as_deref().unwrap_or("kaiming"))
+                    .map_err(anyhow::Error::msg)?,
+                dtype: adapter_dtype,
+            };
+            lora::attach_new(&mut m.model, &cfg, seed)?;
+            cfg
+        }
+    };
+    let steps = o
+        .steps
+        .unwrap_or_else(|| o.epochs.unwrap_or(1) * train_batches.len().div_ceil(grad_accum));
+    let warmup = o
+        .warmup_steps
+        .unwrap_or_else(|| (steps as f64 * o.warmup_ratio.unwrap_or(0.03)).round() as usize);
+    let lr = o.lr.unwrap_or(2e-4);
+    let kind = ScheduleKind::parse(o.lr_scheduler.as_deref().unwrap_or("cosine"))
+        .map_err(anyhow::Error::msg)?;
+    let settings = TrainSettings {
+        steps,
+        grad_accum,
+        schedule: Schedule {
+            lr,
+            kind,
+            warmup,
+            total: steps,
+        },
+        adamw: AdamWConfig {
+            lr,
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+            ..Default::default()
+        },
+        lora_plus_ratio: o.lora_plus_ratio.unwrap_or(1.0),
+        max_grad_norm: o.max_grad_norm.unwrap_or(1.0),
+        grad_checkpointing: o.grad_checkpointing.unwrap_or(true),
+        eval_every: o.eval_every.unwrap_or(0),
+        seed,
+        progress: true,
+    };
+    let trainable: usize = lora::trainable_vars(&m.model)
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    println!(
+        "model {} | base {} | {} layers | adapters r {} alpha {} on {} ({} trainable parameters, {})",
+        args.model.model.display(),
+        if args.model.quant == BaseFormat::Dense { "full precision".to_string() } else { args.model.quant.name().to_string() },
+        m.model.layers.len(),
+        lora_cfg.rank,
+        lora_cfg.alpha,
+        lora_cfg.targets.join(","),
+        trainable,
+        if adapter_dtype == DType::BF16 { "bf16" } else { "f32" },
+    );
+    println!(
+        "data: {} train batches of {batch_size} x {seq_len}, {} validation rows | {steps} steps, lr {lr:e} {:?}, warmup {warmup}, checkpointing {}",
+        train_batches.len(),
+        val_batches.len(),
+        kind,
+        settings.grad_checkpointing
+    );
+    let report = train(
+        &mut m.model,
+        &lora_cfg,
+        &args.model.model.display().to_string(),
+        &train_batches,
+        &val_batches,
+        &settings,
+        &args.out,
+    )?;
+    let first = report.losses.first().copied().unwrap_or(f64::NAN);
+    let last = report.losses.last().copied().unwrap_or(f64::NAN);
+    println!(
+        "done: {} steps in {:.1} s ({:.0} tokens/s) | train loss {first:.4} -> {last:.4}",
+        report.steps, report.seconds, report.tokens_per_s
+    );
+    if let (Some(a), Some(b)) = (report.val_losses.first(), report.val_losses.last()) {
+        println!(
+            "validation loss {:.4} (ppl {:.2}) -> {:.4} (ppl {:.2})",
+            a.1,
+            a.1.exp(),
+            b.1,
+            b.1.exp()
+        );
+    }
+    println!(
+        "adapter: {} | metrics: {} | curve: {}",
+        report.adapter_dir.display(),
+        args.out.join("metrics.jsonl").display(),
+        args.out.join("loss.svg").display()
+    );
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The training loop: batches → loss → backward (layer by layer) → clip → AdamW step → log.
+//!
+//! It orchestrates and owns no math: the step is `layerwise`, the update `optim`, the curve
+//! `plot`. Progress goes to an indicatif bar and `metrics.jsonl`; the run ends with a summary,
+//! a loss-curve SVG and the adapter in PEFT format.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::json;
+
+use super::layerwise::loss_and_grads_layerwise;
+use super::plot::{draw_loss_curves, Series};
+use super::step::Batch;
+use crate::lora::{self, peft, LoraConfig};
+use crate::model::error::ModelError;
+use crate::model::llama::Llama;
+use crate::optim::schedule::Schedule;
+use crate::optim::{AdamW, AdamWConfig};
+
+/// Settings of a run (everything but the data and the model).
+#[derive(Clone, Debug)]
+pub struct TrainSettings {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Schedule (peak LR, shape, warmup, total).
+    pub schedule: Schedule,
+    /// AdamW hyperparameters (its `lr` is ignored; the schedule rules).
+    pub adamw: AdamWConfig,
+    /// LoRA+: learning-rate multiplier for B matrices (1 = plain LoRA).
+    pub lora_plus_ratio: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f64,
+    /// Recompute each layer in the backward instead of keeping activations.
+    pub grad_checkpointing: bool,
+    /// Validation every this many steps (0 = only at the start and end).
+    pub eval_every: usize,
+    /// Seed for dropout masks.
+    pub seed: u64,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    /// Steps taken.
+    pub steps: usize,
+    /// Loss of each step.
+    pub losses: Vec<f64>,
+    /// (step, validation loss) pairs.
+    pub val_losses: Vec<(usize, f64)>,
+    /// Predicted tokens per second over the run.
+    pub tokens_per_s: f64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Where the adapter was written.
+    pub adapter_dir: PathBuf,
+}
+
+fn write_jsonl(
+    file: &mut std::fs::File,
+    path: &Path,
+    v: serde_json::Value,
+) -> Result<(), ModelError> {
+    writeln!(file, "{v}").map_err(|e| ModelError::io(path, e))
+}
+
+/// Mean loss over `batches` (no dropout, no gradients kept).
+pub fn validation_loss(model: &Llama, batches: &[Batch]) -> Result<f64, ModelError> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for b in batches {
+        let k = b.predicted_tokens();
+        let loss = super::step::batch_loss(model, b, false)?;
+        sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64;
+        n += k;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// Global L2 norm of the gradients.
+fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g
+            .to_dtype(candle_core::DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sq.sqrt())
+}
+
+/// Train `model`'s adapters on `train` (cycled in order) for `settings.steps` optimizer steps,
+/// validating on `val`; writes `metrics.jsonl`, `loss.svg` and the PEFT adapter under `out`.
+pub fn train(
+    model: &mut Llama,
+    lora_cfg: &LoraConfig,
+    base_name: &str,
+    train: &[Batch],
+    val: &[Batch],
+    settings: &TrainSettings,
+    out: &Path,
+) -> Result<TrainReport, ModelError> {
+    if train.is_empty() {
+        return Err(ModelError::invalid("training data", "no training batches"));
+    }
+    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics =
+        std::fs::File::create(&metrics_path).map_err(|e| ModelError::io(&metrics_path, e))?;
+    let dropout = lora::share_dropout_seed(model);
+    let named = lora::trainable_vars(model);
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let ratio = settings.lora_plus_ratio;
+    let mut opt = AdamW::new(named, settings.adamw.clone(), |name| {
+        if name.contains("lora_B") {
+            ratio
+        } else {
+            1.0
+        }
+    })?;
+
+    let bar = if settings.progress {
+        ProgressBar::new(settings.steps as u64).with_style(
+            ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    let start = Instant::now();
+    let mut val_losses = Vec::new();
+    if !val.is_empty() {
+        let v = validation_loss(model, val)?;
+        val_losses.push((0, v));
+        write_jsonl(
+            &mut metrics,
+            &metrics_path,
+            json!({"step": 0, "val_loss": v}),
+        )?;
+    }
+    let mut losses = Vec::with_capacity(settings.steps);
+    let mut tokens = 0usize;
+    let mut cursor = 0usize;
+    for step in 0..settings.steps {
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut step_loss = 0f64;
+        for micro in 0..settings.grad_accum {
+            let batch = &train[cursor % train.len()];
+            cursor += 1;
+            dropout.set(settings.seed ^ ((step * settings.grad_accum + micro) as u64 + 1));
+            let (loss, grads) =
+                loss_and_grads_layerwise(model, batch, &vars, settings.grad_checkpointing)?;
+            step_loss += loss / settings.grad_accum as f64;
+            tokens += batch.predicted_tokens();
+            for (a, g) in acc.iter_mut().zip(grads) {
+                *a = match (a.take(), g) {
+                    (Some(x), Some(y)) => Some((x + y)?),
+                    (x, y) => x.or(y),
+                };
+            }
+        }
+        if !step_loss.is_finite() {
+            bar.abandon();
+            return Err(ModelError::invalid(
+                "training",
+                format!("loss became {step_loss} at step {step}; stopping (lower --lr, or check the data)"),
+            ));
+        }
+        let scale = 1.0 / settings.grad_accum as f64;
+        let mut grads: Vec<Option<Tensor>> = acc
+            .into_iter()
+            .map(|g| g.map(|g| g * scale).transpose())
+            .collect::<candle_core::Result<_>>()?;
+        let norm = global_norm(&grads)?;
+        if settings.max_grad_norm > 0.0 && norm > settings.max_grad_norm {
+            let c = settings.max_grad_norm / (norm + 1e-6);
+            grads = grads
+                .into_iter()
+                .map(|g| g.map(|g| g * c).transpose())
+                .collect::<candle_core::Result<_>>()?;
+        }
+        let lr = settings.schedule.lr_at(step);
+        opt.step(&grads, lr)?;
+        losses.push(step_loss);
+        let elapsed = start.elapsed().as_secs_f64();
+        let tps = tokens as f64 / elapsed;
+        write_jsonl(
+            &mut metrics,
+            &metrics_path,
+            json!({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": norm,
+                   "tokens": tokens, "tokens_per_s": tps, "elapsed_s": elapsed}),
+        )?;
+        bar.set_message(format!("loss {step_loss:.4} | {tps:.0} tok/s"));
+        bar.inc(1);
+        let last = step + 1 == settings.steps;
+        if !val.is_empty()
+            && (last || (settings.eval_every > 0 && (step + 1) % settings.eval_every == 0))
+        {
+            let v = validation_loss(model, val)?;
+            val_losses.push((step + 1, v));
+            write_jsonl(
+                &mut metrics,
+                &metrics_path,
+                json!({"step": step + 1, "val_loss": v}),
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+
+    let train_pts: Vec<(f64, f64)> = losses
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| ((i + 1) as f64, l))
+        .collect();
+    let val_pts: Vec<(f64, f64)> = val_losses.iter().map(|&(s, l)| (s as f64, l)).collect();
+    let mut series = vec![Series {
+        name: "train loss",
+        points: &train_pts,
+    }];
+    if !val_pts.is_empty() {
+        series.push(Series {
+            name: "validation loss",
+            points: &val_pts,
+        });
+    }
+    draw_loss_curves(&out.join("loss.svg"), "QLoRA training", &series)?;
+
+    let adapter_dir = out.join("adapter");
+    peft::save_adapter(model, lora_cfg, base_name, &adapter_dir)?;
+    Ok(TrainReport {
+        steps: settings.steps,
+        losses,
+        val_losses,
+        tokens_per_s: tokens as f64 / seconds,
+        seconds,
+        adapter_dir,
+    })
+}
