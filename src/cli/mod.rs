@@ -32,7 +32,7 @@ pub enum Command {
     /// Quantize an HF model folder to a bitsandbytes 4-bit (NF4/FP4) checkpoint.
     Quantize(quantize::QuantizeArgs),
     /// Fine-tune LoRA adapters on a frozen 4-bit base.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Mean token NLL and perplexity of a model (and adapter) on a dataset.
     Eval(eval::EvalArgs),
     /// Generate text with a model (and adapter), streaming tokens.

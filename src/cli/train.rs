@@ -3,12 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use clap::Args;
 use serde::Deserialize;
 
 use super::model_args::ModelArgs;
-use crate::data::dataset::read_token_sequences;
+use crate::data::batches::{BatchOptions, Batches};
+use crate::data::corpus::{Corpus, DataOptions};
+use crate::data::split::split_validation;
 use crate::lora::{self, parse_targets, peft, LoraConfig, LoraInit};
 use crate::model::loader::BaseFormat;
 use crate::optim::schedule::{Schedule, ScheduleKind};
@@ -146,28 +148,6 @@ fn read_config(path: &Path) -> anyhow::Result<TrainOptions> {
         .with_context(|| format!("{}: not a valid training config", path.display()))
 }
 
-/// Cut token sequences into rows of `seq_len` and group them into batches.
-fn batches(seqs: &[Vec<u32>], seq_len: usize, batch_size: usize) -> anyhow::Result<Vec<Batch>> {
-    let rows: Vec<&[u32]> = seqs
-        .iter()
-        .flat_map(|s| s.chunks(seq_len))
-        .filter(|w| w.len() == seq_len)
-        .collect();
-    rows.chunks(batch_size)
-        .filter(|c| c.len() == batch_size)
-        .map(|c| {
-            let flat: Vec<u32> = c.iter().flat_map(|r| r.iter().copied()).collect();
-            let labels = flat.iter().map(|&t| t as i64).collect();
-            Ok(Batch {
-                ids: Tensor::from_vec(flat, (c.len(), seq_len), &candle_core::Device::Cpu)?,
-                labels,
-                segments: None,
-                positions: None,
-            })
-        })
-        .collect()
-}
-
 /// Run `qlora train`.
 pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     let mut file = match &args.config {
@@ -223,51 +203,49 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
 
     let mut m = args.model.load(Some(seq_len))?;
     let tok = m.tokenizer.clone();
-    let mut seqs = read_token_sequences(&args.data, tok.as_ref())
-        .with_context(|| format!("reading {}", args.data.display()))?;
-    let vocab = m.model.cfg.vocab_size as u32;
-    if let Some(bad) = seqs.iter().flatten().find(|&&t| t >= vocab) {
-        anyhow::bail!(
-            "{}: token id {bad} is outside the model's vocabulary of {vocab}",
-            args.data.display()
-        );
-    }
-    // Rows first, then a seeded shuffle and the validation split, so no row is in both.
-    let mut rows: Vec<Vec<u32>> = seqs
-        .drain(..)
-        .flat_map(|s| s.chunks(seq_len).map(|c| c.to_vec()).collect::<Vec<_>>())
-        .filter(|r| r.len() == seq_len)
-        .collect();
-    if !o.no_shuffle.unwrap_or(false) {
-        use rand::seq::SliceRandom;
-        use rand::SeedableRng;
-        rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-    }
-    let val_rows: Vec<Vec<u32>> = match &o.val_data {
-        Some(p) => read_token_sequences(p, tok.as_ref())?
-            .into_iter()
-            .flat_map(|s| s.chunks(seq_len).map(|c| c.to_vec()).collect::<Vec<_>>())
-            .filter(|r| r.len() >= 2)
-            .collect(),
+    let dopts = DataOptions::new(seq_len, m.model.cfg.vocab_size);
+    let corpus = Corpus::load(&args.data, tok.as_ref(), &dopts)?;
+    println!("train data: {}", corpus.report);
+    let (train_ex, val_ex) = match &o.val_data {
+        Some(p) => {
+            let v = Corpus::load(p, tok.as_ref(), &dopts)?;
+            println!("validation data: {}", v.report);
+            (corpus.examples, v.examples)
+        }
         None => {
-            let n = ((rows.len() as f64) * o.val_split.unwrap_or(0.05)).round() as usize;
-            rows.drain(..n.min(rows.len().saturating_sub(1))).collect()
+            let frac = o.val_split.unwrap_or(0.05);
+            let docs = corpus
+                .examples
+                .iter()
+                .map(|e| e.doc)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            if frac > 0.0 && docs < 2 {
+                println!("note: {} is one document, so no validation split is taken; give --val-data to validate", args.data.display());
+                (corpus.examples, Vec::new())
+            } else {
+                split_validation(corpus.examples, frac, seed)?
+            }
         }
     };
-    anyhow::ensure!(
-        rows.len() >= batch_size,
-        "{}: {} rows of {seq_len} tokens, fewer than one batch of {batch_size}",
-        args.data.display(),
-        rows.len()
-    );
-    let train_batches = batches(&rows, seq_len, batch_size)?;
-    let val_batches: Vec<Batch> = val_rows
-        .iter()
-        .map(|r| batches(std::slice::from_ref(r), r.len(), 1))
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let pad_id = m
+        .model
+        .cfg
+        .pad_token_id
+        .or(m.model.cfg.eos_token_ids.first().copied())
+        .unwrap_or(0);
+    let device = m.model.device().clone();
+    let mut bopts = BatchOptions::new(batch_size, seq_len, pad_id, seed);
+    bopts.shuffle = !o.no_shuffle.unwrap_or(false);
+    let mut train_batches = Batches::new(train_ex, bopts.clone(), &device)?;
+    let val_batches: Vec<Batch> = if val_ex.is_empty() {
+        Vec::new()
+    } else {
+        let mut vopts = bopts;
+        vopts.shuffle = false;
+        vopts.epochs = Some(1);
+        Batches::new(val_ex, vopts, &device)?.collect::<Result<Vec<_>, _>>()?
+    };
 
     let adapter_dtype = match o.adapter_dtype.as_deref().unwrap_or("bf16") {
         "bf16" => DType::BF16,
@@ -294,9 +272,12 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             cfg
         }
     };
-    let steps = o
-        .steps
-        .unwrap_or_else(|| o.epochs.unwrap_or(1) * train_batches.len().div_ceil(grad_accum));
+    let steps = o.steps.unwrap_or_else(|| {
+        (0..o.epochs.unwrap_or(1))
+            .map(|e| train_batches.batches_in_epoch(e))
+            .sum::<usize>()
+            .div_ceil(grad_accum)
+    });
     let warmup = o
         .warmup_steps
         .unwrap_or_else(|| (steps as f64 * o.warmup_ratio.unwrap_or(0.03)).round() as usize);
@@ -340,8 +321,8 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         if adapter_dtype == DType::BF16 { "bf16" } else { "f32" },
     );
     println!(
-        "data: {} train batches of {batch_size} x {seq_len}, {} validation rows | {steps} steps, lr {lr:e} {:?}, warmup {warmup}, checkpointing {}",
-        train_batches.len(),
+        "{} train batches of {batch_size} x {seq_len} per epoch, {} validation batches | {steps} steps, lr {lr:e} {:?}, warmup {warmup}, checkpointing {}",
+        train_batches.batches_in_epoch(0),
         val_batches.len(),
         kind,
         settings.grad_checkpointing
@@ -350,7 +331,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         &mut m.model,
         &lora_cfg,
         &args.model.model.display().to_string(),
-        &train_batches,
+        &mut train_batches,
         &val_batches,
         &settings,
         &args.out,

@@ -145,11 +145,11 @@ pub enum ModelError {
         /// The GGUF file.
         path: PathBuf,
         /// What the GGUF reader found; it names the key or tensor at fault.
-        source: crate::model::gguf::GgufError,
+        source: Box<crate::model::gguf::GgufError>,
     },
     /// A model file could not be fetched into the cache.
     #[error(transparent)]
-    Fetch(#[from] crate::model::fetch::FetchError),
+    Fetch(#[from] Box<crate::model::fetch::FetchError>),
 }
 
 impl ModelError {

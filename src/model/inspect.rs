@@ -103,7 +103,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, ModelError> {
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         let file = GgufFile::open(path).map_err(|source| ModelError::Gguf {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         out.kind = "GGUF model (llama.cpp)".into();
         out.disk_bytes = file_size(path);

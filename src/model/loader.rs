@@ -156,7 +156,7 @@ impl TensorSource for Gguf {
             .read_hf_tensor(name, &Device::Cpu)
             .map_err(|source| ModelError::Gguf {
                 path: self.file.path().to_path_buf(),
-                source,
+                source: Box::new(source),
             })
     }
     fn quantized(&mut self, _prefix: &str) -> Result<Option<Nf4Tensor>, ModelError> {
@@ -173,7 +173,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
     if is_gguf {
         let gguf_err = |source: super::gguf::GgufError| ModelError::Gguf {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         };
         let file = GgufFile::open(path).map_err(gguf_err)?;
         let config_json = file.hf_config().map_err(gguf_err)?;

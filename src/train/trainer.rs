@@ -16,6 +16,7 @@ use serde_json::json;
 use super::layerwise::loss_and_grads_layerwise;
 use super::plot::{draw_loss_curves, Series};
 use super::step::Batch;
+use crate::data::batches::Batches;
 use crate::lora::{self, peft, LoraConfig};
 use crate::model::error::ModelError;
 use crate::model::llama::Llama;
@@ -97,20 +98,18 @@ fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
     Ok(sq.sqrt())
 }
 
-/// Train `model`'s adapters on `train` (cycled in order) for `settings.steps` optimizer steps,
-/// validating on `val`; writes `metrics.jsonl`, `loss.svg` and the PEFT adapter under `out`.
+/// Train `model`'s adapters on batches from `train` (cycling over epochs) for
+/// `settings.steps` optimizer steps, validating on `val`; writes `metrics.jsonl`, `loss.svg`
+/// and the PEFT adapter under `out`.
 pub fn train(
     model: &mut Llama,
     lora_cfg: &LoraConfig,
     base_name: &str,
-    train: &[Batch],
+    train: &mut Batches,
     val: &[Batch],
     settings: &TrainSettings,
     out: &Path,
 ) -> Result<TrainReport, ModelError> {
-    if train.is_empty() {
-        return Err(ModelError::invalid("training data", "no training batches"));
-    }
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics =
@@ -148,13 +147,16 @@ pub fn train(
     }
     let mut losses = Vec::with_capacity(settings.steps);
     let mut tokens = 0usize;
-    let mut cursor = 0usize;
+    let mut train_secs = 0f64;
     for step in 0..settings.steps {
+        let step_start = Instant::now();
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut step_loss = 0f64;
         for micro in 0..settings.grad_accum {
-            let batch = &train[cursor % train.len()];
-            cursor += 1;
+            let batch = train
+                .next_batch()?
+                .ok_or_else(|| ModelError::invalid("training data", "ran out of batches"))?;
+            let batch = &batch;
             dropout.set(settings.seed ^ ((step * settings.grad_accum + micro) as u64 + 1));
             let (loss, grads) =
                 loss_and_grads_layerwise(model, batch, &vars, settings.grad_checkpointing)?;
@@ -190,8 +192,10 @@ pub fn train(
         let lr = settings.schedule.lr_at(step);
         opt.step(&grads, lr)?;
         losses.push(step_loss);
+        // Throughput counts training time only, not validation.
+        train_secs += step_start.elapsed().as_secs_f64();
         let elapsed = start.elapsed().as_secs_f64();
-        let tps = tokens as f64 / elapsed;
+        let tps = tokens as f64 / train_secs;
         write_jsonl(
             &mut metrics,
             &metrics_path,
@@ -240,7 +244,7 @@ pub fn train(
         steps: settings.steps,
         losses,
         val_losses,
-        tokens_per_s: tokens as f64 / seconds,
+        tokens_per_s: tokens as f64 / train_secs.max(1e-9),
         seconds,
         adapter_dir,
     })
