@@ -16,7 +16,11 @@ use qlora_quant::codebook::DYNAMIC8;
 pub fn create_dynamic_map(signed: bool) -> [f32; 256] {
     let mut data = Vec::with_capacity(256);
     for i in 0..7 {
-        let items = if signed { 1usize << i } else { 1usize << (i + 1) };
+        let items = if signed {
+            1usize << i
+        } else {
+            1usize << (i + 1)
+        };
         let b = linspace_f32(0.1, 1.0, items + 1);
         // torch multiplies the f32 tensor by the Python float 10**(i-6) rounded to f32.
         let scale = 10f64.powi(i - 6) as f32;
@@ -68,8 +72,26 @@ pub struct NearestCode {
     /// The code values, ascending; a byte is an index into it.
     pub values: &'static [f32; 256],
     midpoints: [f32; 255],
+    /// `below[b]` = number of midpoints whose order key is below bucket `b`'s first key.
+    below: Box<[u8; BUCKETS + 1]>,
     /// Index of the value 0.0 (what an all-zero block stores).
     pub zero: u8,
+}
+
+/// Bits of the order key dropped to pick a bucket: 2^14 buckets, 1/32 of an octave each, so
+/// a bucket holds at most a couple of midpoints of these log-spaced codes.
+const BUCKET_SHIFT: u32 = 18;
+const BUCKETS: usize = 1 << (32 - BUCKET_SHIFT);
+
+/// An unsigned key that orders non-NaN f32 as their values (-0 just below +0).
+#[inline(always)]
+fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 0 {
+        b | 0x8000_0000
+    } else {
+        !b
+    }
 }
 
 impl NearestCode {
@@ -78,6 +100,14 @@ impl NearestCode {
         for (k, m) in midpoints.iter_mut().enumerate() {
             *m = 0.5 * (values[k] + values[k + 1]);
         }
+        let mut below = Box::new([0u8; BUCKETS + 1]);
+        for (b, slot) in below.iter_mut().enumerate() {
+            let first_key = (b as u64) << BUCKET_SHIFT;
+            *slot = midpoints
+                .iter()
+                .filter(|&&m| (order_key(m) as u64) < first_key)
+                .count() as u8;
+        }
         let zero = values
             .iter()
             .position(|&v| v == 0.0)
@@ -85,6 +115,7 @@ impl NearestCode {
         Self {
             values,
             midpoints,
+            below,
             zero,
         }
     }
@@ -101,9 +132,20 @@ impl NearestCode {
         C.get_or_init(|| Self::new(unsigned_dynamic8()))
     }
 
-    /// Index of the code nearest to `s` (the number of midpoints strictly below it).
+    /// Index of the code nearest to `s`: the number of midpoints strictly below it. Midpoints
+    /// below `s`'s bucket all count, those above none; only the bucket's own few are compared.
     #[inline]
     pub fn index(&self, s: f32) -> u8 {
+        let b = (order_key(s) >> BUCKET_SHIFT) as usize;
+        let (mut i, end) = (self.below[b] as usize, self.below[b + 1] as usize);
+        while i < end && self.midpoints[i] < s {
+            i += 1;
+        }
+        i as u8
+    }
+
+    /// [`NearestCode::index`] by plain binary search (the reference it is tested against).
+    pub fn index_by_search(&self, s: f32) -> u8 {
         self.midpoints.partition_point(|&m| m < s) as u8
     }
 }
@@ -164,6 +206,18 @@ mod tests {
         }
         let u = NearestCode::unsigned();
         assert_eq!(u.zero, 0);
+        // The bucketed lookup agrees with binary search everywhere, midpoints and their
+        // neighbouring floats included.
+        for code in [c, u] {
+            let mut probes: Vec<f32> = (0..200_001).map(|i| i as f32 / 100_000.0 - 1.0).collect();
+            for &m in &code.midpoints {
+                probes.extend([m, m.next_down(), m.next_up(), -m]);
+            }
+            probes.extend([0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7, f32::MIN_POSITIVE]);
+            for s in probes {
+                assert_eq!(code.index(s), code.index_by_search(s), "s = {s:e}");
+            }
+        }
         assert_eq!(u.index(0.0), 0);
         assert_eq!(u.index(1.0), 255);
         assert_eq!(u.index(0.5e-6), 1);

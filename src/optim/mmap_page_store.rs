@@ -46,7 +46,7 @@ impl MmapPageStore {
     /// in memory; the backing file goes in `dir` (the system temp dir if `None`) and is created
     /// on the first eviction only.
     pub fn new(resident_bytes: usize, page_bytes: usize, dir: Option<&Path>) -> Result<Self> {
-        if page_bytes == 0 || page_bytes % 4 != 0 {
+        if page_bytes == 0 || !page_bytes.is_multiple_of(4) {
             bail!("optimizer page size must be a positive multiple of 4 bytes, got {page_bytes}");
         }
         let budget_pages = resident_bytes / page_bytes;
@@ -93,12 +93,19 @@ impl MmapPageStore {
         }
         for (i, r) in regions.iter().enumerate() {
             if r.len != first.len {
-                bail!("regions visited together differ in length ({} vs {})", r.len, first.len);
+                bail!(
+                    "regions visited together differ in length ({} vs {})",
+                    r.len,
+                    first.len
+                );
             }
             if r.first_page + r.len.div_ceil(self.page_elems) > self.pages.len() {
                 bail!("region {r:?} was not allocated by this page store");
             }
-            if regions[..i].iter().any(|q| q.first_page == r.first_page && r.len > 0) {
+            if regions[..i]
+                .iter()
+                .any(|q| q.first_page == r.first_page && r.len > 0)
+            {
                 bail!("region {r:?} is visited twice at once");
             }
         }
@@ -138,7 +145,10 @@ impl MmapPageStore {
         };
         if self.pages[page].on_disk {
             let (off, len) = (page * self.page_bytes(), self.page_bytes());
-            let backing = self.backing.as_ref().expect("a page on disk has a backing file");
+            let backing = self
+                .backing
+                .as_ref()
+                .expect("a page on disk has a backing file");
             let bytes = &backing.map[off..off + len];
             for (x, b) in frame.iter_mut().zip(bytes.chunks_exact(4)) {
                 *x = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
@@ -159,7 +169,10 @@ impl MmapPageStore {
     /// Write `page` out if dirty and hand its frame over for reuse (resident count unchanged:
     /// the caller fills the frame with another page).
     fn evict(&mut self, page: usize) -> Result<Box<[f32]>> {
-        let frame = self.pages[page].frame.take().expect("evicting a resident page");
+        let frame = self.pages[page]
+            .frame
+            .take()
+            .expect("evicting a resident page");
         self.lru.remove(&self.pages[page].last_use);
         self.stats.evictions += 1;
         if self.pages[page].dirty {
@@ -231,9 +244,7 @@ fn release(map: &MmapMut, off: usize, len: usize) {
         // SAFETY: the range is not borrowed (the copy into or out of it has ended), and on a
         // shared file mapping MADV_DONTNEED keeps the data: later reads fault it back in.
         // Failure (e.g. a range not aligned to the OS page) only leaves the pages resident.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len)
-        };
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len) };
     }
     #[cfg(not(unix))]
     let _ = (map, off, len);
@@ -318,7 +329,11 @@ mod tests {
             s.write_region(r, &pattern(k as u32, n)).unwrap();
         }
         for (k, &r) in regions.iter().enumerate().rev() {
-            assert_eq!(s.read_region(r).unwrap(), pattern(k as u32, n), "region {k}");
+            assert_eq!(
+                s.read_region(r).unwrap(),
+                pattern(k as u32, n),
+                "region {k}"
+            );
         }
         let st = s.stats();
         assert!(st.evictions > 0 && st.page_ins > 0, "{st:?}");
@@ -326,7 +341,10 @@ mod tests {
         assert!(st.resident_bytes <= 3 * PAGE);
         assert_eq!(st.allocated_bytes, 3 * 6 * PAGE);
         // Every page was written once while resident and written out at most once per eviction.
-        assert!(st.bytes_paged_out >= (3 * 6 - 3) as u64 * PAGE as u64, "{st:?}");
+        assert!(
+            st.bytes_paged_out >= (3 * 6 - 3) as u64 * PAGE as u64,
+            "{st:?}"
+        );
     }
 
     #[test]
@@ -378,7 +396,9 @@ mod tests {
         let mut s = MmapPageStore::new(PAGE, PAGE, None).unwrap();
         let a = s.allocate(10).unwrap();
         let b = s.allocate(10).unwrap();
-        let e = s.for_each_chunk_mut(&[a, b], &mut |_, _| Ok(())).unwrap_err();
+        let e = s
+            .for_each_chunk_mut(&[a, b], &mut |_, _| Ok(()))
+            .unwrap_err();
         assert!(e.to_string().contains("--optim-resident-mb"), "{e}");
         assert!(MmapPageStore::new(PAGE - 1, PAGE, None).is_err());
         assert!(s.for_each_chunk_mut(&[a, a], &mut |_, _| Ok(())).is_err());

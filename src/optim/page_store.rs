@@ -57,21 +57,35 @@ pub struct PageStats {
 
 impl fmt::Display for PageStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const MIB: f64 = (1 << 20) as f64;
         write!(
             f,
-            "{:.1} MiB in {} KiB pages, resident {:.1} MiB (peak {:.1}, budget {:.1}), \
-             paged out {:.1} MiB / in {:.1} MiB, {} evictions, {} page-ins",
-            self.allocated_bytes as f64 / MIB,
-            self.page_bytes / 1024,
-            self.resident_bytes as f64 / MIB,
-            self.peak_resident_bytes as f64 / MIB,
-            self.budget_bytes as f64 / MIB,
-            self.bytes_paged_out as f64 / MIB,
-            self.bytes_paged_in as f64 / MIB,
+            "{} in {} pages, resident {} (peak {}, budget {}), paged out {} / in {}, \
+             {} evictions, {} page-ins",
+            human_bytes(self.allocated_bytes as u64),
+            human_bytes(self.page_bytes as u64),
+            human_bytes(self.resident_bytes as u64),
+            human_bytes(self.peak_resident_bytes as u64),
+            human_bytes(self.budget_bytes as u64),
+            human_bytes(self.bytes_paged_out),
+            human_bytes(self.bytes_paged_in),
             self.evictions,
             self.page_ins,
         )
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
     }
 }
 
