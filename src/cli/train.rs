@@ -14,7 +14,7 @@ use crate::data::split::split_validation;
 use crate::lora::{self, parse_targets, peft, LoraConfig, LoraInit};
 use crate::model::loader::BaseFormat;
 use crate::optim::schedule::{Schedule, ScheduleKind};
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, StateStorage};
 use crate::train::step::Batch;
 use crate::train::trainer::{train, TrainSettings};
 
@@ -101,6 +101,13 @@ pub struct TrainOptions {
     /// Validate every N steps [default: 0 = start and end only].
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Page the optimizer state: keep at most this many MiB resident, the rest in a
+    /// memory-mapped file (bit-identical results).
+    #[arg(long)]
+    pub optim_resident_mb: Option<f64>,
+    /// 8-bit blockwise optimizer state (as bitsandbytes' 8-bit AdamW).
+    #[arg(long)]
+    pub optim_8bit: Option<bool>,
 }
 
 /// Arguments of `qlora train`.
@@ -183,7 +190,9 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             no_shuffle,
             val_split,
             val_data,
-            eval_every
+            eval_every,
+            optim_resident_mb,
+            optim_8bit
         ]
     );
     let adapter_dir = args.out.join("adapter");
@@ -303,6 +312,14 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         grad_checkpointing: o.grad_checkpointing.unwrap_or(true),
         eval_every: o.eval_every.unwrap_or(0),
         seed,
+        optim_storage: match (o.optim_8bit.unwrap_or(false), o.optim_resident_mb) {
+            (true, Some(_)) => {
+                anyhow::bail!("--optim-8bit and --optim-resident-mb cannot be combined yet")
+            }
+            (true, None) => StateStorage::eight_bit(),
+            (false, Some(mb)) => StateStorage::paged((mb * 1048576.0) as usize),
+            (false, None) => StateStorage::Plain,
+        },
         progress: true,
     };
     let trainable: usize = lora::trainable_vars(&m.model)

@@ -44,6 +44,8 @@ pub struct TrainSettings {
     pub eval_every: usize,
     /// Seed for dropout masks.
     pub seed: u64,
+    /// Where the optimizer state lives (plain, paged with a resident budget, 8-bit).
+    pub optim_storage: crate::optim::StateStorage,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -118,13 +120,18 @@ pub fn train(
     let named = lora::trainable_vars(model);
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let ratio = settings.lora_plus_ratio;
-    let mut opt = AdamW::new(named, settings.adamw.clone(), |name| {
-        if name.contains("lora_B") {
-            ratio
-        } else {
-            1.0
-        }
-    })?;
+    let mut opt = AdamW::with_storage(
+        named,
+        settings.adamw.clone(),
+        |name| {
+            if name.contains("lora_B") {
+                ratio
+            } else {
+                1.0
+            }
+        },
+        settings.optim_storage.clone(),
+    )?;
 
     let bar = if settings.progress {
         ProgressBar::new(settings.steps as u64).with_style(
