@@ -108,6 +108,10 @@ pub struct TrainOptions {
     /// 8-bit blockwise optimizer state (as bitsandbytes' 8-bit AdamW).
     #[arg(long)]
     pub optim_8bit: Option<bool>,
+    /// Write a checkpoint (adapter, optimizer, data position) every N steps [default: 0 = only
+    /// on Ctrl-C].
+    #[arg(long)]
+    pub save_every: Option<usize>,
 }
 
 /// Arguments of `qlora train`.
@@ -138,6 +142,10 @@ pub struct TrainArgs {
     /// Start from this PEFT adapter instead of fresh adapters.
     #[arg(long, value_name = "DIR")]
     pub init_adapter: Option<PathBuf>,
+    /// Continue exactly from a checkpoint folder (OUT/checkpoint-N) written by an earlier run
+    /// with the same options.
+    #[arg(long, value_name = "DIR", conflicts_with = "init_adapter")]
+    pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub opts: TrainOptions,
 }
@@ -153,6 +161,23 @@ fn read_config(path: &Path) -> anyhow::Result<TrainOptions> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text)
         .with_context(|| format!("{}: not a valid training config", path.display()))
+}
+
+/// A flag set by the first Ctrl-C (the trainer then saves a checkpoint and stops); a second
+/// Ctrl-C exits at once.
+fn interrupt_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(flag)
 }
 
 /// Run `qlora train`.
@@ -192,12 +217,13 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             val_data,
             eval_every,
             optim_resident_mb,
-            optim_8bit
+            optim_8bit,
+            save_every
         ]
     );
     let adapter_dir = args.out.join("adapter");
     anyhow::ensure!(
-        !adapter_dir.exists(),
+        args.resume.is_some() || !adapter_dir.exists(),
         "{} already holds an adapter; choose another --out",
         args.out.display()
     );
@@ -261,7 +287,12 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         "f32" => DType::F32,
         other => anyhow::bail!("--adapter-dtype `{other}`: expected bf16 or f32"),
     };
-    let lora_cfg = match &args.init_adapter {
+    let init_from = args
+        .resume
+        .as_ref()
+        .map(|d| d.join("adapter"))
+        .or(args.init_adapter.clone());
+    let lora_cfg = match &init_from {
         Some(dir) => peft::load_adapter(&mut m.model, dir, Some(adapter_dtype))
             .with_context(|| format!("loading --init-adapter {}", dir.display()))?,
         None => {
@@ -321,6 +352,9 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             (false, None) => StateStorage::Plain,
         },
         progress: true,
+        save_every: o.save_every.unwrap_or(0),
+        resume: args.resume.clone(),
+        stop: Some(interrupt_flag()?),
     };
     let trainable: usize = lora::trainable_vars(&m.model)
         .iter()
@@ -368,9 +402,22 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             b.1.exp()
         );
     }
+    if report.interrupted {
+        let last = report
+            .checkpoints
+            .last()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        println!("interrupted: continue with --resume {last}");
+        return Ok(());
+    }
     println!(
         "adapter: {} | metrics: {} | curve: {}",
-        report.adapter_dir.display(),
+        report
+            .adapter_dir
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         args.out.join("metrics.jsonl").display(),
         args.out.join("loss.svg").display()
     );

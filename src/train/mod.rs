@@ -1,5 +1,6 @@
 //! Training: loss, the step, and the trainer loop.
 
+pub mod checkpoint;
 pub mod layerwise;
 pub mod loss;
 pub mod plot;

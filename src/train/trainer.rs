@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
 
+use super::checkpoint::{self, TrainerState};
 use super::layerwise::loss_and_grads_layerwise;
 use super::plot::{draw_loss_curves, Series};
 use super::step::Batch;
@@ -48,6 +49,12 @@ pub struct TrainSettings {
     pub optim_storage: crate::optim::StateStorage,
     /// Show a progress bar.
     pub progress: bool,
+    /// Write a checkpoint every this many steps (0 = only on interruption).
+    pub save_every: usize,
+    /// Continue from this checkpoint folder (its adapter must already be loaded on the model).
+    pub resume: Option<PathBuf>,
+    /// Set (e.g. by Ctrl-C) to save a checkpoint and stop after the current step.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What a run measured.
@@ -63,8 +70,12 @@ pub struct TrainReport {
     pub tokens_per_s: f64,
     /// Wall time.
     pub seconds: f64,
-    /// Where the adapter was written.
-    pub adapter_dir: PathBuf,
+    /// Where the adapter was written (`None` when the run was interrupted).
+    pub adapter_dir: Option<PathBuf>,
+    /// Checkpoints written.
+    pub checkpoints: Vec<PathBuf>,
+    /// The run stopped early on request; the last checkpoint holds it.
+    pub interrupted: bool,
 }
 
 fn write_jsonl(
@@ -143,7 +154,21 @@ pub fn train(
     };
     let start = Instant::now();
     let mut val_losses = Vec::new();
-    if !val.is_empty() {
+    let mut losses = Vec::with_capacity(settings.steps);
+    let mut tokens = 0usize;
+    let mut train_secs = 0f64;
+    let mut first_step = 0usize;
+    if let Some(dir) = &settings.resume {
+        let state = checkpoint::read_trainer_state(dir, model)?;
+        checkpoint::load_optimizer(dir, &mut opt)?;
+        train.seek(state.data_position)?;
+        first_step = state.step;
+        losses = state.losses;
+        val_losses = state.val_losses;
+        tokens = state.tokens;
+        train_secs = state.train_seconds;
+        bar.set_position(first_step as u64);
+    } else if !val.is_empty() {
         let v = validation_loss(model, val)?;
         val_losses.push((0, v));
         write_jsonl(
@@ -152,10 +177,10 @@ pub fn train(
             json!({"step": 0, "val_loss": v}),
         )?;
     }
-    let mut losses = Vec::with_capacity(settings.steps);
-    let mut tokens = 0usize;
-    let mut train_secs = 0f64;
-    for step in 0..settings.steps {
+    let fingerprint = checkpoint::fingerprint(model);
+    let mut checkpoints = Vec::new();
+    let mut interrupted = false;
+    for step in first_step..settings.steps {
         let step_start = Instant::now();
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut step_loss = 0f64;
@@ -223,6 +248,29 @@ pub fn train(
                 json!({"step": step + 1, "val_loss": v}),
             )?;
         }
+        let stop = settings
+            .stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        let due = settings.save_every > 0 && (step + 1) % settings.save_every == 0;
+        if (due || stop) && !last {
+            let state = TrainerState {
+                step: step + 1,
+                data_position: Batches::position(train),
+                losses: losses.clone(),
+                val_losses: val_losses.clone(),
+                tokens,
+                train_seconds: train_secs,
+                fingerprint: fingerprint.clone(),
+            };
+            let dir = checkpoint::save_checkpoint(out, model, lora_cfg, base_name, &opt, &state)?;
+            bar.println(format!("checkpoint: {}", dir.display()));
+            checkpoints.push(dir);
+        }
+        if stop && !last {
+            interrupted = true;
+            break;
+        }
     }
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
@@ -245,10 +293,17 @@ pub fn train(
     }
     draw_loss_curves(&out.join("loss.svg"), "QLoRA training", &series)?;
 
-    let adapter_dir = out.join("adapter");
-    peft::save_adapter(model, lora_cfg, base_name, &adapter_dir)?;
+    let adapter_dir = if interrupted {
+        None
+    } else {
+        let dir = out.join("adapter");
+        peft::save_adapter(model, lora_cfg, base_name, &dir)?;
+        Some(dir)
+    };
     Ok(TrainReport {
-        steps: settings.steps,
+        steps: losses.len(),
+        checkpoints,
+        interrupted,
         losses,
         val_losses,
         tokens_per_s: tokens as f64 / train_secs.max(1e-9),

@@ -1,0 +1,129 @@
+//! Training checkpoints: everything needed to continue a run exactly.
+//!
+//! `OUT/checkpoint-<step>/` holds the adapter (PEFT format), `optimizer.safetensors` (AdamW
+//! moments and step) and `trainer_state.json` (step, data position, losses so far, and a
+//! fingerprint of the model and adapter shapes so a checkpoint cannot be resumed onto another
+//! model). Each is written into a temporary folder renamed into place, so a crash mid-write
+//! never leaves a half checkpoint under the final name. Dropout masks are a function of
+//! (seed, step), so no RNG state needs saving beyond the seed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic_dir::AtomicDir;
+use crate::data::batches::BatchPosition;
+use crate::lora::{peft, LoraConfig};
+use crate::model::error::ModelError;
+use crate::model::llama::Llama;
+use crate::optim::AdamW;
+
+/// File of the optimizer state inside a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// File of the trainer state inside a checkpoint.
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// The loop's own state at a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Where the training batches continue.
+    pub data_position: BatchPosition,
+    /// Loss of every step so far.
+    pub losses: Vec<f64>,
+    /// Validation losses so far.
+    pub val_losses: Vec<(usize, f64)>,
+    /// Predicted tokens so far.
+    pub tokens: usize,
+    /// Seconds of training so far.
+    pub train_seconds: f64,
+    /// Identifies the model and adapter layout the checkpoint belongs to.
+    pub fingerprint: String,
+}
+
+/// A short description of the model shape and adapter layout that must match on resume.
+pub fn fingerprint(model: &Llama) -> String {
+    let c = &model.cfg;
+    let shapes: Vec<String> = crate::lora::trainable_vars(model)
+        .iter()
+        .map(|(n, v)| format!("{n}:{:?}", v.dims()))
+        .collect();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in shapes.join(";").bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!(
+        "{} L{} H{} I{} V{} heads{}/{} adapters{}:{h:016x}",
+        c.model_type,
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.vocab_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        shapes.len()
+    )
+}
+
+/// Write a checkpoint of `model`'s adapters, `opt` and `state` to `out/checkpoint-<step>`.
+pub fn save_checkpoint(
+    out: &Path,
+    model: &Llama,
+    lora_cfg: &LoraConfig,
+    base_name: &str,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<PathBuf, ModelError> {
+    let target = out.join(format!("checkpoint-{}", state.step));
+    let staging = AtomicDir::new(&target)?;
+    // The adapter goes in a sub-folder of the staging folder so it stays a plain PEFT folder.
+    let adapter = staging.path().join("adapter");
+    peft::save_adapter(model, lora_cfg, base_name, &adapter)?;
+    let tensors = opt.state_tensors()?;
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let opt_path = staging.path().join(OPTIMIZER_FILE);
+    safetensors::serialize_to_file(views, None, &opt_path).map_err(|source| {
+        ModelError::SafetensorsWrite {
+            path: opt_path.clone(),
+            source,
+        }
+    })?;
+    let state_path = staging.path().join(STATE_FILE);
+    let text = serde_json::to_string_pretty(state)
+        .map_err(|e| ModelError::invalid(STATE_FILE, e.to_string()))?;
+    std::fs::write(&state_path, text).map_err(|e| ModelError::io(&state_path, e))?;
+    Ok(staging.commit()?)
+}
+
+/// Read a checkpoint's trainer state, refusing one from another model or adapter layout.
+pub fn read_trainer_state(dir: &Path, model: &Llama) -> Result<TrainerState, ModelError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    let want = fingerprint(model);
+    if state.fingerprint != want {
+        return Err(ModelError::invalid(
+            dir.display().to_string(),
+            format!(
+                "this checkpoint belongs to another model or adapter layout ({}), not this one ({want})",
+                state.fingerprint
+            ),
+        ));
+    }
+    Ok(state)
+}
+
+/// Load the optimizer state of a checkpoint into `opt`.
+pub fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<(), ModelError> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| ModelError::invalid(path.display().to_string(), e.to_string()))?;
+    opt.load_state_tensors(tensors)
+        .map_err(|e| ModelError::invalid(path.display().to_string(), e.to_string()))
+}
