@@ -247,3 +247,29 @@ fn kv_cache_generation_equals_full_forward() {
         assert!(d <= 1e-4, "cached step {t}: {d}");
     }
 }
+
+#[test]
+fn tiny_llama_tokenizer_matches_reference_encodings() {
+    let tok = qlora::data::tokenizer::TextTokenizer::from_dir(&fixtures().join("tiny-llama"))
+        .unwrap()
+        .expect("tokenizer.json");
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny-llama/tokenizer_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let samples = r["samples"].as_array().unwrap();
+    assert!(!samples.is_empty());
+    for s in samples {
+        let text = s["text"].as_str().unwrap();
+        let want: Vec<u32> = s["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+        if let Some(decoded) = s.get("decoded").and_then(|d| d.as_str()) {
+            assert_eq!(tok.decode(&want, true).unwrap(), decoded);
+        }
+    }
+}

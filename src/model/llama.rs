@@ -243,6 +243,19 @@ pub fn attention_mask(
     span: &AttentionSpan<'_>,
     device: &Device,
 ) -> Result<Tensor> {
+    attention_mask_windowed(b, t, past, span, None, device)
+}
+
+/// [`attention_mask`] with an optional sliding window (Mistral): query `i` sees keys
+/// `i - window + 1 ..= i` only.
+pub fn attention_mask_windowed(
+    b: usize,
+    t: usize,
+    past: usize,
+    span: &AttentionSpan<'_>,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let s = past + t;
     let seg: Option<Vec<u32>> = match span {
         AttentionSpan::Causal => None,
@@ -253,7 +266,8 @@ pub fn attention_mask(
     for r in 0..rows {
         for i in 0..t {
             for j in 0..s {
-                let causal_ok = j <= past + i;
+                let q = past + i;
+                let causal_ok = j <= q && window.is_none_or(|w| q - j < w);
                 let same_doc = match &seg {
                     // Segments cover the new tokens only; packing is a training-time feature.
                     Some(sg) if j >= past => sg[r * t + (j - past)] == sg[r * t + i],
@@ -429,7 +443,9 @@ impl Llama {
         }
         let (b, t) = ids.dims2()?;
         let past = cache.as_deref().map_or(0, KvCache::len);
-        let mask = attention_mask(b, t, past, span, self.device())?.to_dtype(self.compute_dtype)?;
+        let mask =
+            attention_mask_windowed(b, t, past, span, self.cfg.sliding_window, self.device())?
+                .to_dtype(self.compute_dtype)?;
         let mut h = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -472,7 +488,14 @@ impl Llama {
     pub fn hidden_states(&self, ids: &Tensor) -> Result<Vec<Tensor>> {
         let (b, t) = ids.dims2()?;
         let pos = self.positions(b, t, 0)?;
-        let mask = attention_mask(b, t, 0, &AttentionSpan::Causal, self.device())?;
+        let mask = attention_mask_windowed(
+            b,
+            t,
+            0,
+            &AttentionSpan::Causal,
+            self.cfg.sliding_window,
+            self.device(),
+        )?;
         let mut h = self.embed(ids)?;
         let mut out = vec![h.clone()];
         for layer in &self.layers {
@@ -488,5 +511,42 @@ impl Llama {
     pub fn last_logits(&self, h: &Tensor) -> Result<Tensor> {
         let t = h.dim(1)?;
         self.logits(&h.i((.., t - 1, ..))?.contiguous()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_is_causal_per_segment_and_windowed() {
+        let dev = Device::Cpu;
+        let seg = Tensor::new(&[[0u32, 0, 1, 1]], &dev).unwrap();
+        let m = attention_mask_windowed(1, 4, 0, &AttentionSpan::CausalSegments(&seg), None, &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let allowed: Vec<bool> = m.iter().map(|v| v.is_finite()).collect();
+        #[rustfmt::skip]
+        let want = [true, false, false, false,
+                    true, true, false, false,
+                    false, false, true, false,
+                    false, false, true, true];
+        assert_eq!(allowed, want);
+        let m = attention_mask_windowed(1, 4, 0, &AttentionSpan::Causal, Some(2), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let allowed: Vec<bool> = m.iter().map(|v| v.is_finite()).collect();
+        #[rustfmt::skip]
+        let want = [true, false, false, false,
+                    true, true, false, false,
+                    false, true, true, false,
+                    false, false, true, true];
+        assert_eq!(allowed, want);
     }
 }

@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor, Var};
 
 use super::loss::{chunked_cross_entropy, DEFAULT_CHUNK_ROWS};
 use super::step::Batch;
-use crate::model::llama::{attention_mask, rms_norm, AttentionSpan, Llama};
+use crate::model::llama::{attention_mask_windowed, rms_norm, AttentionSpan, Llama};
 
 /// Loss of `batch` and the gradient of each of `vars`; `checkpointing` recomputes each layer in
 /// the backward instead of keeping its activations.
@@ -30,7 +30,8 @@ pub fn loss_and_grads_layerwise(
         Some(s) => AttentionSpan::CausalSegments(s),
         None => AttentionSpan::Causal,
     };
-    let mask = attention_mask(b, t, 0, &span, model.device())?.to_dtype(model.compute_dtype)?;
+    let mask = attention_mask_windowed(b, t, 0, &span, model.cfg.sliding_window, model.device())?
+        .to_dtype(model.compute_dtype)?;
     let run_layer =
         |i: usize, x: &Tensor| model.layers[i].forward(x, &model.rope, &pos, &mask, None, true);
 
