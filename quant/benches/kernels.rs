@@ -1,47 +1,309 @@
-use half::bf16;
-use qlora_quant::{cpu, Nf4Tensor, QuantType, SourceDtype};
-use rayon::prelude::*;
+//! Kernel benchmarks against same-run baselines, printed as one table.
+//!
+//! `cargo bench -p qlora-quant --bench kernels`. Every figure is the minimum over repeats, with
+//! ours and the baseline measured alternately so a busy machine penalizes both alike.
+//! `QLORA_BENCH=matmul,gemv,dequantize` runs a subset.
+
+use std::sync::Arc;
 use std::time::Instant;
 
-fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {
-    f();
-    let mut b = f64::MAX;
-    for _ in 0..reps {
-        let t = Instant::now();
-        f();
-        b = b.min(t.elapsed().as_secs_f64());
-    }
-    b
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use half::bf16;
+use qlora_quant::{cpu, nf4_linear, Nf4Tensor, QuantType, SourceDtype};
+use rayon::prelude::*;
+
+/// bitsandbytes 0.50.2 CPU dequantization of a 4096² NF4 weight (ANCHORS.md), G elements/s.
+const BNB_DEQUANT_F32: f64 = 0.96;
+const BNB_DEQUANT_BF16: f64 = 1.67;
+
+struct Row {
+    case: String,
+    baseline: String,
+    base: Option<f64>,
+    ours: f64,
+    unit: &'static str,
+    target: String,
 }
 
-fn main() {
-    let n = 4096usize;
-    let k = 4096usize;
-    let data: Vec<f32> = (0..n * k)
-        .map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
-        .collect();
-    let w =
-        Nf4Tensor::quantize(&data, &[n, k], SourceDtype::F32, QuantType::Nf4, 64, true).unwrap();
-    let mut out = vec![0f32; n * k];
-    let mut outb = vec![bf16::ZERO; n * k];
-    for _ in 0..3 {
-        let t = best(10, || cpu::dequantize_into(&w, &mut out));
-        println!(
-            "deq f32  {:.2} G/s  {:.1} GB/s",
-            (n * k) as f64 / t / 1e9,
-            (n * k * 4) as f64 / t / 1e9
-        );
-        let t = best(10, || cpu::dequantize_bf16_into(&w, &mut outb));
-        println!(
-            "deq bf16 {:.2} G/s  {:.1} GB/s",
-            (n * k) as f64 / t / 1e9,
-            (n * k * 2) as f64 / t / 1e9
-        );
-        let big = vec![1f32; 1 << 28];
-        let t = best(5, || {
-            let s: f32 = big.par_chunks(1 << 20).map(|c| c.iter().sum::<f32>()).sum();
-            std::hint::black_box(s);
-        });
-        println!("read bw {:.1} GB/s", (big.len() * 4) as f64 / t / 1e9);
+fn seconds(f: &mut dyn FnMut()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64()
+}
+
+/// Minimum time of `a` and of `b` over `reps` alternating runs, after one warm-up each.
+fn min_pair(reps: usize, a: &mut dyn FnMut(), b: &mut dyn FnMut()) -> (f64, f64) {
+    a();
+    b();
+    let (mut ta, mut tb) = (f64::MAX, f64::MAX);
+    for _ in 0..reps {
+        ta = ta.min(seconds(a));
+        tb = tb.min(seconds(b));
     }
+    (ta, tb)
+}
+
+fn min_time(reps: usize, f: &mut dyn FnMut()) -> f64 {
+    f();
+    (0..reps).map(|_| seconds(f)).fold(f64::MAX, f64::min)
+}
+
+/// Deterministic values in [-1, 1) (a hash, so no RNG state crosses threads).
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .into_par_iter()
+        .map(|i| {
+            let h = (i as u32 ^ seed.wrapping_mul(0x9e37_79b9)).wrapping_mul(0x85eb_ca6b);
+            let h = (h ^ (h >> 13)).wrapping_mul(0xc2b2_ae35);
+            (h >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn nf4(n: usize, k: usize, seed: u32) -> Nf4Tensor {
+    Nf4Tensor::quantize(
+        &values(n * k, seed),
+        &[n, k],
+        SourceDtype::F32,
+        QuantType::Nf4,
+        64,
+        true,
+    )
+    .expect("quantize")
+}
+
+fn tensor(v: Vec<f32>, shape: (usize, usize)) -> Tensor {
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+}
+
+fn matmul_rows(rows: &mut Vec<Row>) -> candle_core::Result<()> {
+    let (m, n, k) = (512, 4096, 4096);
+    let gflop = 2.0 * (m * n * k) as f64 / 1e9;
+    let w = Arc::new(nf4(n, k, 1));
+    // candle multiplies by the dequantized weight, so both compute the same product.
+    let wd = tensor(w.dequantize_f32(), (n, k));
+    let wt = wd.t()?.contiguous()?;
+    let x = values(m * k, 2);
+    let xt = tensor(x.clone(), (m, k));
+    let mut y = vec![0f32; m * n];
+    let reps = 7;
+
+    // Both layouts candle could be handed; the faster is the baseline.
+    let (t_view, t_contig) = min_pair(
+        reps,
+        &mut || drop(xt.matmul(&wd.t().unwrap()).unwrap()),
+        &mut || drop(xt.matmul(&wt).unwrap()),
+    );
+    let (t_dense, layout) = if t_view <= t_contig {
+        (t_view, "x·Wᵀ (transposed view)")
+    } else {
+        (t_contig, "x·Wᵀ (Wᵀ contiguous)")
+    };
+    let (_, t_ours) = min_pair(reps, &mut || drop(xt.matmul(&wt).unwrap()), &mut || {
+        cpu::matmul_into(&x, m, &w, &mut y).unwrap()
+    });
+    rows.push(Row {
+        case: format!("fused NF4 matmul ({m}×{k})·({n}×{k})ᵀ f32, GFLOP/s"),
+        baseline: format!("candle dense f32 {layout}"),
+        base: Some(gflop / t_dense),
+        ours: gflop / t_ours,
+        unit: "GFLOP/s",
+        target: "≥ 0.9×".into(),
+    });
+
+    let dy = values(m * n, 3);
+    let dyt = tensor(dy.clone(), (m, n));
+    let mut dx = vec![0f32; m * k];
+    let (t_dense, t_ours) = min_pair(reps, &mut || drop(dyt.matmul(&wd).unwrap()), &mut || {
+        cpu::matmul_t_into(&dy, m, &w, &mut dx).unwrap()
+    });
+    rows.push(Row {
+        case: format!("fused NF4 dx = dy·W ({m}×{n})·({n}×{k}) f32, GFLOP/s"),
+        baseline: "candle dense f32 dy·W".into(),
+        base: Some(gflop / t_dense),
+        ours: gflop / t_ours,
+        unit: "GFLOP/s",
+        target: "≥ 0.9×".into(),
+    });
+
+    let xb = xt.to_dtype(DType::BF16)?;
+    let wdb = wd.to_dtype(DType::BF16)?;
+    let (t_dense, t_ours) = min_pair(
+        reps,
+        &mut || drop(xb.matmul(&wdb.t().unwrap()).unwrap()),
+        &mut || drop(nf4_linear(&xb, &w).unwrap()),
+    );
+    rows.push(Row {
+        case: format!("NF4 linear op, bf16 x ({m}×{k}), GFLOP/s"),
+        baseline: "candle dense bf16 x·Wᵀ".into(),
+        base: Some(gflop / t_dense),
+        ours: gflop / t_ours,
+        unit: "GFLOP/s",
+        target: "".into(),
+    });
+    Ok(())
+}
+
+/// Sum of a 1 GiB f32 buffer on the rayon pool: the machine's sequential read bandwidth.
+fn read_bandwidth() -> f64 {
+    let buf = values(1 << 28, 9);
+    let t = min_time(5, &mut || {
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut lanes = [0f32; 16];
+                for v in c.chunks_exact(16) {
+                    for l in 0..16 {
+                        lanes[l] += v[l];
+                    }
+                }
+                lanes.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+    });
+    std::mem::size_of_val(buf.as_slice()) as f64 / t / 1e9
+}
+
+/// Time per product of a loop over `count` distinct weights (so none is cached), min over reps.
+fn cycled(count: usize, reps: usize, f: &mut dyn FnMut(usize)) -> f64 {
+    let mut all = || (0..count).for_each(&mut *f);
+    min_time(reps, &mut all) / count as f64
+}
+
+fn gemv_rows(rows: &mut Vec<Row>) -> candle_core::Result<()> {
+    let (n, k) = (11008, 4096);
+    let bw = read_bandwidth();
+    let x = values(k, 4);
+    let mut y = vec![0f32; n];
+
+    let first = nf4(n, k, 5);
+    let bytes = first.packed().len();
+    let count = (640usize << 20).div_ceil(bytes) + 1;
+    let weights: Vec<Nf4Tensor> = (0..count).map(|_| first.clone()).collect();
+    let t = cycled(count, 5, &mut |i| {
+        cpu::matmul_into(&x, 1, &weights[i], &mut y).unwrap()
+    });
+    let total = count * bytes;
+    drop(weights);
+    rows.push(Row {
+        case: format!(
+            "NF4 GEMV (1×{k})·({n}×{k})ᵀ, {count} weights = {} MiB cycled, GB/s of packed codes",
+            total >> 20
+        ),
+        baseline: "read bandwidth: sum over 1 GiB f32, rayon".into(),
+        base: Some(bw),
+        ours: bytes as f64 / t / 1e9,
+        unit: "GB/s",
+        target: "≥ 0.8×".into(),
+    });
+    rows.push(Row {
+        case: "  same, matvecs/s (= tokens/s through this one layer)".into(),
+        baseline: "".into(),
+        base: None,
+        ours: 1.0 / t,
+        unit: "1/s",
+        target: "".into(),
+    });
+
+    let xt = tensor(x.clone(), (1, k));
+    let wd = tensor(values(n * k, 6), (n, k));
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4K] {
+        let q = QTensor::quantize(&wd, dtype)?;
+        let raw = q.data()?.into_owned();
+        let qbytes = raw.len();
+        let count = (640usize << 20).div_ceil(qbytes) + 1;
+        let mats = (0..count)
+            .map(|_| {
+                QMatMul::from_qtensor(qtensor_from_ggml(dtype, &raw, vec![n, k], &Device::Cpu)?)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let t = cycled(count, 5, &mut |i| drop(mats[i].forward(&xt).unwrap()));
+        rows.push(Row {
+            case: format!("  candle QMatMul {dtype:?}, same shape, {count} weights cycled, GB/s"),
+            baseline: "".into(),
+            base: None,
+            ours: qbytes as f64 / t / 1e9,
+            unit: "GB/s",
+            target: format!("{:.0} matvecs/s", 1.0 / t),
+        });
+    }
+    Ok(())
+}
+
+fn dequantize_rows(rows: &mut Vec<Row>) {
+    let (n, k) = (4096, 4096);
+    let w = nf4(n, k, 7);
+    let mut out = vec![0f32; n * k];
+    let t = min_time(15, &mut || cpu::dequantize_into(&w, &mut out));
+    let g = (n * k) as f64 / t / 1e9;
+    rows.push(Row {
+        case: format!(
+            "dequantize {n}×{k} NF4 → f32, G elements/s ({:.1} GB/s written)",
+            g * 4.0
+        ),
+        baseline: "bitsandbytes 0.50.2 (ANCHORS.md)".into(),
+        base: Some(BNB_DEQUANT_F32),
+        ours: g,
+        unit: "G/s",
+        target: "≥ 5×".into(),
+    });
+    drop(out);
+    let mut out = vec![bf16::ZERO; n * k];
+    let t = min_time(15, &mut || cpu::dequantize_bf16_into(&w, &mut out));
+    let g = (n * k) as f64 / t / 1e9;
+    rows.push(Row {
+        case: format!(
+            "dequantize {n}×{k} NF4 → bf16, G elements/s ({:.1} GB/s written)",
+            g * 2.0
+        ),
+        baseline: "bitsandbytes 0.50.2 (ANCHORS.md)".into(),
+        base: Some(BNB_DEQUANT_BF16),
+        ours: g,
+        unit: "G/s",
+        target: "≥ 5×".into(),
+    });
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn main() -> candle_core::Result<()> {
+    let only = std::env::var("QLORA_BENCH").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
+    let load_before = load_average();
+    let start = Instant::now();
+    let mut rows = Vec::new();
+    if run("matmul") {
+        matmul_rows(&mut rows)?;
+    }
+    if run("gemv") {
+        gemv_rows(&mut rows)?;
+    }
+    if run("dequantize") {
+        dequantize_rows(&mut rows);
+    }
+    println!(
+        "\nqlora-quant kernels: {} rayon threads, min over repeats; load average {load_before} before, {} after; {:.0} s",
+        rayon::current_num_threads(),
+        load_average(),
+        start.elapsed().as_secs_f64()
+    );
+    println!("| case | baseline | baseline | ours | ours / baseline | target |");
+    println!("| --- | --- | ---: | ---: | ---: | --- |");
+    for r in &rows {
+        let (base, ratio) = match r.base {
+            Some(b) => (format!("{b:.2} {}", r.unit), format!("{:.2}×", r.ours / b)),
+            None => (String::new(), String::new()),
+        };
+        println!(
+            "| {} | {} | {} | {:.2} {} | {} | {} |",
+            r.case, r.baseline, base, r.ours, r.unit, ratio, r.target
+        );
+    }
+    Ok(())
 }

@@ -76,7 +76,7 @@ pub fn quantize(data: &[f32], blocksize: usize, qtype: QuantType) -> Result<Quan
 #[inline(always)]
 pub fn nibble_at(packed: &[u8], i: usize) -> u8 {
     let byte = packed[i / 2];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         byte >> 4
     } else {
         byte & 0x0f

@@ -65,6 +65,9 @@ impl fmt::Display for QuantType {
 }
 
 /// NF4 values by nibble (sorted ascending, so the nibble is the sorted position).
+// Written exactly as bitsandbytes prints them (f64 reprs of f32 values), so they can be checked
+// against its source by eye; each rounds to the intended f32.
+#[allow(clippy::excessive_precision)]
 #[rustfmt::skip]
 pub const NF4: [f32; 16] = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -76,8 +79,8 @@ pub const NF4: [f32; 16] = [
 /// FP4 values by nibble: raw `[0, 0.0625, 8, 12, 4, 6, 2, 3]` / 12, negated for nibbles 8..15.
 #[rustfmt::skip]
 pub const FP4: [f32; 16] = [
-    0.0, 0.0625 / 12.0, 8.0 / 12.0, 12.0 / 12.0, 4.0 / 12.0, 6.0 / 12.0, 2.0 / 12.0, 3.0 / 12.0,
-    -0.0, -0.0625 / 12.0, -8.0 / 12.0, -12.0 / 12.0, -4.0 / 12.0, -6.0 / 12.0, -2.0 / 12.0, -3.0 / 12.0,
+    0.0, 0.0625 / 12.0, 8.0 / 12.0, 1.0, 4.0 / 12.0, 6.0 / 12.0, 2.0 / 12.0, 3.0 / 12.0,
+    -0.0, -0.0625 / 12.0, -8.0 / 12.0, -1.0, -4.0 / 12.0, -6.0 / 12.0, -2.0 / 12.0, -3.0 / 12.0,
 ];
 
 /// Nearest-code rounding as `torch.bucketize(s, midpoints)`: the sorted position is the number of

@@ -126,9 +126,10 @@ fn cascade_rows<const L: usize>(
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..TORCH_ILP {
-                let lower = std::mem::replace(&mut acc[j - 1][k], [0f32; L]);
-                add_lanes(&mut acc[j][k], &lower);
+            let (below, above) = acc.split_at_mut(j);
+            for (lower, upper) in below[j - 1].iter_mut().zip(above[0].iter_mut()) {
+                let lower = std::mem::replace(lower, [0f32; L]);
+                add_lanes(upper, &lower);
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;

@@ -29,7 +29,7 @@ pub(crate) fn dequantize_par<T: Element>(w: &Nf4Tensor, out: &mut [T]) {
         decode(isa, w, 0, out, false);
         return;
     }
-    let stream = std::mem::size_of_val(out) >= STREAM_BYTES && std::env::var("NOSTREAM").is_err();
+    let stream = std::mem::size_of_val(out) >= STREAM_BYTES;
     out.par_chunks_mut(TASK_ELEMENTS)
         .enumerate()
         .for_each(|(t, chunk)| decode(isa, w, t * TASK_ELEMENTS, chunk, stream));

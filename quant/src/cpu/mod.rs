@@ -2,13 +2,15 @@
 //!
 //! Every kernel reads the packed codes directly; none materializes the whole weight. The plain
 //! references they are tested against are `blockwise::dequantize_reference` and
-//! [`decode::decode_scalar`].
+//! `decode::decode_scalar`.
 
 mod decode;
 mod dequantize;
 mod gemm;
 mod gemv;
 mod isa;
+#[cfg(test)]
+mod reference;
 mod scratch;
 
 use half::{bf16, f16};
@@ -40,7 +42,8 @@ pub fn dequantize_f16_into(w: &Nf4Tensor, out: &mut [f16]) {
     dequantize::dequantize_par(w, out);
 }
 
-/// Activation rows up to which the register-decoding GEMV beats decoding panels for `gemm`.
+/// Up to this many activation rows a product is bound by streaming W, which the GEMV reads once
+/// and never writes out; past it, FLOPs dominate and panels + `gemm` win.
 const GEMV_MAX_ROWS: usize = 8;
 
 /// `(n, k)` of the weight, after checking that `a` holds `m` rows of `a_cols(n, k)` and `b` holds

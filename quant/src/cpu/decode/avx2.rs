@@ -1,0 +1,117 @@
+//! AVX2 decoder: the 16-entry lookup as two 8-entry permutes and a blend.
+
+use std::arch::x86_64::*;
+
+use super::{Element, Kind, Scales, BYTE_OF_LANE, SHIFT_OF_LANE};
+use crate::tensor::Nf4Tensor;
+
+/// Round 8 f32 to bf16 (nearest-even, NaN kept quiet), in the low 16 bits of each lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn to_bf16_lanes(v: __m256) -> __m256i {
+    let bits = _mm256_castps_si256(v);
+    let high = _mm256_srli_epi32::<16>(bits);
+    let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+        _mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)),
+        lsb,
+    ));
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+    let quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+    _mm256_blendv_epi8(rounded, quiet, nan)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store16<T: Element>(dst: *mut T, lo: __m256, hi: __m256) {
+    match T::KIND {
+        Kind::F32 => {
+            _mm256_storeu_ps(dst as *mut f32, lo);
+            _mm256_storeu_ps((dst as *mut f32).add(8), hi);
+        }
+        Kind::Bf16 => {
+            // packus works within 128-bit lanes; the permute puts the 16 halves in order.
+            let packed = _mm256_packus_epi32(to_bf16_lanes(lo), to_bf16_lanes(hi));
+            let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+            _mm256_storeu_si256(dst as *mut __m256i, ordered)
+        }
+        Kind::F16 => {
+            const R: i32 = _MM_FROUND_TO_NEAREST_INT;
+            _mm_storeu_si128(dst as *mut __m128i, _mm256_cvtps_ph::<R>(lo));
+            _mm_storeu_si128((dst as *mut __m128i).add(1), _mm256_cvtps_ph::<R>(hi));
+        }
+    }
+}
+
+/// 8-entry permutes on both table halves, then bit 3 of the index (moved to the sign bit)
+/// picks the half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lookup8(idx: __m256i, lo: __m256, hi: __m256) -> __m256 {
+    let a = _mm256_permutevar8x32_ps(lo, idx);
+    let b = _mm256_permutevar8x32_ps(hi, idx);
+    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
+}
+
+/// See [`super::decode`]; no streaming variant (AVX2 machines are the fallback).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn decode<T: Element>(w: &Nf4Tensor, start: usize, out: &mut [T]) {
+    let packed = w.packed();
+    let nbytes = packed.len();
+    let code = w.qtype().values();
+    let tab_lo = _mm256_loadu_ps(code.as_ptr());
+    let tab_hi = _mm256_loadu_ps(code.as_ptr().add(8));
+    let par = start & 1;
+    let ctrl = _mm_loadu_si128(BYTE_OF_LANE[par].as_ptr() as *const __m128i);
+    let sh_lo = _mm256_loadu_si256(SHIFT_OF_LANE[par].as_ptr() as *const __m256i);
+    let sh_hi = sh_lo;
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let shift = w.blocksize().trailing_zeros();
+    let scales = Scales::new(w.absmax());
+    let len = out.len();
+    let mut i = 0;
+    while i < len {
+        let e = start + i;
+        let count = (len - i).min(16);
+        let byte = e / 2;
+        let raw = if byte + 16 <= nbytes {
+            _mm_loadu_si128(packed.as_ptr().add(byte) as *const __m128i)
+        } else {
+            let mut buf = [0u8; 16];
+            let avail = nbytes - byte;
+            buf[..avail].copy_from_slice(&packed[byte..]);
+            _mm_loadu_si128(buf.as_ptr() as *const __m128i)
+        };
+        let bytes = _mm_shuffle_epi8(raw, ctrl);
+        let idx_lo = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(bytes), sh_lo);
+        let idx_hi = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(bytes)), sh_hi);
+        let b0 = e >> shift;
+        let b1 = (e + count - 1) >> shift;
+        let s0 = _mm256_set1_ps(scales.get(b0));
+        let (scale_lo, scale_hi) = if b0 == b1 {
+            (s0, s0)
+        } else {
+            let s1 = _mm256_set1_ps(scales.get(b1));
+            let split = _mm256_set1_epi32(((b1 << shift) - e) as i32);
+            let pick = |lanes: __m256i| {
+                // Lanes at or past the block boundary take the next block's scale.
+                let past = _mm256_cmpgt_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(1)), split);
+                _mm256_blendv_ps(s0, s1, _mm256_castsi256_ps(past))
+            };
+            (
+                pick(iota),
+                pick(_mm256_add_epi32(iota, _mm256_set1_epi32(8))),
+            )
+        };
+        let lo = _mm256_mul_ps(lookup8(idx_lo, tab_lo, tab_hi), scale_lo);
+        let hi = _mm256_mul_ps(lookup8(idx_hi, tab_lo, tab_hi), scale_hi);
+        if count == 16 {
+            store16(out.as_mut_ptr().add(i), lo, hi);
+        } else {
+            let mut tmp = [T::from_f32(0.0); 16];
+            store16(tmp.as_mut_ptr(), lo, hi);
+            out[i..i + count].copy_from_slice(&tmp[..count]);
+        }
+        i += count;
+    }
+}

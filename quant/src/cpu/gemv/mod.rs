@@ -1,0 +1,320 @@
+//! Products with few activation rows (m ≤ 8, token-by-token decoding): `y = x · deq(W)ᵀ` and
+//! `dx = dy · deq(W)`.
+//!
+//! W is never written anywhere: codes are decoded in registers and multiplied straight into the
+//! activations, so the kernel streams 4 bits per weight and is bound by memory bandwidth.
+//!
+//! The AVX-512 path reads 64 packed bytes (a *chunk* of 128 weights) into one register and takes
+//! the nibbles of all 16 dwords at once, one shift per nibble position, with no byte shuffles.
+//! That yields the weights in a permuted order, so the activations are permuted the same way once
+//! per call (they are tiny next to W; see [`interleave`]); a dot product does not care about
+//! order. Lane `l` of vector `s` holds weight `8l + p(s)` of the chunk, where
+//! `p = [1, 0, 3, 2, 5, 4, 7, 6]` (the low nibble of a byte is the odd element). Eight
+//! consecutive weights share a lane group, and blocks are multiples of 8 long, so one 16-lane
+//! scale vector serves the whole chunk, provided rows start on a multiple of 8 (`k % 8 == 0`);
+//! other widths, and the last `k % 128` weights of each row, take the group-of-16 decoder.
+
+use rayon::prelude::*;
+
+use super::decode::decode;
+use super::isa::Isa;
+use crate::tensor::Nf4Tensor;
+
+/// Weights per chunk (64 packed bytes).
+pub(crate) const CHUNK: usize = 128;
+
+/// Position inside its chunk of lane `l` of vector `s`.
+#[inline(always)]
+pub(crate) const fn chunk_position(s: usize, l: usize) -> usize {
+    8 * l + 2 * (s / 2) + 1 - s % 2
+}
+
+/// Full chunks per row of W the kernels walk (0 when rows cannot be walked in chunks, see the
+/// module docs).
+fn chunk_count(k: usize, isa: Isa) -> usize {
+    if isa == Isa::Avx512 && k.is_multiple_of(8) {
+        k / CHUNK
+    } else {
+        0
+    }
+}
+
+/// `m` activation rows laid out for the kernels: chunk by chunk, and within a chunk row by row
+/// in decode order (`((c * m) + i) * 128 + 16 s + l`), so the slice of all rows a kernel keeps
+/// in L1 is contiguous; then each row's remaining `k - 128 c` values as they are.
+fn interleave(x: &[f32], m: usize, k: usize, chunks: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * k];
+    let tail = k - chunks * CHUNK;
+    let (body, rest) = out.split_at_mut(chunks * m * CHUNK);
+    for (i, row) in x.chunks_exact(k).enumerate() {
+        for c in 0..chunks {
+            let dst = &mut body[(c * m + i) * CHUNK..][..CHUNK];
+            let src = &row[c * CHUNK..][..CHUNK];
+            for s in 0..8 {
+                for l in 0..16 {
+                    dst[16 * s + l] = src[chunk_position(s, l)];
+                }
+            }
+        }
+        rest[i * tail..][..tail].copy_from_slice(&row[chunks * CHUNK..]);
+    }
+    out
+}
+
+/// Inverse of [`interleave`].
+fn deinterleave(xp: &[f32], m: usize, k: usize, chunks: usize, out: &mut [f32]) {
+    let tail = k - chunks * CHUNK;
+    let (body, rest) = xp.split_at(chunks * m * CHUNK);
+    for (i, row) in out.chunks_exact_mut(k).enumerate() {
+        for c in 0..chunks {
+            let src = &body[(c * m + i) * CHUNK..][..CHUNK];
+            let dst = &mut row[c * CHUNK..][..CHUNK];
+            for s in 0..8 {
+                for l in 0..16 {
+                    dst[chunk_position(s, l)] = src[16 * s + l];
+                }
+            }
+        }
+        row[chunks * CHUNK..].copy_from_slice(&rest[i * tail..][..tail]);
+    }
+}
+
+/// Rows of W per rayon task: 64 rows of 4096 are 128 KiB of codes, plenty to amortize a task.
+fn rows_per_task(n: usize, k: usize) -> usize {
+    let by_size = (1usize << 18) / k.max(1);
+    let by_balance = n.div_ceil(4 * rayon::current_num_threads()).max(1);
+    by_size.clamp(1, by_balance.max(1))
+}
+
+/// A pointer that tasks writing disjoint elements may share.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: only used for writes to disjoint indices, joined before the owner reads.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// By-value access, so closures capture the whole `Shared` (which is `Send`), not the field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `y[m, n] = x[m, k] · deq(W)ᵀ` for small `m`; shapes are checked by the caller.
+pub(crate) fn gemv(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &Nf4Tensor,
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+) {
+    let chunks = chunk_count(k, isa);
+    let xp = if chunks > 0 {
+        interleave(x, m, k, chunks)
+    } else {
+        x.to_vec()
+    };
+    let out = Shared(y.as_mut_ptr());
+    let per_task = rows_per_task(n, k);
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let rows = t * per_task..((t + 1) * per_task).min(n);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx512 is only reported on CPUs that have it; every task writes the
+            // columns of its own rows of W.
+            Isa::Avx512 => unsafe { avx512::gemv_rows(w, &xp, m, k, n, rows, out.ptr()) },
+            _ => {
+                let mut row = vec![0f32; k];
+                for j in rows {
+                    decode(isa, w, j * k, &mut row, false);
+                    for i in 0..m {
+                        let v = portable::dot(isa, &xp[i * k..(i + 1) * k], &row);
+                        // SAFETY: (i, j) is inside y and only this task writes column j.
+                        unsafe { *out.ptr().add(i * n + j) = v };
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `dx[m, k] = dy[m, n] · deq(W)` for small `m`. Tasks take disjoint rows of W (so W streams
+/// sequentially) and accumulate private copies of dx, summed at the end.
+pub(crate) fn gemv_t(
+    isa: Isa,
+    dy: &[f32],
+    m: usize,
+    w: &Nf4Tensor,
+    n: usize,
+    k: usize,
+    dx: &mut [f32],
+) {
+    let per_task = rows_per_task(n, k);
+    let partial = (0..n.div_ceil(per_task))
+        .into_par_iter()
+        .fold(
+            || vec![0f32; m * k],
+            |mut acc, t| {
+                let rows = t * per_task..((t + 1) * per_task).min(n);
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: Avx512 is only reported on CPUs that have it.
+                    Isa::Avx512 => unsafe { avx512::gemv_t_rows(w, dy, m, k, n, rows, &mut acc) },
+                    _ => {
+                        let mut row = vec![0f32; k];
+                        for j in rows {
+                            decode(isa, w, j * k, &mut row, false);
+                            for i in 0..m {
+                                portable::axpy(
+                                    isa,
+                                    dy[i * n + j],
+                                    &row,
+                                    &mut acc[i * k..(i + 1) * k],
+                                );
+                            }
+                        }
+                    }
+                }
+                acc
+            },
+        )
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; m * k]);
+    let chunks = chunk_count(k, isa);
+    if chunks > 0 {
+        deinterleave(&partial, m, k, chunks, dx);
+    } else {
+        dx.copy_from_slice(&partial);
+    }
+}
+
+/// The fallback for CPUs without AVX-512: a row of W decoded to a buffer, then plain loops,
+/// compiled for AVX2 when the CPU has it.
+mod portable {
+    use super::Isa;
+
+    pub(super) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            // SAFETY: Avx2 is only reported on CPUs that have AVX2 and FMA.
+            return unsafe { dot_avx2(a, b) };
+        }
+        let _ = isa;
+        dot_lanes(a, b)
+    }
+
+    pub(super) fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            // SAFETY: as above.
+            return unsafe { axpy_avx2(alpha, x, y) };
+        }
+        let _ = isa;
+        axpy_plain(alpha, x, y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        dot_lanes(a, b)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
+        axpy_plain(alpha, x, y)
+    }
+
+    /// 16 independent partial sums, so it vectorizes without licence to reassociate.
+    #[inline(always)]
+    fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+        let mut lanes = [0f32; 16];
+        let split = a.len() / 16 * 16;
+        for (x, y) in a[..split].chunks_exact(16).zip(b[..split].chunks_exact(16)) {
+            for l in 0..16 {
+                lanes[l] += x[l] * y[l];
+            }
+        }
+        let tail: f32 = a[split..].iter().zip(&b[split..]).map(|(x, y)| x * y).sum();
+        lanes.iter().sum::<f32>() + tail
+    }
+
+    #[inline(always)]
+    fn axpy_plain(alpha: f32, x: &[f32], y: &mut [f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += alpha * x;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// The kernels index several per-row register arrays in lockstep; ranges read better there.
+#[allow(clippy::needless_range_loop)]
+mod avx512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codebook::QuantType;
+    use crate::cpu::decode::Scales;
+    use crate::cpu::reference::{assert_product, values, weight};
+
+    /// The vectorized double-quant scale lookup is bit-exact, across nested-group boundaries.
+    #[test]
+    fn block_scales_are_exact() {
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        // Every code value, and nested groups that differ, so any wrong lookup shows.
+        let absmax = crate::tensor::Absmax::Double(crate::double_quant::DoubleQuant {
+            codes: (0..1000u32).map(|b| (b * 7 % 256) as u8).collect(),
+            nested_absmax: vec![0.5, 1.25, 3.0, 0.75],
+            offset: 0.125,
+        });
+        let scales = Scales::new(&absmax);
+        for first in [0, 5, 250, 500] {
+            let mut out = vec![f32::NAN; 500];
+            // SAFETY: the CPU has AVX-512 (checked above).
+            unsafe { avx512::block_scales_for_test(scales, first, &mut out) };
+            for (i, v) in out.iter().enumerate() {
+                assert_eq!(
+                    v.to_bits(),
+                    absmax.get(first + i).to_bits(),
+                    "block {}",
+                    first + i
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_matches_the_reference() {
+        let shapes = [
+            (1, 37, 1000, 64, true, QuantType::Nf4),
+            (8, 20, 256, 32, false, QuantType::Fp4),
+            (3, 50, 131, 128, true, QuantType::Nf4),
+            (5, 9, 4104, 4096, false, QuantType::Nf4),
+            (2, 300, 136, 64, true, QuantType::Fp4),
+            (7, 3, 8, 32, true, QuantType::Nf4),
+        ];
+        for isa in Isa::available() {
+            for (t, &(m, n, k, bs, double, qtype)) in shapes.iter().enumerate() {
+                let w = weight(n, k, bs, qtype, double, t as u64);
+                let what = format!("{isa:?} m {m} n {n} k {k} bs {bs}");
+                let x = values(m * k, 1);
+                let mut y = vec![f32::NAN; m * n];
+                gemv(isa, &x, m, &w, n, k, &mut y);
+                assert_product(&x, m, &w, false, &y, &what);
+                let dy = values(m * n, 2);
+                let mut dx = vec![f32::NAN; m * k];
+                gemv_t(isa, &dy, m, &w, n, k, &mut dx);
+                assert_product(&dy, m, &w, true, &dx, &what);
+            }
+        }
+    }
+}
