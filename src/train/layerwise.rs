@@ -10,8 +10,8 @@
 use candle_core::{Result, Tensor, Var};
 
 use super::loss::{chunked_cross_entropy, DEFAULT_CHUNK_ROWS};
-use super::step::Batch;
-use crate::model::llama::{attention_mask_windowed, rms_norm, AttentionSpan, Llama};
+use super::step::{shifted_rows, Batch};
+use crate::model::llama::{attention_mask_windowed, rms_norm, Llama};
 
 /// Loss of `batch` and the gradient of each of `vars`; `checkpointing` recomputes each layer in
 /// the backward instead of keeping its activations.
@@ -22,14 +22,8 @@ pub fn loss_and_grads_layerwise(
     checkpointing: bool,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
     let (b, t) = batch.ids.dims2()?;
-    let pos = match &batch.positions {
-        Some(p) => p.clone(),
-        None => model.positions(b, t, 0)?,
-    };
-    let span = match &batch.segments {
-        Some(s) => AttentionSpan::CausalSegments(s),
-        None => AttentionSpan::Causal,
-    };
+    let pos = batch.positions_for(model)?;
+    let span = batch.span();
     let mask = attention_mask_windowed(b, t, 0, &span, model.cfg.sliding_window, model.device())?
         .to_dtype(model.compute_dtype)?;
     let run_layer =
@@ -53,13 +47,13 @@ pub fn loss_and_grads_layerwise(
     // Head: final norm and chunked cross-entropy, differentiated at the last hidden state.
     let top = Var::from_tensor(&inputs[model.layers.len()])?;
     let h = rms_norm(top.as_tensor(), &model.norm, model.cfg.rms_norm_eps)?;
-    let hidden = h.dim(2)?;
-    let h = h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), hidden))?;
-    let targets: Vec<i64> = (0..b)
-        .flat_map(|r| (1..t).map(move |i| r * t + i))
-        .map(|i| batch.labels[i])
-        .collect();
-    let loss = chunked_cross_entropy(&h, model.head(), &targets, DEFAULT_CHUNK_ROWS)?;
+    let targets = batch.shifted_targets()?;
+    let loss = chunked_cross_entropy(
+        &shifted_rows(&h)?,
+        model.head(),
+        &targets,
+        DEFAULT_CHUNK_ROWS,
+    )?;
     let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let mut g = loss.backward()?.remove(top.as_tensor()).ok_or_else(|| {
         candle_core::Error::Msg("loss does not depend on the hidden states".into())

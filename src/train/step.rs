@@ -28,28 +28,53 @@ impl Batch {
             .filter(|&i| self.labels.get(i).is_some_and(|&l| l != IGNORE_INDEX))
             .count()
     }
+
+    /// RoPE positions `[b, t]`: the batch's own (packed documents), else `0..t` per row.
+    pub fn positions_for(&self, model: &Llama) -> candle_core::Result<Tensor> {
+        let (b, t) = self.ids.dims2()?;
+        match &self.positions {
+            Some(p) => Ok(p.clone()),
+            None => model.positions(b, t, 0),
+        }
+    }
+
+    /// Which keys each query may attend to.
+    pub fn span(&self) -> AttentionSpan<'_> {
+        match &self.segments {
+            Some(s) => AttentionSpan::CausalSegments(s),
+            None => AttentionSpan::Causal,
+        }
+    }
+
+    /// Targets of positions `0..t-1` of every row (label `i + 1`), flattened row-major.
+    pub fn shifted_targets(&self) -> candle_core::Result<Vec<i64>> {
+        let (b, t) = self.ids.dims2()?;
+        Ok((0..b)
+            .flat_map(|r| (1..t).map(move |i| r * t + i))
+            .map(|i| self.labels[i])
+            .collect())
+    }
+}
+
+/// Hidden states `[b, t, h]` without their last position, as `[b * (t - 1), h]` rows that line
+/// up with [`Batch::shifted_targets`].
+pub fn shifted_rows(h: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, hidden) = h.dims3()?;
+    h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), hidden))
 }
 
 /// Mean next-token cross-entropy of `batch` (transformers' causal-LM loss: position `i`
 /// predicts label `i + 1`).
 pub fn batch_loss(model: &Llama, batch: &Batch, train: bool) -> candle_core::Result<Tensor> {
-    let (b, t) = batch.ids.dims2()?;
-    let pos = match &batch.positions {
-        Some(p) => p.clone(),
-        None => model.positions(b, t, 0)?,
-    };
-    let span = match &batch.segments {
-        Some(s) => AttentionSpan::CausalSegments(s),
-        None => AttentionSpan::Causal,
-    };
-    let h = model.forward_hidden(&batch.ids, &pos, &span, None, train)?;
-    let hidden = h.dim(2)?;
-    let h = h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), hidden))?;
-    let targets: Vec<i64> = (0..b)
-        .flat_map(|r| (1..t).map(move |i| r * t + i))
-        .map(|i| batch.labels[i])
-        .collect();
-    chunked_cross_entropy(&h, model.head(), &targets, DEFAULT_CHUNK_ROWS)
+    let pos = batch.positions_for(model)?;
+    let h = model.forward_hidden(&batch.ids, &pos, &batch.span(), None, train)?;
+    let targets = batch.shifted_targets()?;
+    chunked_cross_entropy(
+        &shifted_rows(&h)?,
+        model.head(),
+        &targets,
+        DEFAULT_CHUNK_ROWS,
+    )
 }
 
 /// Loss and the gradient of each of `vars` (`None` where the loss does not depend on it).
