@@ -16,8 +16,9 @@ pub mod train;
     version,
     about = "QLoRA fine-tuning in Rust: a frozen 4-bit (NF4) base model with 16-bit LoRA adapters",
     long_about = "QLoRA fine-tuning in Rust: a frozen 4-bit (NF4) base model with 16-bit LoRA \
-adapters.\n\nModels are Hugging Face folders (config.json + safetensors); 4-bit checkpoints use the \
-bitsandbytes layout, bit-exact, so they interoperate with transformers + bitsandbytes.\n\n\
+adapters.\n\nModels are Hugging Face folders (config.json + safetensors) or GGUF files; 4-bit \
+checkpoints use the bitsandbytes layout, bit-exact, and adapters PEFT's format, so both \
+interoperate with transformers + bitsandbytes + PEFT.\n\n\
 Run `qlora <COMMAND> --help` for the options of each command."
 )]
 pub struct Cli {
