@@ -1,6 +1,8 @@
 //! Evaluation: mean token negative log-likelihood and perplexity over a dataset.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
+
+use crate::train::loss::summed_nll;
 use serde::Serialize;
 
 use crate::model::error::ModelError;
@@ -44,38 +46,10 @@ pub fn sequence_nll(model: &Llama, ids: &[u32]) -> Result<(f64, usize), ModelErr
         None,
         false,
     )?;
-    let hidden = hidden.squeeze(0)?;
-    let mut total = 0f64;
-    let n = t - 1;
-    let mut start = 0;
-    while start < n {
-        let len = LOGIT_ROWS.min(n - start);
-        let logits = model.logits(&hidden.narrow(0, start, len)?)?;
-        let lse = log_sum_exp(&logits)?;
-        let targets = Tensor::from_vec(
-            ids[start + 1..start + 1 + len].to_vec(),
-            (len, 1),
-            model.device(),
-        )?;
-        let picked = logits.gather(&targets, 1)?.squeeze(1)?;
-        total += (lse - picked)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        start += len;
-    }
-    Ok((total, n))
-}
-
-/// `log Σ exp(x)` over the last dimension, stably.
-pub fn log_sum_exp(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let s = x
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?;
-    (s + max)?.squeeze(D::Minus1)
+    let hidden = hidden.squeeze(0)?.narrow(0, 0, t - 1)?;
+    let targets: Vec<i64> = ids[1..].iter().map(|&i| i as i64).collect();
+    let total = summed_nll(&hidden, model.head(), &targets, LOGIT_ROWS)?;
+    Ok((total, t - 1))
 }
 
 /// Mean NLL and perplexity of `model` over `seqs`, cut into `seq_len` windows; `progress` is

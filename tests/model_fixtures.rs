@@ -273,3 +273,29 @@ fn tiny_llama_tokenizer_matches_reference_encodings() {
         }
     }
 }
+
+#[test]
+fn eval_nll_equals_cross_entropy_of_transformers_logits() {
+    let m = load("tiny-llama", BaseFormat::Dense);
+    let r = reference(&fixtures().join("tiny-llama/reference.safetensors"));
+    let ids: Vec<Vec<u32>> = r["input_ids"].to_dtype(DType::U32).unwrap().to_vec2().unwrap();
+    let logits: Vec<Vec<Vec<f32>>> = r["logits"].to_vec3().unwrap();
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (row, lg) in ids.iter().zip(&logits) {
+        for t in 0..row.len() - 1 {
+            let l: Vec<f64> = lg[t].iter().map(|&v| v as f64).collect();
+            let max = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + l.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+            sum += lse - l[row[t + 1] as usize];
+            n += 1;
+        }
+    }
+    let want = sum / n as f64;
+    let report = qlora::eval::evaluate(&m.model, &ids, 16, |_, _| {}).unwrap();
+    assert_eq!(report.tokens, n);
+    assert!(
+        (report.mean_nll - want).abs() / want < 1e-5,
+        "eval {} vs reference {want}",
+        report.mean_nll
+    );
+}

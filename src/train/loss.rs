@@ -42,6 +42,17 @@ pub fn chunked_cross_entropy(
     h.contiguous()?.apply_op1(op)
 }
 
+/// Summed (not mean) cross-entropy of `h · headᵀ` over the counted targets, accumulated in
+/// f64 chunk by chunk; no gradient (evaluation).
+pub fn summed_nll(h: &Tensor, head: &Tensor, targets: &[i64], chunk_rows: usize) -> Result<f64> {
+    let op = ChunkedCrossEntropy {
+        head: head.detach().to_dtype(DType::F32)?,
+        targets: targets.to_vec(),
+        chunk_rows: chunk_rows.max(1),
+    };
+    op.summed_nll(&h.detach())
+}
+
 #[derive(Clone)]
 struct ChunkedCrossEntropy {
     head: Tensor,
@@ -70,6 +81,22 @@ impl ChunkedCrossEntropy {
             start += len;
         }
         Ok(())
+    }
+
+    /// Σ over counted rows of `logsumexp(logits) - logits[target]`, in f64.
+    fn summed_nll(&self, h: &Tensor) -> Result<f64> {
+        let dev = h.device().clone();
+        let mut total = 0f64;
+        self.for_each_chunk(h, |start, len, logits| {
+            let lse = log_sum_exp(logits)?;
+            let picked = logits
+                .gather(&self.targets_of(start, len, &dev)?, 1)?
+                .squeeze(1)?;
+            let nll = ((lse - picked)? * self.mask_of(start, len, &dev)?)?;
+            total += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            Ok(())
+        })?;
+        Ok(total)
     }
 
     fn targets_of(&self, start: usize, len: usize, dev: &candle_core::Device) -> Result<Tensor> {
@@ -106,17 +133,7 @@ impl CustomOp1 for ChunkedCrossEntropy {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let h = cpu_tensor(storage, layout)?;
-        let dev = h.device().clone();
-        let mut total = 0f64;
-        self.for_each_chunk(&h, |start, len, logits| {
-            let lse = log_sum_exp(logits)?;
-            let picked = logits
-                .gather(&self.targets_of(start, len, &dev)?, 1)?
-                .squeeze(1)?;
-            let nll = ((lse - picked)? * self.mask_of(start, len, &dev)?)?;
-            total += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            Ok(())
-        })?;
+        let total = self.summed_nll(&h)?;
         let loss = (total / self.counted().max(1) as f64) as f32;
         let out = match storage.dtype() {
             DType::BF16 => CpuStorage::BF16(vec![half::bf16::from_f32(loss)]),
