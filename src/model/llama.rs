@@ -518,35 +518,33 @@ impl Llama {
 mod tests {
     use super::*;
 
-    #[test]
-    fn mask_is_causal_per_segment_and_windowed() {
-        let dev = Device::Cpu;
-        let seg = Tensor::new(&[[0u32, 0, 1, 1]], &dev).unwrap();
-        let m = attention_mask_windowed(1, 4, 0, &AttentionSpan::CausalSegments(&seg), None, &dev)
+    /// Which (query, key) pairs of a 4-token mask are allowed, row-major.
+    fn allowed(span: &AttentionSpan<'_>, window: Option<usize>) -> Vec<bool> {
+        attention_mask_windowed(1, 4, 0, span, window, &Device::Cpu)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap();
-        let allowed: Vec<bool> = m.iter().map(|v| v.is_finite()).collect();
+            .unwrap()
+            .iter()
+            .map(|v| v.is_finite())
+            .collect()
+    }
+
+    #[test]
+    fn mask_is_causal_per_segment_and_windowed() {
+        let seg = Tensor::new(&[[0u32, 0, 1, 1]], &Device::Cpu).unwrap();
         #[rustfmt::skip]
         let want = [true, false, false, false,
                     true, true, false, false,
                     false, false, true, false,
                     false, false, true, true];
-        assert_eq!(allowed, want);
-        let m = attention_mask_windowed(1, 4, 0, &AttentionSpan::Causal, Some(2), &dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let allowed: Vec<bool> = m.iter().map(|v| v.is_finite()).collect();
+        assert_eq!(allowed(&AttentionSpan::CausalSegments(&seg), None), want);
         #[rustfmt::skip]
         let want = [true, false, false, false,
                     true, true, false, false,
                     false, true, true, false,
                     false, false, true, true];
-        assert_eq!(allowed, want);
+        assert_eq!(allowed(&AttentionSpan::Causal, Some(2)), want);
     }
 }
