@@ -129,12 +129,17 @@ unsafe fn group(
 ) {
     let raw = load_bytes(src, nbytes, e / 2);
     let v = _mm512_mul_ps(lookup.codes(raw), scales.get(e, count));
-    let mask = if count == 16 {
+    store(dst, v, lane_mask(count), stream);
+}
+
+/// Mask of the first `count` (≤ 16) of 16 lanes.
+#[inline(always)]
+pub(crate) fn lane_mask(count: usize) -> u16 {
+    if count >= 16 {
         u16::MAX
     } else {
         (1u16 << count) - 1
-    };
-    store(dst, v, mask, stream);
+    }
 }
 
 /// 16 bytes from `src + byte`, zero-filled past `nbytes` (masked loads do not fault).
@@ -376,11 +381,11 @@ pub(crate) unsafe fn decode_transposed(
     let mut r0 = 0;
     while r0 < nrows {
         let rv = (nrows - r0).min(16);
-        let row_mask = if rv == 16 { u16::MAX } else { (1u16 << rv) - 1 };
+        let row_mask = lane_mask(rv);
         let mut p = 0;
         while p < k {
             let cv = (k - p).min(16);
-            let col_mask = if cv == 16 { u16::MAX } else { (1u16 << cv) - 1 };
+            let col_mask = lane_mask(cv);
             let mut tile = [_mm512_setzero_ps(); 16];
             for r in 0..rv {
                 let e = (rows.start + r0 + r) * k + p;

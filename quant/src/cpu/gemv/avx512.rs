@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::CHUNK;
 use crate::codebook::DYNAMIC8;
-use crate::cpu::decode::avx512::{load_bytes, GroupScales, Lookup};
+use crate::cpu::decode::avx512::{lane_mask, load_bytes, GroupScales, Lookup};
 use crate::cpu::decode::Scales;
 use crate::double_quant::NESTED_BLOCKSIZE;
 use crate::tensor::Nf4Tensor;
@@ -281,11 +281,7 @@ unsafe fn rows_m<const M: usize>(
                 let lookup = Lookup::new(code, f0 + p);
                 while p < k {
                     let count = (k - p).min(16);
-                    let mask = if count == 16 {
-                        u16::MAX
-                    } else {
-                        (1u16 << count) - 1
-                    };
+                    let mask = lane_mask(count);
                     let e = f0 + p;
                     let codes = lookup.codes(load_bytes(src, nbytes, e / 2));
                     let wv = _mm512_maskz_mul_ps(mask, codes, group_scales.get(e, count));
@@ -388,11 +384,7 @@ unsafe fn rows_t_m<const M: usize>(
                 let lookup = Lookup::new(code, f0 + p);
                 while p < k {
                     let count = (k - p).min(16);
-                    let mask = if count == 16 {
-                        u16::MAX
-                    } else {
-                        (1u16 << count) - 1
-                    };
+                    let mask = lane_mask(count);
                     let e = f0 + p;
                     let codes = lookup.codes(load_bytes(src, nbytes, e / 2));
                     let wv = _mm512_mul_ps(codes, group_scales.get(e, count));
