@@ -278,7 +278,11 @@ fn tiny_llama_tokenizer_matches_reference_encodings() {
 fn eval_nll_equals_cross_entropy_of_transformers_logits() {
     let m = load("tiny-llama", BaseFormat::Dense);
     let r = reference(&fixtures().join("tiny-llama/reference.safetensors"));
-    let ids: Vec<Vec<u32>> = r["input_ids"].to_dtype(DType::U32).unwrap().to_vec2().unwrap();
+    let ids: Vec<Vec<u32>> = r["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let logits: Vec<Vec<Vec<f32>>> = r["logits"].to_vec3().unwrap();
     let (mut sum, mut n) = (0f64, 0usize);
     for (row, lg) in ids.iter().zip(&logits) {
