@@ -256,8 +256,6 @@ mod portable {
 // The kernels index several per-row register arrays in lockstep; ranges read better there.
 #[allow(clippy::needless_range_loop)]
 mod avx512;
-#[cfg(target_arch = "x86_64")]
-mod chunk_scales;
 
 #[cfg(test)]
 mod tests {
@@ -266,49 +264,30 @@ mod tests {
     use crate::cpu::decode::Scales;
     use crate::cpu::reference::{assert_product, values, weight};
 
-    /// Every lane scale of every chunk is bit-exact, for every kind of chunk (inside one
-    /// block, over 2 or 4 blocks, straddling), across nested-group boundaries.
+    /// The vectorized double-quant scale lookup is bit-exact, across nested-group boundaries.
     #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn chunk_scales_are_exact() {
+    fn block_scales_are_exact() {
         if Isa::detect() != Isa::Avx512 {
             return;
         }
         // Every code value, and nested groups that differ, so any wrong lookup shows.
-        let double = crate::tensor::Absmax::Double(crate::double_quant::DoubleQuant {
+        let absmax = crate::tensor::Absmax::Double(crate::double_quant::DoubleQuant {
             codes: (0..1000u32).map(|b| (b * 7 % 256) as u8).collect(),
             nested_absmax: vec![0.5, 1.25, 3.0, 0.75],
             offset: 0.125,
         });
-        let plain = crate::tensor::Absmax::Plain(values(1000, 3));
-        for absmax in [&double, &plain] {
-            for bs in [32, 64, 128, 4096] {
-                let total = if bs == 4096 { 3 * bs } else { 1000 * bs };
-                let mut scales = chunk_scales::ChunkScales::new(Scales::new(absmax), bs, 8192);
-                for (start, len) in [
-                    (0, 8192),
-                    (bs / 2 + 8, 4096),
-                    (total - 1024, 1024),
-                    (40, 128),
-                ] {
-                    // SAFETY: the CPU has AVX-512 (checked above).
-                    unsafe { scales.fill(start, start + len) };
-                    for f in (start..start + len).step_by(CHUNK) {
-                        let mut lanes = [f32::NAN; 16];
-                        // SAFETY: as above; the chunk lies in the filled stretch.
-                        unsafe {
-                            std::arch::x86_64::_mm512_storeu_ps(lanes.as_mut_ptr(), scales.get(f))
-                        };
-                        for (l, v) in lanes.iter().enumerate() {
-                            let b = (f + 8 * l) / bs;
-                            assert_eq!(
-                                v.to_bits(),
-                                absmax.get(b).to_bits(),
-                                "bs {bs} f {f} block {b}"
-                            );
-                        }
-                    }
-                }
+        let scales = Scales::new(&absmax);
+        for first in [0, 5, 250, 500] {
+            let mut out = vec![f32::NAN; 500];
+            // SAFETY: the CPU has AVX-512 (checked above).
+            unsafe { avx512::block_scales_for_test(scales, first, &mut out) };
+            for (i, v) in out.iter().enumerate() {
+                assert_eq!(
+                    v.to_bits(),
+                    absmax.get(first + i).to_bits(),
+                    "block {}",
+                    first + i
+                );
             }
         }
     }
