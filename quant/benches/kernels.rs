@@ -2,7 +2,7 @@
 //!
 //! `cargo bench -p qlora-quant --bench kernels`. Every figure is the minimum over repeats, with
 //! ours and the baseline measured alternately so a busy machine penalizes both alike.
-//! `QLORA_BENCH=matmul,gemv,dequantize` runs a subset.
+//! `QLORA_BENCH=matmul,gemv,gemv-cycles,dequantize` runs a subset.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -232,6 +232,115 @@ fn gemv_rows(rows: &mut Vec<Row>) -> candle_core::Result<()> {
     Ok(())
 }
 
+/// Nanoseconds this thread has spent on a CPU (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`):
+/// unlike wall time, it does not grow while other jobs hold the core.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn thread_cpu_ns() -> Option<u64> {
+    const CLOCK_GETTIME: usize = 228;
+    const CLOCK_THREAD_CPUTIME_ID: usize = 3;
+    let mut ts = [0i64; 2];
+    let ret: isize;
+    // SAFETY: the clock_gettime system call writes one `struct timespec` (two i64) to `ts`.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") CLOCK_GETTIME as isize => ret,
+            in("rdi") CLOCK_THREAD_CPUTIME_ID,
+            in("rsi") ts.as_mut_ptr(),
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack),
+        );
+    }
+    (ret == 0).then(|| ts[0] as u64 * 1_000_000_000 + ts[1] as u64)
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn thread_cpu_ns() -> Option<u64> {
+    None
+}
+
+/// The core clock in GHz: a chain of dependent adds retires one per cycle.
+#[cfg(target_arch = "x86_64")]
+fn core_ghz() -> Option<f64> {
+    let adds: u64 = 1 << 30;
+    let t0 = thread_cpu_ns()?;
+    let mut left = adds / 4;
+    let mut acc = 0u64;
+    // SAFETY: register-only arithmetic.
+    unsafe {
+        std::arch::asm!(
+            "2:",
+            "add {a}, 1", "add {a}, 1", "add {a}, 1", "add {a}, 1",
+            "sub {n}, 1",
+            "jnz 2b",
+            a = inout(reg) acc, n = inout(reg) left,
+            options(nomem, nostack),
+        );
+    }
+    std::hint::black_box((acc, left));
+    Some(adds as f64 / (thread_cpu_ns()? - t0) as f64)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn core_ghz() -> Option<f64> {
+    None
+}
+
+/// Core cycles per 64 bytes of codes of a one-thread GEMV (x (1, k), W n×k), from this thread's
+/// CPU time and the calibrated clock, so other jobs on the machine do not inflate it: once with
+/// W cycled out of cache (`weights` copies), once with one W that fits in L2 (compute only).
+fn gemv_cycles(rows: &mut Vec<Row>) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("one-thread pool");
+    pool.install(|| {
+        let Some(ghz) = core_ghz() else {
+            return;
+        };
+        for (n, k, total, what) in [
+            (11008, 4096, 640usize << 20, "out of cache"),
+            (256, 4096, 0, "in L2"),
+        ] {
+            let x = values(k, 4);
+            let mut y = vec![0f32; n];
+            let first = nf4(n, k, 5);
+            let bytes = first.packed().len();
+            let count = total.div_ceil(bytes) + 1;
+            let weights: Vec<Nf4Tensor> = (0..count).map(|_| first.clone()).collect();
+            // Many short repeats, the best kept: a repeat that another job's time slice
+            // disturbed (caches refilled after it) is slower, never faster.
+            let passes = (8usize << 20).div_ceil(count * bytes);
+            let reps = if total > 0 { 8 } else { 400 };
+            let mut run = || {
+                for w in &weights {
+                    cpu::matmul_into(&x, 1, w, &mut y).unwrap();
+                }
+            };
+            run();
+            let mut best = f64::MAX;
+            for _ in 0..reps {
+                let t0 = thread_cpu_ns().unwrap_or(0);
+                for _ in 0..passes {
+                    run();
+                }
+                let ns = thread_cpu_ns().unwrap_or(0).saturating_sub(t0) as f64;
+                best = best.min(ns * ghz / (passes * count * bytes / 64) as f64);
+            }
+            rows.push(Row {
+                case: format!(
+                    "  one-thread NF4 GEMV (1×{k})·({n}×{k})ᵀ {what}, core cycles per 64 B of codes (CPU time × {ghz:.2} GHz)"
+                ),
+                baseline: "".into(),
+                base: None,
+                ours: best,
+                unit: "cycles",
+                target: "".into(),
+            });
+        }
+    });
+}
+
 fn dequantize_rows(rows: &mut Vec<Row>) {
     let (n, k) = (4096, 4096);
     let w = nf4(n, k, 7);
@@ -283,6 +392,9 @@ fn main() -> candle_core::Result<()> {
     }
     if run("gemv") {
         gemv_rows(&mut rows)?;
+    }
+    if run("gemv") || run("gemv-cycles") {
+        gemv_cycles(&mut rows);
     }
     if run("dequantize") {
         dequantize_rows(&mut rows);
