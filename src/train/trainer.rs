@@ -98,6 +98,24 @@ pub fn validation_loss(model: &Llama, batches: &[Batch]) -> Result<f64, ModelErr
     Ok(sum / n.max(1) as f64)
 }
 
+/// Create `out` (and its parents) if needed and make sure files can be written in it, so a run
+/// fails before any work rather than after it. Nothing is left in `out` by the check.
+pub fn prepare_output_dir(out: &Path) -> Result<(), ModelError> {
+    let unwritable = |e: std::io::Error| ModelError::Invalid {
+        path: out.to_path_buf(),
+        what: format!("cannot be used as the output folder: {e}"),
+    };
+    if out.exists() && !out.is_dir() {
+        return Err(unwritable(std::io::Error::other(
+            "it exists and is not a folder",
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(unwritable)?;
+    tempfile::NamedTempFile::new_in(out)
+        .map(drop)
+        .map_err(unwritable)
+}
+
 /// Global L2 norm of the gradients.
 fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
     let mut sq = 0f64;
@@ -123,7 +141,7 @@ pub fn train(
     settings: &TrainSettings,
     out: &Path,
 ) -> Result<TrainReport, ModelError> {
-    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    prepare_output_dir(out)?;
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics =
         std::fs::File::create(&metrics_path).map_err(|e| ModelError::io(&metrics_path, e))?;
