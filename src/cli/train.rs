@@ -12,8 +12,9 @@ use crate::lora::{self, parse_targets, peft, LoraConfig, LoraInit};
 use crate::model::loader::BaseFormat;
 use crate::optim::schedule::ScheduleKind;
 use crate::optim::StateStorage;
+use crate::train::checkpoint::check_checkpoint_dir;
 use crate::train::recipe::{TrainRecipe, Validation};
-use crate::train::trainer::train;
+use crate::train::trainer::{check_output_dir, train};
 
 /// Every training option; each may also come from the `--config` TOML file (same names, with
 /// `-` or `_`). Command-line flags win over the file, the file over the defaults.
@@ -293,6 +294,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "{} already holds an adapter; choose another --out",
         args.out.display()
     );
+    if let Some(dir) = &args.resume {
+        check_checkpoint_dir(dir)?;
+    }
+    // Fail on an unusable --out now, not after loading the model and the data.
+    check_output_dir(&args.out)?;
     let (seq_len, batch_size) = (recipe.seq_len, recipe.batch_size);
 
     let mut m = args.model.load(Some(seq_len))?;
@@ -313,8 +319,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .or(args.init_adapter.clone());
     let adapter_dtype = recipe.lora.dtype;
     let lora_cfg = match &init_from {
-        Some(dir) => peft::load_adapter(&mut m.model, dir, Some(adapter_dtype))
-            .with_context(|| format!("loading --init-adapter {}", dir.display()))?,
+        Some(dir) => peft::load_adapter(&mut m.model, dir, Some(adapter_dtype)).with_context(
+            || match &args.resume {
+                Some(r) => format!("loading the adapter of --resume {}", r.display()),
+                None => format!("loading --init-adapter {}", dir.display()),
+            },
+        )?,
         None => {
             lora::attach_new(&mut m.model, &recipe.lora, recipe.seed)?;
             recipe.lora.clone()

@@ -26,7 +26,7 @@ use crate::model::error::ModelError;
 use crate::model::loader::{load_model, BaseFormat, LoadOptions};
 use crate::train::plot::{draw_loss_curves, Series};
 use crate::train::recipe::{RunData, TrainRecipe};
-use crate::train::trainer::{prepare_output_dir, train, validation_loss, TrainReport};
+use crate::train::trainer::{check_output_dir, train, validation_loss, TrainReport};
 
 /// File of the comparison's results inside the output folder.
 pub const REPORT_FILE: &str = "compare.json";
@@ -168,9 +168,9 @@ pub fn compare(spec: &CompareSpec, log: &mut dyn FnMut(&str)) -> Result<CompareR
             "a comparison is already there; choose another output folder",
         ));
     }
-    // Every output folder must be writable before minutes of training.
+    // Every output folder must be writable before minutes of work.
     for dir in [&spec.out, &quant_out, &full_out] {
-        prepare_output_dir(dir)?;
+        check_output_dir(dir)?;
     }
     let base_name = spec.model.display().to_string();
     let load = |base: BaseFormat| {
