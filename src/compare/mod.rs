@@ -293,8 +293,11 @@ pub fn compare(spec: &CompareSpec, log: &mut dyn FnMut(&str)) -> Result<CompareR
     })
 }
 
+/// (step, loss) points of a curve.
+type Curve = Vec<(f64, f64)>;
+
 /// Points of a run's train and validation curves.
-fn curve_points(run: &RunSummary) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+fn curve_points(run: &RunSummary) -> (Curve, Curve) {
     let train = run
         .train_losses
         .iter()
