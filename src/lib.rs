@@ -7,6 +7,7 @@ pub use qlora_quant as quant;
 
 pub mod atomic_dir;
 pub mod cli;
+pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod lora;

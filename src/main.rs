@@ -1,10 +1,11 @@
 use clap::Parser;
-use qlora::cli::{eval, generate, inspect, quantize, train, Cli, Command};
+use qlora::cli::{compare, eval, generate, inspect, quantize, train, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Compare(args) => compare::run(*args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),

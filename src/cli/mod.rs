@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod compare;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
@@ -34,6 +35,8 @@ pub enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Fine-tune LoRA adapters on a frozen 4-bit base.
     Train(Box<train::TrainArgs>),
+    /// Train the same adapters on a 4-bit and on the full-precision base, and compare.
+    Compare(Box<compare::CompareArgs>),
     /// Mean token NLL and perplexity of a model (and adapter) on a dataset.
     Eval(eval::EvalArgs),
     /// Generate text with a model (and adapter), streaming tokens.

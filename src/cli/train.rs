@@ -8,15 +8,13 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::model_args::ModelArgs;
-use crate::data::batches::{BatchOptions, Batches};
-use crate::data::corpus::{Corpus, DataOptions};
-use crate::data::split::split_validation;
 use crate::lora::{self, parse_targets, peft, LoraConfig, LoraInit};
 use crate::model::loader::BaseFormat;
-use crate::optim::schedule::{Schedule, ScheduleKind};
-use crate::optim::{AdamWConfig, StateStorage};
-use crate::train::step::Batch;
-use crate::train::trainer::{train, TrainSettings};
+use crate::optim::schedule::ScheduleKind;
+use crate::optim::StateStorage;
+use crate::train::checkpoint::check_checkpoint_dir;
+use crate::train::recipe::{TrainRecipe, Validation};
+use crate::train::trainer::{check_output_dir, train};
 
 /// Every training option; each may also come from the `--config` TOML file (same names, with
 /// `-` or `_`). Command-line flags win over the file, the file over the defaults.
@@ -163,6 +161,113 @@ fn read_config(path: &Path) -> anyhow::Result<TrainOptions> {
         .with_context(|| format!("{}: not a valid training config", path.display()))
 }
 
+impl TrainOptions {
+    /// These options (flags) over those of the `config` TOML file: a flag wins over the file.
+    pub fn merged_with(mut self, config: Option<&Path>) -> anyhow::Result<TrainOptions> {
+        let mut file = match config {
+            Some(p) => read_config(p)?,
+            None => TrainOptions::default(),
+        };
+        Ok(merge!(
+            self,
+            file,
+            [
+                steps,
+                epochs,
+                batch_size,
+                grad_accum,
+                seq_len,
+                lr,
+                lr_scheduler,
+                warmup_steps,
+                warmup_ratio,
+                weight_decay,
+                max_grad_norm,
+                lora_plus_ratio,
+                rank,
+                alpha,
+                dropout,
+                targets,
+                adapter_dtype,
+                init,
+                rslora,
+                dora,
+                grad_checkpointing,
+                seed,
+                no_shuffle,
+                val_split,
+                val_data,
+                eval_every,
+                optim_resident_mb,
+                optim_8bit,
+                save_every
+            ]
+        ))
+    }
+
+    /// Every choice resolved: the defaults applied and the names parsed.
+    pub fn recipe(&self) -> anyhow::Result<TrainRecipe> {
+        let o = self;
+        let seq_len = o.seq_len.unwrap_or(512);
+        let batch_size = o.batch_size.unwrap_or(4);
+        anyhow::ensure!(
+            seq_len >= 2 && batch_size >= 1,
+            "--seq-len must be >= 2 and --batch-size >= 1"
+        );
+        let seed = o.seed.unwrap_or(42);
+        let adapter_dtype = match o.adapter_dtype.as_deref().unwrap_or("bf16") {
+            "bf16" => DType::BF16,
+            "f32" => DType::F32,
+            other => anyhow::bail!("--adapter-dtype `{other}`: expected bf16 or f32"),
+        };
+        let lora = LoraConfig {
+            rank: o.rank.unwrap_or(16),
+            alpha: o.alpha.unwrap_or(32.0),
+            dropout: o.dropout.unwrap_or(0.05),
+            targets: parse_targets(o.targets.as_deref().unwrap_or("all-linear"))
+                .map_err(anyhow::Error::msg)?,
+            use_rslora: o.rslora.unwrap_or(false),
+            use_dora: o.dora.unwrap_or(false),
+            init: LoraInit::parse(o.init.as_deref().unwrap_or("kaiming"))
+                .map_err(anyhow::Error::msg)?,
+            dtype: adapter_dtype,
+        };
+        Ok(TrainRecipe {
+            steps: o.steps,
+            epochs: o.epochs.unwrap_or(1),
+            batch_size,
+            grad_accum: o.grad_accum.unwrap_or(1).max(1),
+            seq_len,
+            lr: o.lr.unwrap_or(2e-4),
+            schedule: ScheduleKind::parse(o.lr_scheduler.as_deref().unwrap_or("cosine"))
+                .map_err(anyhow::Error::msg)?,
+            warmup_steps: o.warmup_steps,
+            warmup_ratio: o.warmup_ratio.unwrap_or(0.03),
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+            max_grad_norm: o.max_grad_norm.unwrap_or(1.0),
+            lora_plus_ratio: o.lora_plus_ratio.unwrap_or(1.0),
+            lora,
+            grad_checkpointing: o.grad_checkpointing.unwrap_or(true),
+            seed,
+            shuffle: !o.no_shuffle.unwrap_or(false),
+            validation: match &o.val_data {
+                Some(p) => Validation::File(p.clone()),
+                None => Validation::Split(o.val_split.unwrap_or(0.05)),
+            },
+            eval_every: o.eval_every.unwrap_or(0),
+            optim_storage: match (o.optim_8bit.unwrap_or(false), o.optim_resident_mb) {
+                (true, Some(_)) => {
+                    anyhow::bail!("--optim-8bit and --optim-resident-mb cannot be combined yet")
+                }
+                (true, None) => StateStorage::eight_bit(),
+                (false, Some(mb)) => StateStorage::paged((mb * 1048576.0) as usize),
+                (false, None) => StateStorage::Plain,
+            },
+            save_every: o.save_every.unwrap_or(0),
+        })
+    }
+}
+
 /// A flag set by the first Ctrl-C (the trainer then saves a checkpoint and stops); a second
 /// Ctrl-C exits at once.
 fn interrupt_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
@@ -181,181 +286,59 @@ fn interrupt_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
 }
 
 /// Run `qlora train`.
-pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
-    let mut file = match &args.config {
-        Some(p) => read_config(p)?,
-        None => TrainOptions::default(),
-    };
-    let o = merge!(
-        args.opts,
-        file,
-        [
-            steps,
-            epochs,
-            batch_size,
-            grad_accum,
-            seq_len,
-            lr,
-            lr_scheduler,
-            warmup_steps,
-            warmup_ratio,
-            weight_decay,
-            max_grad_norm,
-            lora_plus_ratio,
-            rank,
-            alpha,
-            dropout,
-            targets,
-            adapter_dtype,
-            init,
-            rslora,
-            dora,
-            grad_checkpointing,
-            seed,
-            no_shuffle,
-            val_split,
-            val_data,
-            eval_every,
-            optim_resident_mb,
-            optim_8bit,
-            save_every
-        ]
-    );
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let recipe = args.opts.merged_with(args.config.as_deref())?.recipe()?;
     let adapter_dir = args.out.join("adapter");
     anyhow::ensure!(
         args.resume.is_some() || !adapter_dir.exists(),
         "{} already holds an adapter; choose another --out",
         args.out.display()
     );
-    let seq_len = o.seq_len.unwrap_or(512);
-    let batch_size = o.batch_size.unwrap_or(4);
-    let grad_accum = o.grad_accum.unwrap_or(1).max(1);
-    anyhow::ensure!(
-        seq_len >= 2 && batch_size >= 1,
-        "--seq-len must be >= 2 and --batch-size >= 1"
-    );
-    let seed = o.seed.unwrap_or(42);
+    if let Some(dir) = &args.resume {
+        check_checkpoint_dir(dir)?;
+    }
+    // Fail on an unusable --out now, not after loading the model and the data.
+    check_output_dir(&args.out)?;
+    let (seq_len, batch_size) = (recipe.seq_len, recipe.batch_size);
 
     let mut m = args.model.load(Some(seq_len))?;
-    let tok = m.tokenizer.clone();
-    let dopts = DataOptions::new(seq_len, m.model.cfg.vocab_size);
-    let corpus = Corpus::load(&args.data, tok.as_ref(), &dopts)?;
-    println!("train data: {}", corpus.report);
-    let (train_ex, val_ex) = match &o.val_data {
-        Some(p) => {
-            let v = Corpus::load(p, tok.as_ref(), &dopts)?;
-            println!("validation data: {}", v.report);
-            (corpus.examples, v.examples)
-        }
-        None => {
-            let frac = o.val_split.unwrap_or(0.05);
-            let docs = corpus
-                .examples
-                .iter()
-                .map(|e| e.doc)
-                .collect::<std::collections::BTreeSet<_>>()
-                .len();
-            if frac > 0.0 && docs < 2 {
-                println!("note: {} is one document, so no validation split is taken; give --val-data to validate", args.data.display());
-                (corpus.examples, Vec::new())
-            } else {
-                split_validation(corpus.examples, frac, seed)?
-            }
-        }
-    };
-    let pad_id = m
-        .model
-        .cfg
-        .pad_token_id
-        .or(m.model.cfg.eos_token_ids.first().copied())
-        .unwrap_or(0);
-    let device = m.model.device().clone();
-    let mut bopts = BatchOptions::new(batch_size, seq_len, pad_id, seed);
-    bopts.shuffle = !o.no_shuffle.unwrap_or(false);
-    let mut train_batches = Batches::new(train_ex, bopts.clone(), &device)?;
-    let val_batches: Vec<Batch> = if val_ex.is_empty() {
-        Vec::new()
-    } else {
-        let mut vopts = bopts;
-        vopts.shuffle = false;
-        vopts.epochs = Some(1);
-        Batches::new(val_ex, vopts, &device)?.collect::<Result<Vec<_>, _>>()?
-    };
+    let data = recipe.load_data(&m, &args.data)?;
+    println!("train data: {}", data.train_report);
+    if let Some(v) = &data.val_report {
+        println!("validation data: {v}");
+    }
+    if let Some(note) = &data.note {
+        println!("note: {note}");
+    }
+    let (mut train_batches, val_batches) = (data.train, data.val);
 
-    let adapter_dtype = match o.adapter_dtype.as_deref().unwrap_or("bf16") {
-        "bf16" => DType::BF16,
-        "f32" => DType::F32,
-        other => anyhow::bail!("--adapter-dtype `{other}`: expected bf16 or f32"),
-    };
     let init_from = args
         .resume
         .as_ref()
         .map(|d| d.join("adapter"))
         .or(args.init_adapter.clone());
+    let adapter_dtype = recipe.lora.dtype;
     let lora_cfg = match &init_from {
-        Some(dir) => peft::load_adapter(&mut m.model, dir, Some(adapter_dtype))
-            .with_context(|| format!("loading --init-adapter {}", dir.display()))?,
+        Some(dir) => peft::load_adapter(&mut m.model, dir, Some(adapter_dtype)).with_context(
+            || match &args.resume {
+                Some(r) => format!("loading the adapter of --resume {}", r.display()),
+                None => format!("loading --init-adapter {}", dir.display()),
+            },
+        )?,
         None => {
-            let cfg = LoraConfig {
-                rank: o.rank.unwrap_or(16),
-                alpha: o.alpha.unwrap_or(32.0),
-                dropout: o.dropout.unwrap_or(0.05),
-                targets: parse_targets(o.targets.as_deref().unwrap_or("all-linear"))
-                    .map_err(anyhow::Error::msg)?,
-                use_rslora: o.rslora.unwrap_or(false),
-                use_dora: o.dora.unwrap_or(false),
-                init: LoraInit::parse(o.init.as_deref().unwrap_or("kaiming"))
-                    .map_err(anyhow::Error::msg)?,
-                dtype: adapter_dtype,
-            };
-            lora::attach_new(&mut m.model, &cfg, seed)?;
-            cfg
+            lora::attach_new(&mut m.model, &recipe.lora, recipe.seed)?;
+            recipe.lora.clone()
         }
     };
-    let steps = o.steps.unwrap_or_else(|| {
-        (0..o.epochs.unwrap_or(1))
-            .map(|e| train_batches.batches_in_epoch(e))
-            .sum::<usize>()
-            .div_ceil(grad_accum)
-    });
-    let warmup = o
-        .warmup_steps
-        .unwrap_or_else(|| (steps as f64 * o.warmup_ratio.unwrap_or(0.03)).round() as usize);
-    let lr = o.lr.unwrap_or(2e-4);
-    let kind = ScheduleKind::parse(o.lr_scheduler.as_deref().unwrap_or("cosine"))
-        .map_err(anyhow::Error::msg)?;
-    let settings = TrainSettings {
-        steps,
-        grad_accum,
-        schedule: Schedule {
-            lr,
-            kind,
-            warmup,
-            total: steps,
-        },
-        adamw: AdamWConfig {
-            lr,
-            weight_decay: o.weight_decay.unwrap_or(0.0),
-            ..Default::default()
-        },
-        lora_plus_ratio: o.lora_plus_ratio.unwrap_or(1.0),
-        max_grad_norm: o.max_grad_norm.unwrap_or(1.0),
-        grad_checkpointing: o.grad_checkpointing.unwrap_or(true),
-        eval_every: o.eval_every.unwrap_or(0),
-        seed,
-        optim_storage: match (o.optim_8bit.unwrap_or(false), o.optim_resident_mb) {
-            (true, Some(_)) => {
-                anyhow::bail!("--optim-8bit and --optim-resident-mb cannot be combined yet")
-            }
-            (true, None) => StateStorage::eight_bit(),
-            (false, Some(mb)) => StateStorage::paged((mb * 1048576.0) as usize),
-            (false, None) => StateStorage::Plain,
-        },
-        progress: true,
-        save_every: o.save_every.unwrap_or(0),
-        resume: args.resume.clone(),
-        stop: Some(interrupt_flag()?),
-    };
+    let mut settings = recipe.settings(&train_batches);
+    settings.resume = args.resume.clone();
+    settings.stop = Some(interrupt_flag()?);
+    let (steps, lr, kind, warmup) = (
+        settings.steps,
+        recipe.lr,
+        recipe.schedule,
+        settings.schedule.warmup,
+    );
     let trainable: usize = lora::trainable_vars(&m.model)
         .iter()
         .map(|(_, v)| v.elem_count())

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::DataError;
-use super::example::{tokenize_record, EosPolicy, Example, Fit};
+use super::example::{tokenize_record, EosPolicy, Example, Fit, TokenizedRecord};
 use super::format::DataFormat;
-use super::record::{is_plain_text, read_records};
+use super::record::{is_plain_text, read_records, Record};
 use super::tokenizer::TextTokenizer;
 use crate::train::loss::IGNORE_INDEX;
 
@@ -122,8 +122,31 @@ impl Corpus {
                 line: rec.line,
                 source: Box::new(source),
             };
+            if matches!(&rec.record, Record::Text(t) if t.trim().is_empty()) {
+                // A blank text would train only "BOS -> EOS": nothing of the data.
+                report.dropped += 1;
+                continue;
+            }
             let tokenized = tokenize_record(&rec.record, tokenizer, &eos).map_err(at)?;
-            check_vocab(path, rec.line, &tokenized.ids, &tokenized.labels, opts)?;
+            let from_tokenizer = !matches!(rec.record, Record::Tokens { .. });
+            check_vocab(path, rec.line, &tokenized, opts).map_err(|e| match (e, tokenizer) {
+                (
+                    DataError::TokenOutOfVocab {
+                        path,
+                        line,
+                        id,
+                        vocab_size,
+                    },
+                    Some(t),
+                ) if from_tokenizer => DataError::TokenizerOutOfVocab {
+                    path,
+                    line,
+                    id,
+                    vocab_size,
+                    tokenizer_vocab: t.vocab_size(),
+                },
+                (e, _) => e,
+            })?;
             let mut example = Example {
                 ids: tokenized.ids.iter().map(|&i| i as u32).collect(),
                 labels: tokenized.labels,
@@ -209,13 +232,13 @@ fn eos_policy(
 fn check_vocab(
     path: &Path,
     line: usize,
-    ids: &[i64],
-    labels: &[i64],
+    tokenized: &TokenizedRecord,
     opts: &DataOptions,
 ) -> Result<(), DataError> {
     let vocab = opts.vocab_size as i64;
-    let bad_id = ids.iter().find(|&&i| !(0..vocab).contains(&i));
-    let bad_label = labels
+    let bad_id = tokenized.ids.iter().find(|&&i| !(0..vocab).contains(&i));
+    let bad_label = tokenized
+        .labels
         .iter()
         .find(|&&l| l != IGNORE_INDEX && !(0..vocab).contains(&l));
     match bad_id.or(bad_label) {

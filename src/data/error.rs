@@ -82,6 +82,26 @@ pub enum DataError {
         /// The model's vocabulary size.
         vocab_size: usize,
     },
+    /// The tokenizer produced an id the model has no embedding for: tokenizer and model do not
+    /// belong together.
+    #[error(
+        "{}:{line}: the tokenizer produced token id {id}, outside the model's vocabulary of \
+         {vocab_size}: the tokenizer (vocabulary of {tokenizer_vocab}) does not belong to this \
+         model; use the tokenizer the model was trained with",
+        path.display()
+    )]
+    TokenizerOutOfVocab {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line where the record starts.
+        line: usize,
+        /// The offending id.
+        id: i64,
+        /// The model's vocabulary size.
+        vocab_size: usize,
+        /// The tokenizer's vocabulary size (added tokens included).
+        tokenizer_vocab: usize,
+    },
     /// Tokenizing or rendering a record with the chat template failed.
     #[error("{}:{line}: cannot tokenize the record", path.display())]
     Tokenize {

@@ -98,8 +98,54 @@ pub fn save_checkpoint(
     Ok(staging.commit()?)
 }
 
+/// Check that `dir` looks like a folder [`save_checkpoint`] wrote (its trainer state, optimizer
+/// state and adapter), before anything is loaded from it; the error says what is missing and,
+/// when `dir` is a run's output folder, which checkpoint in it to give instead.
+pub fn check_checkpoint_dir(dir: &Path) -> Result<(), ModelError> {
+    let not = |what: String| {
+        ModelError::invalid(
+            dir.display().to_string(),
+            format!(
+                "{what}; --resume takes a checkpoint folder OUT/checkpoint-N, written by `qlora \
+                 train` every --save-every steps and on Ctrl-C"
+            ),
+        )
+    };
+    if !dir.is_dir() {
+        return Err(not("is not a folder".into()));
+    }
+    let missing: Vec<&str> = [STATE_FILE, OPTIMIZER_FILE, "adapter/adapter_config.json"]
+        .into_iter()
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let latest = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join(STATE_FILE)
+                .is_file()
+                .then_some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step);
+    let hint = latest
+        .map(|(_, p)| format!(" (this folder holds {}: resume from it?)", p.display()))
+        .unwrap_or_default();
+    Err(not(format!(
+        "is not a training checkpoint: it has no {}{hint}",
+        missing.join(", ")
+    )))
+}
+
 /// Read a checkpoint's trainer state, refusing one from another model or adapter layout.
 pub fn read_trainer_state(dir: &Path, model: &Llama) -> Result<TrainerState, ModelError> {
+    check_checkpoint_dir(dir)?;
     let path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|source| ModelError::Json {

@@ -4,5 +4,6 @@ pub mod checkpoint;
 pub mod layerwise;
 pub mod loss;
 pub mod plot;
+pub mod recipe;
 pub mod step;
 pub mod trainer;

@@ -98,6 +98,32 @@ pub fn validation_loss(model: &Llama, batches: &[Batch]) -> Result<f64, ModelErr
     Ok(sum / n.max(1) as f64)
 }
 
+/// Check that `out` can become the output folder (it, or the nearest folder above it that
+/// exists, takes new files) without creating anything, so a run fails before any work, and a
+/// failed run leaves nothing behind.
+pub fn check_output_dir(out: &Path) -> Result<(), ModelError> {
+    let unusable = |why: String| ModelError::Invalid {
+        path: out.to_path_buf(),
+        what: format!("cannot be used as the output folder: {why}"),
+    };
+    let mut existing = out;
+    while !existing.exists() {
+        existing = match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+    }
+    if !existing.is_dir() {
+        return Err(unusable(format!(
+            "{} is a file, not a folder",
+            existing.display()
+        )));
+    }
+    tempfile::NamedTempFile::new_in(existing)
+        .map(drop)
+        .map_err(|e| unusable(format!("cannot write in {}: {e}", existing.display())))
+}
+
 /// Global L2 norm of the gradients.
 fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
     let mut sq = 0f64;
@@ -123,10 +149,22 @@ pub fn train(
     settings: &TrainSettings,
     out: &Path,
 ) -> Result<TrainReport, ModelError> {
+    // A checkpoint from another model is refused before anything is written.
+    let resumed = match &settings.resume {
+        Some(dir) => Some(checkpoint::read_trainer_state(dir, model)?),
+        None => None,
+    };
+    check_output_dir(out)?;
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics =
-        std::fs::File::create(&metrics_path).map_err(|e| ModelError::io(&metrics_path, e))?;
+    // A resumed run continues the log of the run it resumes (when it writes to the same folder).
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resumed.is_some())
+        .truncate(resumed.is_none())
+        .open(&metrics_path)
+        .map_err(|e| ModelError::io(&metrics_path, e))?;
     let dropout = lora::share_dropout_seed(model);
     let named = lora::trainable_vars(model);
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
@@ -158,8 +196,7 @@ pub fn train(
     let mut tokens = 0usize;
     let mut train_secs = 0f64;
     let mut first_step = 0usize;
-    if let Some(dir) = &settings.resume {
-        let state = checkpoint::read_trainer_state(dir, model)?;
+    if let (Some(dir), Some(state)) = (&settings.resume, resumed) {
         checkpoint::load_optimizer(dir, &mut opt)?;
         train.seek(state.data_position)?;
         first_step = state.step;

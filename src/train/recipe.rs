@@ -1,0 +1,194 @@
+//! `TrainRecipe`: every training choice resolved to a value, and what turns it, a loaded model
+//! and a data file into batches and [`TrainSettings`].
+//!
+//! `qlora train` and `qlora compare` both build one from their options, so the two commands
+//! read data, split validation and schedule the learning rate the same way.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use super::step::Batch;
+use super::trainer::TrainSettings;
+use crate::data::batches::{BatchOptions, Batches};
+use crate::data::corpus::{Corpus, DataOptions, LoadReport};
+use crate::data::split::split_validation;
+use crate::lora::LoraConfig;
+use crate::model::error::ModelError;
+use crate::model::loader::LoadedModel;
+use crate::optim::schedule::{Schedule, ScheduleKind};
+use crate::optim::{AdamWConfig, StateStorage};
+
+/// Where the validation examples come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Validation {
+    /// A separate file.
+    File(PathBuf),
+    /// This fraction of the training file's documents, held out (seeded).
+    Split(f64),
+}
+
+/// Every training choice, defaults already applied.
+#[derive(Clone, Debug)]
+pub struct TrainRecipe {
+    /// Optimizer steps; `None` runs `epochs` epochs.
+    pub steps: Option<usize>,
+    /// Epochs when `steps` is not given.
+    pub epochs: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Shape of the learning-rate schedule.
+    pub schedule: ScheduleKind,
+    /// Warmup steps (overrides `warmup_ratio`).
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of the steps.
+    pub warmup_ratio: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    /// LoRA+ learning-rate ratio for B.
+    pub lora_plus_ratio: f64,
+    /// Fresh adapters to attach (ignored when starting from a saved adapter).
+    pub lora: LoraConfig,
+    /// Activation checkpointing per layer.
+    pub grad_checkpointing: bool,
+    /// Seed of adapters, dropout, shuffles and the validation split.
+    pub seed: u64,
+    /// Shuffle the training examples each epoch.
+    pub shuffle: bool,
+    /// Validation examples.
+    pub validation: Validation,
+    /// Validate every this many steps (0 = start and end only).
+    pub eval_every: usize,
+    /// Where the optimizer state lives.
+    pub optim_storage: StateStorage,
+    /// Checkpoint every this many steps (0 = only on interruption).
+    pub save_every: usize,
+}
+
+/// The batches of a run, and what loading the data did.
+#[derive(Clone, Debug)]
+pub struct RunData {
+    /// Training batches (fresh: at the start of epoch 0).
+    pub train: Batches,
+    /// Validation batches, in file order (empty when there is no validation set).
+    pub val: Vec<Batch>,
+    /// What reading the training file did.
+    pub train_report: LoadReport,
+    /// What reading the validation file did (when one was given).
+    pub val_report: Option<LoadReport>,
+    /// A remark for the user (e.g. why no validation split was taken).
+    pub note: Option<String>,
+}
+
+impl TrainRecipe {
+    /// Read `data` (and the validation file) with `model`'s tokenizer and vocabulary, split
+    /// validation off, and build the batches.
+    pub fn load_data(&self, model: &LoadedModel, data: &Path) -> Result<RunData, ModelError> {
+        let tok = model.tokenizer.as_ref();
+        let dopts = DataOptions::new(self.seq_len, model.model.cfg.vocab_size);
+        let corpus = Corpus::load(data, tok, &dopts)?;
+        let train_report = corpus.report.clone();
+        let mut note = None;
+        let mut val_report = None;
+        let (train_ex, val_ex) = match &self.validation {
+            Validation::File(p) => {
+                let v = Corpus::load(p, tok, &dopts)?;
+                val_report = Some(v.report);
+                (corpus.examples, v.examples)
+            }
+            Validation::Split(frac) => {
+                let docs = corpus
+                    .examples
+                    .iter()
+                    .map(|e| e.doc)
+                    .collect::<BTreeSet<_>>()
+                    .len();
+                if *frac > 0.0 && docs < 2 {
+                    note = Some(format!(
+                        "{} is one document, so no validation split is taken; give --val-data \
+                         to validate",
+                        data.display()
+                    ));
+                    (corpus.examples, Vec::new())
+                } else {
+                    split_validation(corpus.examples, *frac, self.seed)?
+                }
+            }
+        };
+        let pad_id = model
+            .model
+            .cfg
+            .pad_token_id
+            .or(model.model.cfg.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        let device = model.model.device().clone();
+        let mut bopts = BatchOptions::new(self.batch_size, self.seq_len, pad_id, self.seed);
+        bopts.shuffle = self.shuffle;
+        let train = Batches::new(train_ex, bopts.clone(), &device)?;
+        let val = if val_ex.is_empty() {
+            Vec::new()
+        } else {
+            let mut vopts = bopts;
+            vopts.shuffle = false;
+            vopts.epochs = Some(1);
+            Batches::new(val_ex, vopts, &device)?.collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(RunData {
+            train,
+            val,
+            train_report,
+            val_report,
+            note,
+        })
+    }
+
+    /// Optimizer steps of the run: `steps`, or `epochs` epochs of `train`.
+    pub fn total_steps(&self, train: &Batches) -> usize {
+        self.steps.unwrap_or_else(|| {
+            (0..self.epochs)
+                .map(|e| train.batches_in_epoch(e))
+                .sum::<usize>()
+                .div_ceil(self.grad_accum)
+        })
+    }
+
+    /// The trainer's settings for a run over `train` (no resume, no stop flag, progress bar on).
+    pub fn settings(&self, train: &Batches) -> TrainSettings {
+        let steps = self.total_steps(train);
+        let warmup = self
+            .warmup_steps
+            .unwrap_or_else(|| (steps as f64 * self.warmup_ratio).round() as usize);
+        TrainSettings {
+            steps,
+            grad_accum: self.grad_accum,
+            schedule: Schedule {
+                lr: self.lr,
+                kind: self.schedule,
+                warmup,
+                total: steps,
+            },
+            adamw: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
+            lora_plus_ratio: self.lora_plus_ratio,
+            max_grad_norm: self.max_grad_norm,
+            grad_checkpointing: self.grad_checkpointing,
+            eval_every: self.eval_every,
+            seed: self.seed,
+            optim_storage: self.optim_storage.clone(),
+            progress: true,
+            save_every: self.save_every,
+            resume: None,
+            stop: None,
+        }
+    }
+}
