@@ -112,6 +112,9 @@ pub struct TrainOptions {
     /// on Ctrl-C].
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Refuse to start when the memory plan's peak exceeds this (e.g. 8GiB, 16G, 12GB).
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
 }
 
 /// Arguments of `qlora train`.
@@ -218,7 +221,8 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             eval_every,
             optim_resident_mb,
             optim_8bit,
-            save_every
+            save_every,
+            memory_limit
         ]
     );
     let adapter_dir = args.out.join("adapter");
@@ -235,6 +239,38 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         "--seq-len must be >= 2 and --batch-size >= 1"
     );
     let seed = o.seed.unwrap_or(42);
+    let memory_limit = o
+        .memory_limit
+        .as_deref()
+        .map(crate::plan::parse_bytes)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
+    // Planned from the config alone, so an oversized run is refused before anything loads.
+    let plan = crate::plan::plan_for_training(
+        &crate::plan::presets::resolve_config(&args.model.model.display().to_string())?,
+        &crate::plan::PlanSettings {
+            seq_len,
+            batch_size,
+            rank: o.rank.unwrap_or(16),
+            targets: parse_targets(o.targets.as_deref().unwrap_or("all-linear"))
+                .map_err(anyhow::Error::msg)?,
+            dropout: o.dropout.unwrap_or(0.05) > 0.0,
+            grad_checkpointing: o.grad_checkpointing.unwrap_or(true),
+            base: args.model.quant,
+            blocksize: args.model.blocksize,
+            double_quant: !args.model.no_double_quant,
+            adapter_dtype: if o.adapter_dtype.as_deref() == Some("f32") {
+                DType::F32
+            } else {
+                DType::BF16
+            },
+            ..Default::default()
+        },
+        o.optim_8bit.unwrap_or(false),
+        o.optim_resident_mb,
+        memory_limit,
+    )?;
+    println!("{plan}");
 
     let mut m = args.model.load(Some(seq_len))?;
     let tok = m.tokenizer.clone();
@@ -387,6 +423,13 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         &settings,
         &args.out,
     )?;
+    if let Some(peak) = crate::plan::rss::peak_rss_bytes() {
+        println!(
+            "peak memory {} (planned {})",
+            crate::plan::format_bytes(peak),
+            crate::plan::format_bytes(plan.peak)
+        );
+    }
     let first = report.losses.first().copied().unwrap_or(f64::NAN);
     let last = report.losses.last().copied().unwrap_or(f64::NAN);
     println!(

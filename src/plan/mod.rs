@@ -6,6 +6,7 @@
 //! says whether the peak fits a budget. `qlora plan` prints it; `qlora train` prints it and
 //! refuses a run over `--memory-limit`.
 
+pub mod budget;
 pub mod estimate;
 pub mod presets;
 pub mod rss;
@@ -20,6 +21,7 @@ use crate::model::loader::BaseFormat;
 use crate::quant::QuantType;
 use crate::train::loss::DEFAULT_CHUNK_ROWS;
 
+pub use budget::{plan_for_training, OverBudget};
 pub use size::{format_bytes, parse_bytes};
 
 /// How the optimizer's moments are held.
@@ -34,6 +36,19 @@ pub enum OptimPlan {
     },
     /// 8-bit blockwise state (about 2 bytes per parameter).
     EightBit,
+}
+
+impl From<&crate::optim::StateStorage> for OptimPlan {
+    fn from(s: &crate::optim::StateStorage) -> Self {
+        use crate::optim::StateStorage;
+        match s {
+            StateStorage::Plain => OptimPlan::Plain,
+            StateStorage::Paged { resident_bytes, .. } => OptimPlan::Paged {
+                resident_bytes: *resident_bytes,
+            },
+            StateStorage::EightBit { .. } => OptimPlan::EightBit,
+        }
+    }
 }
 
 /// Everything about a run that decides its memory.

@@ -1,4 +1,4 @@
-//! The process's peak resident memory, to set against the plan.
+//! The process's peak resident memory, to set against the plan, and the machine's memory.
 
 /// Peak resident set size of this process in bytes (`VmHWM` in `/proc/self/status`); `None`
 /// where procfs is absent.
@@ -9,6 +9,12 @@ pub fn peak_rss_bytes() -> Option<usize> {
 /// Current resident set size in bytes (`VmRSS`).
 pub fn current_rss_bytes() -> Option<usize> {
     status_field("VmRSS:")
+}
+
+/// Physical memory of the machine in bytes (`MemTotal` in `/proc/meminfo`).
+pub fn total_memory_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_kib_field(&text, "MemTotal:")
 }
 
 fn status_field(key: &str) -> Option<usize> {
