@@ -13,4 +13,5 @@ pub mod eval;
 pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod train;

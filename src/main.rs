@@ -1,5 +1,5 @@
 use clap::Parser;
-use qlora::cli::{compare, eval, generate, inspect, quantize, train, Cli, Command};
+use qlora::cli::{compare, eval, generate, inspect, plan, quantize, train, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -9,5 +9,6 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Plan(args) => plan::run(args),
     }
 }

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod model_args;
+pub mod plan;
 pub mod quantize;
 pub mod train;
 
@@ -43,4 +44,6 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Show what a model folder, 4-bit checkpoint, GGUF file or adapter holds.
     Inspect(inspect::InspectArgs),
+    /// Print the memory plan of a training run and whether it fits.
+    Plan(plan::PlanArgs),
 }

@@ -110,6 +110,9 @@ pub struct TrainOptions {
     /// on Ctrl-C].
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Refuse to start when the memory plan's peak exceeds this (e.g. 8GiB, 16G, 12GB).
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
 }
 
 /// Arguments of `qlora train`.
@@ -200,7 +203,8 @@ impl TrainOptions {
                 eval_every,
                 optim_resident_mb,
                 optim_8bit,
-                save_every
+                save_every,
+                memory_limit
             ]
         ))
     }
@@ -287,7 +291,8 @@ fn interrupt_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
 
 /// Run `qlora train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let recipe = args.opts.merged_with(args.config.as_deref())?.recipe()?;
+    let opts = args.opts.merged_with(args.config.as_deref())?;
+    let recipe = opts.recipe()?;
     let adapter_dir = args.out.join("adapter");
     anyhow::ensure!(
         args.resume.is_some() || !adapter_dir.exists(),
@@ -299,6 +304,33 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     // Fail on an unusable --out now, not after loading the model and the data.
     check_output_dir(&args.out)?;
+    let memory_limit = opts
+        .memory_limit
+        .as_deref()
+        .map(crate::plan::parse_bytes)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
+    // Planned from the config alone, so an oversized run is refused before anything loads.
+    let plan = crate::plan::plan_for_training(
+        &crate::plan::presets::resolve_config(&args.model.model.display().to_string())?,
+        &crate::plan::PlanSettings {
+            seq_len: recipe.seq_len,
+            batch_size: recipe.batch_size,
+            rank: recipe.lora.rank,
+            targets: recipe.lora.targets.clone(),
+            dropout: recipe.lora.dropout > 0.0,
+            grad_checkpointing: recipe.grad_checkpointing,
+            base: args.model.quant,
+            blocksize: args.model.blocksize,
+            double_quant: !args.model.no_double_quant,
+            adapter_dtype: recipe.lora.dtype,
+            ..Default::default()
+        },
+        opts.optim_8bit.unwrap_or(false),
+        opts.optim_resident_mb,
+        memory_limit,
+    )?;
+    println!("{plan}");
     let (seq_len, batch_size) = (recipe.seq_len, recipe.batch_size);
 
     let mut m = args.model.load(Some(seq_len))?;
@@ -370,6 +402,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &settings,
         &args.out,
     )?;
+    if let Some(peak) = crate::plan::rss::peak_rss_bytes() {
+        println!(
+            "peak memory {} (planned {})",
+            crate::plan::format_bytes(peak),
+            crate::plan::format_bytes(plan.peak)
+        );
+    }
     let first = report.losses.first().copied().unwrap_or(f64::NAN);
     let last = report.losses.last().copied().unwrap_or(f64::NAN);
     println!(

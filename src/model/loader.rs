@@ -107,7 +107,7 @@ pub struct LoadedModel {
 }
 
 /// A source of HF-named tensors.
-trait TensorSource {
+pub(crate) trait TensorSource {
     /// Dense tensor in f32 on the CPU.
     fn dense(&mut self, name: &str) -> Result<Tensor, ModelError>;
     /// A weight already stored in 4-bit, if the source has it that way.
@@ -251,7 +251,8 @@ fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<(), ModelEr
     Ok(())
 }
 
-fn build(
+/// Assemble a [`Llama`] from `src`, one tensor at a time (linear weights quantized as they come).
+pub(crate) fn build(
     cfg: &LlamaConfig,
     src: &mut dyn TensorSource,
     opts: &LoadOptions,

@@ -12,4 +12,5 @@ pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod quantize;
+pub mod random_source;
 pub mod shard_writer;

