@@ -9,6 +9,7 @@ pub mod atomic_dir;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod lora;
 pub mod model;
 pub mod optim;

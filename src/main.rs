@@ -1,5 +1,5 @@
 use clap::Parser;
-use qlora::cli::{eval, generate, inspect, quantize, train, Cli, Command};
+use qlora::cli::{eval, generate, inspect, merge, quantize, train, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -8,5 +8,6 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }

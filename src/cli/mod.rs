@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod model_args;
 pub mod quantize;
 pub mod train;
@@ -40,4 +41,6 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Show what a model folder, 4-bit checkpoint, GGUF file or adapter holds.
     Inspect(inspect::InspectArgs),
+    /// Merge an adapter into its base model and export it (safetensors or GGUF).
+    Merge(merge::MergeArgs),
 }
