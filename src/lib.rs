@@ -10,6 +10,7 @@ pub mod cli;
 pub mod compare;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod lora;
 pub mod model;
 pub mod optim;

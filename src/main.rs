@@ -1,5 +1,5 @@
 use clap::Parser;
-use qlora::cli::{compare, eval, generate, inspect, plan, quantize, train, Cli, Command};
+use qlora::cli::{compare, eval, generate, inspect, merge, plan, quantize, train, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -10,5 +10,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }

@@ -6,6 +6,7 @@ pub mod compare;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod model_args;
 pub mod plan;
 pub mod quantize;
@@ -46,4 +47,6 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Print the memory plan of a training run and whether it fits.
     Plan(plan::PlanArgs),
+    /// Merge an adapter into its base model and export it (safetensors or GGUF).
+    Merge(merge::MergeArgs),
 }

@@ -322,7 +322,7 @@ fn check_weights(
 
 /// The input config plus the `quantization_config` block transformers writes for a 4-bit
 /// bitsandbytes model (same keys and values as `BitsAndBytesConfig.to_dict()` after loading).
-fn quantized_config(
+pub fn quantized_config(
     mut config: Map<String, Value>,
     options: &QuantizeOptions,
     compute_dtype: &str,
@@ -360,7 +360,7 @@ fn sorted(value: Value) -> Value {
 }
 
 /// Copy the tokenizer and generation files that exist in `src`; returns their names.
-fn copy_side_files(src: &Path, dst: &Path) -> Result<Vec<String>, ModelError> {
+pub fn copy_side_files(src: &Path, dst: &Path) -> Result<Vec<String>, ModelError> {
     let entries = std::fs::read_dir(src).map_err(|source| ModelError::Read {
         path: src.to_path_buf(),
         source,
