@@ -72,6 +72,9 @@ const CONFIGS: [Config; 4] = [
 /// What one child measured.
 struct Measured {
     step_s: Vec<f64>,
+    /// CPU seconds (user + system, all threads) of each timed step: robust to other jobs
+    /// competing for the cores, unlike wall time.
+    cpu_s: Vec<f64>,
     loss: f64,
     rss_mib: f64,
 }
@@ -79,6 +82,11 @@ struct Measured {
 impl Measured {
     fn median_step(&self) -> f64 {
         let mut s = self.step_s.clone();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    }
+    fn median_cpu(&self) -> f64 {
+        let mut s = self.cpu_s.clone();
         s.sort_by(f64::total_cmp);
         s[s.len() / 2]
     }
@@ -170,17 +178,20 @@ fn print_table(
             .collect::<Vec<_>>()
             .join(" "),
     );
-    println!("| config | s/step | tokens/s | peak RSS MiB | tok/s / PEFT | RSS / PEFT | loss |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     println!(
-        "| PEFT + bnb, NF4, checkpointing on (ANCHORS.md) | {:.1} | {PEFT_TOKENS_PER_S:.0} | {PEFT_RSS_MIB:.0} | 1.00 | 1.00 | |",
+        "| config | s/step | CPU s/step | tokens/s | peak RSS MiB | tok/s / PEFT | RSS / PEFT | loss |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| PEFT + bnb, NF4, checkpointing on (ANCHORS.md) | {:.1} | | {PEFT_TOKENS_PER_S:.0} | {PEFT_RSS_MIB:.0} | 1.00 | 1.00 | |",
         (BATCH * SEQ) as f64 / PEFT_TOKENS_PER_S
     );
     for (cfg, m) in rows {
         println!(
-            "| {} | {:.2} | {:.1} | {:.0} | {:.2} | {:.2} | {:.4} |",
+            "| {} | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.2} | {:.4} |",
             cfg.label,
             m.median_step(),
+            m.median_cpu(),
             m.tokens_per_s(),
             m.rss_mib,
             m.tokens_per_s() / PEFT_TOKENS_PER_S,
@@ -195,8 +206,9 @@ fn print_table(
     ] {
         if let (Some(a), Some(b)) = (find(nf4), find(fp)) {
             println!(
-                "NF4 / full-precision step time, {what}: {:.2} (target <= 1.1)",
-                a.median_step() / b.median_step()
+                "NF4 / full-precision step time, {what}: {:.2} wall, {:.2} CPU (target <= 1.1)",
+                a.median_step() / b.median_step(),
+                a.median_cpu() / b.median_cpu()
             );
         }
     }
@@ -209,7 +221,7 @@ fn print_table(
     }
 }
 
-/// The child's one result line: `result <loss> <rss MiB> <step s>...`.
+/// The child's one result line: `result <loss> <rss MiB> <steps> <wall s>... <cpu s>...`.
 fn parse_child(stdout: &str) -> anyhow::Result<Measured> {
     let line = stdout
         .lines()
@@ -221,13 +233,15 @@ fn parse_child(stdout: &str) -> anyhow::Result<Measured> {
         .map(|s| s.parse::<f64>())
         .collect::<Result<_, _>>()
         .with_context(|| format!("bad result line `{line}`"))?;
-    if nums.len() < 3 {
-        bail!("result line `{line}` has no step times");
+    let steps = nums.get(2).copied().unwrap_or(0.0) as usize;
+    if steps == 0 || nums.len() != 3 + 2 * steps {
+        bail!("result line `{line}` does not hold its step times");
     }
     Ok(Measured {
         loss: nums[0],
         rss_mib: nums[1],
-        step_s: nums[2..].to_vec(),
+        step_s: nums[3..3 + steps].to_vec(),
+        cpu_s: nums[3 + steps..].to_vec(),
     })
 }
 
@@ -246,6 +260,25 @@ fn peak_rss_mib() -> anyhow::Result<f64> {
         .parse()
         .context("VmHWM is not a number")?;
     Ok(kb / 1024.0)
+}
+
+/// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/self/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        f.get(i)
+            .context("short /proc/self/stat")?
+            .parse::<f64>()
+            .context("bad tick count in /proc/self/stat")
+    };
+    // USER_HZ is 100 on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// Load, attach adapters, run one warm-up and `steps` timed training steps (forward, backward,
@@ -275,6 +308,7 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(named, AdamWConfig::default(), |_| 1.0)?;
     let mut times = Vec::with_capacity(steps);
+    let mut cpu = Vec::with_capacity(steps);
     let mut loss = f64::NAN;
     for step in 0..=steps {
         let batch = batches
@@ -286,17 +320,27 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
         }
         seed.set(step as u64 + 1);
         let start = Instant::now();
+        let cpu0 = cpu_seconds()?;
         let (l, grads) = loss_and_grads_layerwise(&m.model, &batch, &vars, cfg.checkpointing)?;
         opt.step(&grads, 2e-4)?;
         let secs = start.elapsed().as_secs_f64();
-        eprintln!("  {} step {step}: {secs:.2} s, loss {l:.4}", cfg.name);
+        let cpu_s = cpu_seconds()? - cpu0;
+        eprintln!(
+            "  {} step {step}: {secs:.2} s wall, {cpu_s:.2} s CPU, loss {l:.4}",
+            cfg.name
+        );
         if step > 0 {
             times.push(secs);
+            cpu.push(cpu_s);
         }
         loss = l;
     }
     let rss = peak_rss_mib()?;
-    let times: Vec<String> = times.iter().map(|t| format!("{t:.4}")).collect();
-    println!("result {loss} {rss} {}", times.join(" "));
+    let all: Vec<String> = times
+        .iter()
+        .chain(&cpu)
+        .map(|t| format!("{t:.4}"))
+        .collect();
+    println!("result {loss} {rss} {steps} {}", all.join(" "));
     Ok(())
 }

@@ -11,5 +11,6 @@ pub mod inspect;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod ops;
 pub mod quantize;
 pub mod shard_writer;
