@@ -2,10 +2,9 @@
 //! for softmax: libm's scalar `expf` was a visible share of a training step.
 //!
 //! Cody–Waite range reduction `x = n·ln2 + r` and a degree-6 polynomial for `e^r` on
-//! `|r| ≤ ln2/2`; relative error below 4e-7 over the
-//! whole range (tested). Inputs below -87.3 give exactly 0
-//! (so a -inf mask entry gives 0, as `expf` does); inputs above 88 saturate at `e^88` (softmax only
-//! feeds it values ≤ 0).
+//! `|r| ≤ ln2/2`; relative error below 4e-7 over the whole range (tested). Inputs below -87.3
+//! give exactly 0 (so a -inf mask entry gives 0, as `expf` does); inputs above 88 saturate at
+//! `e^88` (softmax only feeds it values ≤ 0).
 
 /// `e^x`, accurate to ~2 ulp, written so that loops over it vectorize.
 #[inline(always)]
