@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor, Var, D};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+
+use super::dropout::HashDropout;
 
 /// The seed of the current dropout draw, shared by all adapters of a model.
 ///
@@ -69,21 +69,16 @@ impl LoraAdapter {
         };
         let a = self.a.as_tensor().to_dtype(dt)?;
         let b = self.b.as_tensor().to_dtype(dt)?;
-        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
+        // The scale goes on the rank-r intermediate ([m, r]), not on the [m, out] result.
+        (x.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)
     }
 
-    /// Inverted dropout with a mask drawn from (shared seed, this adapter's key).
+    /// Inverted dropout with a mask that is a function of (shared seed, this adapter's key,
+    /// element index) only.
     fn apply_dropout(&self, x: &Tensor) -> Result<Tensor> {
-        let p = self.dropout;
         let seed = self.dropout_seed.get().wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ self.dropout_key.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        let mut rng = SmallRng::seed_from_u64(seed);
-        let keep = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        HashDropout::new(self.dropout, seed)?.forward(x)
     }
 
     /// `scale · B · A` as an `[out, in]` f32 tensor (for merging).

@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod dropout;
 pub mod init;
 pub mod merge;
 pub mod peft;

@@ -5,16 +5,29 @@
 //!                 h = a + down_proj(silu(gate_proj(n2(a))) * up_proj(n2(a)))
 //! logits = norm(h) · lm_headᵀ
 //!
-//! Norms, RoPE and softmax are written with candle's primitive ops (not its fused kernels, which
-//! record no backward), so training can differentiate through every layer.
+//! For f32 on the CPU, RMSNorm, SwiGLU's `silu(gate)·up` and the whole attention core (RoPE,
+//! scores, mask, softmax, `P·V`) run as fused ops with their own backward (`super::ops`). The
+//! composite versions, written with candle's primitive ops so they differentiate, remain the
+//! reference and the path for other dtypes, devices and the KV-cached generation.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 
 use super::config::{LlamaConfig, RopeScaling};
 use super::linear::Linear;
+use super::ops::{self, attention::FusedAttention};
 
 /// RMSNorm in f32 (as transformers does), result cast back to the input dtype, times the weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if ops::fused_applies(x) {
+        return ops::rms_norm::rms_norm_fused(x, weight, eps);
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+/// [`rms_norm`] from candle's primitive ops (the reference for the fused op).
+pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -34,6 +47,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain f32 vectors, for the fused attention op.
+    cos_host: Arc<Vec<f32>>,
+    sin_host: Arc<Vec<f32>>,
 }
 
 impl Rope {
@@ -85,9 +101,16 @@ impl Rope {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, d), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, d), device)?,
+            cos: Tensor::from_vec(cos.clone(), (max_positions, d), device)?,
+            sin: Tensor::from_vec(sin.clone(), (max_positions, d), device)?,
+            cos_host: Arc::new(cos),
+            sin_host: Arc::new(sin),
         })
+    }
+
+    /// The cos and sin tables `[positions, head_dim]` as host f32 vectors (for fused ops).
+    pub fn host_tables(&self) -> (Arc<Vec<f32>>, Arc<Vec<f32>>) {
+        (self.cos_host.clone(), self.sin_host.clone())
     }
 
     /// Number of positions the tables cover.
@@ -194,44 +217,68 @@ impl Attention {
         let q = self.q_proj.forward(x, train)?;
         let k = self.k_proj.forward(x, train)?;
         let v = self.v_proj.forward(x, train)?;
-        let q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, pos)?;
-        let mut k = rope.apply(&k, pos)?;
-        let mut v = v;
-        let past = match cache {
-            Some(slot) => {
-                let past = slot.as_ref().map_or(0, |(pk, _)| pk.dims()[2]);
-                if let Some((pk, pv)) = slot.as_ref() {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
-                }
-                *slot = Some((k.clone(), v.clone()));
-                past
+        let out = match cache {
+            None if ops::fused_applies(&q) => {
+                let (cos, sin) = rope.host_tables();
+                FusedAttention::new((h, kvh, d), cos, sin, pos, mask)?.forward(&q, &k, &v)?
             }
-            None => 0,
+            cache => attention_composite((h, kvh, d), &q, &k, &v, rope, pos, mask, cache)?,
         };
-        let s = k.dims()[2];
-        // Group query heads by their key/value head instead of copying k and v per group:
-        // q [b, kv, g*t, d] · kᵀ [b, kv, d, s].
-        let g = h / kvh;
-        let qg = q.reshape((b, kvh, g * t, d))?;
-        let scores = (qg.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
-        let scores = scores.reshape((b, kvh, g, t, s))?;
-        if mask.dim(D::Minus1)? != past + t {
-            candle_core::bail!(
-                "attention mask covers {} keys, expected {}",
-                mask.dim(D::Minus1)?,
-                past + t
-            );
-        }
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-        let probs = softmax_last_dim(&scores)?.reshape((b, kvh, g * t, s))?;
-        let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
-        let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o_proj.forward(&out, train)
+        self.o_proj.forward(&out.reshape((b, t, h * d))?, train)
     }
+}
+
+/// The attention core from candle's primitive ops: projections `q` `[b, t, heads·d]`, `k`, `v`
+/// `[b, t, kv_heads·d]` to the output `[b, t, heads·d]`, extending `cache` when given (the
+/// reference for [`FusedAttention`], and the generation path).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_composite(
+    (h, kvh, d): (usize, usize, usize),
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &Rope,
+    pos: &Tensor,
+    mask: &Tensor,
+    cache: Option<&mut Option<(Tensor, Tensor)>>,
+) -> Result<Tensor> {
+    let (b, t, _) = q.dims3()?;
+    let q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+    let k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+    let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+    let q = rope.apply(&q, pos)?;
+    let mut k = rope.apply(&k, pos)?;
+    let mut v = v;
+    let past = match cache {
+        Some(slot) => {
+            let past = slot.as_ref().map_or(0, |(pk, _)| pk.dims()[2]);
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+            past
+        }
+        None => 0,
+    };
+    let s = k.dims()[2];
+    // Group query heads by their key/value head instead of copying k and v per group:
+    // q [b, kv, g*t, d] · kᵀ [b, kv, d, s].
+    let g = h / kvh;
+    let qg = q.reshape((b, kvh, g * t, d))?;
+    let scores = (qg.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = scores.reshape((b, kvh, g, t, s))?;
+    if mask.dim(D::Minus1)? != past + t {
+        candle_core::bail!(
+            "attention mask covers {} keys, expected {}",
+            mask.dim(D::Minus1)?,
+            past + t
+        );
+    }
+    let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    let probs = softmax_last_dim(&scores)?.reshape((b, kvh, g * t, s))?;
+    let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
+    out.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
 /// Additive mask `[b, 1, 1, t, past + t]`: 0 where attention is allowed, -inf elsewhere.
@@ -296,9 +343,14 @@ pub struct Mlp {
 impl Mlp {
     /// `down(silu(gate(x)) * up(x))`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, train)?.silu()?;
+        let gate = self.gate_proj.forward(x, train)?;
         let up = self.up_proj.forward(x, train)?;
-        self.down_proj.forward(&(gate * up)?, train)
+        let act = if ops::fused_applies(&gate) {
+            ops::swiglu::silu_mul(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        self.down_proj.forward(&act, train)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod ops;
 pub mod quantize;
 pub mod random_source;
 pub mod shard_writer;

@@ -1,16 +1,26 @@
 //! Causal-LM cross-entropy computed in chunks of rows, so the `[tokens, vocab]` f32 logits never
-//! exist at once: the forward keeps only per-row log-sum-exp, and the backward recomputes each
-//! chunk's logits to form `dh = (softmax - onehot) · W / n`. The head is frozen, so it gets no
+//! exist at once. One pass per chunk does everything: `logits = h · headᵀ` (gemm on the rayon
+//! pool), each row's log-sum-exp and picked logit (rows in parallel, a vectorized `exp`), and,
+//! when `h` needs a gradient, `dh = (softmax - onehot) · head` from the same logits buffer, kept
+//! until the backward (it is only `[tokens, hidden]`). The backward then only scales it: the
+//! logits are computed once per step instead of twice. The head is frozen, so it gets no
 //! gradient.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::model::ops::exp::exp_f32;
+use crate::model::ops::with_f32;
 
 /// Label value that is not predicted (prompt tokens, padding), as in transformers.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Rows of logits materialized at once.
-pub const DEFAULT_CHUNK_ROWS: usize = 1024;
+/// Rows of logits materialized at once (`256 × 49152` f32 is 48 MiB).
+pub const DEFAULT_CHUNK_ROWS: usize = 256;
 
 /// Mean cross-entropy of `h · headᵀ` against `targets` over the rows whose target is not
 /// [`IGNORE_INDEX`]. `h`: `[n, hidden]` (differentiable), `head`: `[vocab, hidden]` (frozen).
@@ -20,110 +30,188 @@ pub fn chunked_cross_entropy(
     targets: &[i64],
     chunk_rows: usize,
 ) -> Result<Tensor> {
-    let (n, hidden) = h.dims2()?;
-    if targets.len() != n {
-        candle_core::bail!("{} targets for {n} rows", targets.len());
-    }
-    let vocab = head.dim(0)?;
-    if let Some(t) = targets
-        .iter()
-        .find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab))
-    {
-        candle_core::bail!("target id {t} is outside the vocabulary of {vocab}");
-    }
-    if head.dim(1)? != hidden {
-        candle_core::bail!("head has width {}, hidden states {hidden}", head.dim(1)?);
-    }
-    let op = ChunkedCrossEntropy {
-        head: head.detach().to_dtype(DType::F32)?,
-        targets: targets.to_vec(),
-        chunk_rows: chunk_rows.max(1),
-    };
+    let op = ChunkedCrossEntropy::new(h, head, targets, chunk_rows, h.track_op())?;
     h.contiguous()?.apply_op1(op)
 }
 
 /// Summed (not mean) cross-entropy of `h · headᵀ` over the counted targets, accumulated in
-/// f64 chunk by chunk; no gradient (evaluation).
+/// f64; no gradient (evaluation).
 pub fn summed_nll(h: &Tensor, head: &Tensor, targets: &[i64], chunk_rows: usize) -> Result<f64> {
-    let op = ChunkedCrossEntropy {
-        head: head.detach().to_dtype(DType::F32)?,
-        targets: targets.to_vec(),
-        chunk_rows: chunk_rows.max(1),
-    };
-    op.summed_nll(&h.detach())
+    let op = ChunkedCrossEntropy::new(h, head, targets, chunk_rows, false)?;
+    let h32 = h.detach().to_dtype(DType::F32)?.contiguous()?;
+    with_f32(&h32, |hv| Ok(op.pass(hv)?.0))
 }
 
 #[derive(Clone)]
 struct ChunkedCrossEntropy {
+    /// `[vocab, hidden]` f32, contiguous.
     head: Tensor,
-    targets: Vec<i64>,
+    hidden: usize,
+    targets: Arc<Vec<i64>>,
     chunk_rows: usize,
+    want_grad: bool,
+    /// `Σ (softmax - onehot) · head` per row (not yet divided by the count), from the forward.
+    grad: Arc<Mutex<Option<Vec<f32>>>>,
 }
 
 impl ChunkedCrossEntropy {
+    fn new(
+        h: &Tensor,
+        head: &Tensor,
+        targets: &[i64],
+        chunk_rows: usize,
+        want_grad: bool,
+    ) -> Result<Self> {
+        let (n, hidden) = h.dims2()?;
+        if targets.len() != n {
+            candle_core::bail!("{} targets for {n} rows", targets.len());
+        }
+        let vocab = head.dim(0)?;
+        if let Some(t) = targets
+            .iter()
+            .find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab))
+        {
+            candle_core::bail!("target id {t} is outside the vocabulary of {vocab}");
+        }
+        if head.dim(1)? != hidden {
+            candle_core::bail!("head has width {}, hidden states {hidden}", head.dim(1)?);
+        }
+        Ok(Self {
+            head: head.detach().to_dtype(DType::F32)?.contiguous()?,
+            hidden,
+            targets: Arc::new(targets.to_vec()),
+            chunk_rows: chunk_rows.max(1),
+            want_grad,
+            grad: Arc::new(Mutex::new(None)),
+        })
+    }
+
     fn counted(&self) -> usize {
         self.targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
     }
 
-    /// Calls `f(start, len, logits[len, vocab] f32)` for each chunk of rows.
-    fn for_each_chunk(
-        &self,
-        h: &Tensor,
-        mut f: impl FnMut(usize, usize, &Tensor) -> Result<()>,
-    ) -> Result<()> {
-        let n = h.dim(0)?;
-        let mut start = 0;
-        while start < n {
-            let len = self.chunk_rows.min(n - start);
-            let hc = h.narrow(0, start, len)?.to_dtype(DType::F32)?;
-            let logits = hc.matmul(&self.head.t()?)?;
-            f(start, len, &logits)?;
-            start += len;
-        }
-        Ok(())
-    }
-
-    /// Σ over counted rows of `logsumexp(logits) - logits[target]`, in f64.
-    fn summed_nll(&self, h: &Tensor) -> Result<f64> {
-        let dev = h.device().clone();
-        let mut total = 0f64;
-        self.for_each_chunk(h, |start, len, logits| {
-            let lse = log_sum_exp(logits)?;
-            let picked = logits
-                .gather(&self.targets_of(start, len, &dev)?, 1)?
-                .squeeze(1)?;
-            let nll = ((lse - picked)? * self.mask_of(start, len, &dev)?)?;
-            total += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            Ok(())
-        })?;
-        Ok(total)
-    }
-
-    fn targets_of(&self, start: usize, len: usize, dev: &candle_core::Device) -> Result<Tensor> {
-        let t: Vec<u32> = self.targets[start..start + len]
-            .iter()
-            .map(|&t| if t == IGNORE_INDEX { 0 } else { t as u32 })
-            .collect();
-        Tensor::from_vec(t, (len, 1), dev)
-    }
-
-    fn mask_of(&self, start: usize, len: usize, dev: &candle_core::Device) -> Result<Tensor> {
-        let m: Vec<f32> = self.targets[start..start + len]
-            .iter()
-            .map(|&t| (t != IGNORE_INDEX) as u8 as f32)
-            .collect();
-        Tensor::from_vec(m, len, dev)
+    /// Σ over counted rows of `logsumexp(logits) - logits[target]` (f64), and the unscaled
+    /// `dh` when a gradient is wanted.
+    fn pass(&self, h: &[f32]) -> Result<(f64, Option<Vec<f32>>)> {
+        let hidden = self.hidden;
+        let n = h.len() / hidden.max(1);
+        with_f32(&self.head, |head| {
+            let vocab = head.len() / hidden.max(1);
+            let rows = self.chunk_rows.min(n).max(1);
+            let mut logits = vec![0f32; rows * vocab];
+            let mut dh = if self.want_grad {
+                vec![0f32; n * hidden]
+            } else {
+                Vec::new()
+            };
+            let threads = rayon::current_num_threads();
+            let par = if threads > 1 {
+                Parallelism::Rayon(threads)
+            } else {
+                Parallelism::None
+            };
+            let mut total = 0f64;
+            for start in (0..n).step_by(rows) {
+                let len = rows.min(n - start);
+                // SAFETY: logits holds rows × vocab ≥ len × vocab; h rows start.. and the head
+                // [vocab, hidden] are read within their lengths.
+                unsafe {
+                    gemm::gemm(
+                        len,
+                        vocab,
+                        hidden,
+                        logits.as_mut_ptr(),
+                        1,
+                        vocab as isize,
+                        false,
+                        h.as_ptr().add(start * hidden),
+                        1,
+                        hidden as isize,
+                        head.as_ptr(),
+                        hidden as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    )
+                }
+                let tg = &self.targets[start..start + len];
+                let want_grad = self.want_grad;
+                total += logits[..len * vocab]
+                    .par_chunks_mut(vocab)
+                    .zip(tg.par_iter())
+                    .map(|(row, &t)| row_loss(row, t, want_grad))
+                    .sum::<f64>();
+                if want_grad {
+                    // SAFETY: dh rows start .. start + len are [len, hidden] inside dh; the
+                    // logits buffer now holds dlogits [len, vocab].
+                    unsafe {
+                        gemm::gemm(
+                            len,
+                            hidden,
+                            vocab,
+                            dh.as_mut_ptr().add(start * hidden),
+                            1,
+                            hidden as isize,
+                            false,
+                            logits.as_ptr(),
+                            1,
+                            vocab as isize,
+                            head.as_ptr(),
+                            1,
+                            hidden as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            par,
+                        )
+                    }
+                }
+            }
+            Ok((total, self.want_grad.then_some(dh)))
+        })
     }
 }
 
-fn log_sum_exp(logits: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?;
-    let s = logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?;
-    (s + max)?.squeeze(D::Minus1)
+/// The NLL of one row of logits against target `t` (0 when ignored); with `want_grad` the row
+/// is overwritten by `softmax - onehot(t)` (zeros when ignored).
+fn row_loss(row: &mut [f32], t: i64, want_grad: bool) -> f64 {
+    if t == IGNORE_INDEX {
+        if want_grad {
+            row.fill(0.0);
+        }
+        return 0.0;
+    }
+    let picked = row[t as usize];
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    // 16 partial sums, so the loop vectorizes.
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp_f32(*v - max);
+            *a += *v;
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v - max);
+        acc[0] += *v;
+    }
+    let sum: f64 = acc.iter().map(|&a| a as f64).sum();
+    let lse = max as f64 + sum.ln();
+    if want_grad {
+        let inv = (1.0 / sum) as f32;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+        row[t as usize] -= 1.0;
+    }
+    lse - picked as f64
 }
 
 impl CustomOp1 for ChunkedCrossEntropy {
@@ -132,8 +220,26 @@ impl CustomOp1 for ChunkedCrossEntropy {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let h = cpu_tensor(storage, layout)?;
-        let total = self.summed_nll(&h)?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("chunked-cross-entropy: input must be contiguous")
+        };
+        let (total, dh) = match storage {
+            CpuStorage::F32(v) => self.pass(&v[start..end])?,
+            CpuStorage::BF16(v) => {
+                self.pass(&v[start..end].iter().map(|x| x.to_f32()).collect::<Vec<_>>())?
+            }
+            CpuStorage::F16(v) => {
+                self.pass(&v[start..end].iter().map(|x| x.to_f32()).collect::<Vec<_>>())?
+            }
+            _ => candle_core::bail!("chunked-cross-entropy: hidden states must be a float type"),
+        };
+        if let Some(dh) = dh {
+            *self
+                .grad
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("cross-entropy gradient lock".into()))? =
+                Some(dh);
+        }
         let loss = (total / self.counted().max(1) as f64) as f32;
         let out = match storage.dtype() {
             DType::BF16 => CpuStorage::BF16(vec![half::bf16::from_f32(loss)]),
@@ -144,48 +250,27 @@ impl CustomOp1 for ChunkedCrossEntropy {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let h = arg.detach();
-        let dev = h.device().clone();
+        let dh = self
+            .grad
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cross-entropy gradient lock".into()))?
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "chunked-cross-entropy: backward of a forward that kept no gradient".into(),
+                )
+            })?;
         let scale = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64
             / self.counted().max(1) as f64;
-        let mut parts = Vec::new();
-        self.for_each_chunk(&h, |start, len, logits| {
-            let max = logits.max_keepdim(D::Minus1)?;
-            let e = logits.broadcast_sub(&max)?.exp()?;
-            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-            let onehot = Tensor::zeros(p.dims(), DType::F32, &dev)?.scatter_add(
-                &self.targets_of(start, len, &dev)?,
-                &Tensor::ones((len, 1), DType::F32, &dev)?,
-                1,
-            )?;
-            let dlogits =
-                (p - onehot)?.broadcast_mul(&self.mask_of(start, len, &dev)?.unsqueeze(1)?)?;
-            parts.push((dlogits.matmul(&self.head)? * scale)?);
-            Ok(())
-        })?;
-        Ok(Some(Tensor::cat(&parts, 0)?.to_dtype(arg.dtype())?))
-    }
-}
-
-/// A CPU storage slice as an untracked tensor.
-fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("chunked-cross-entropy: input must be contiguous")
-    };
-    let dims = layout.shape().dims();
-    let dev = candle_core::Device::Cpu;
-    match storage {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], dims, &dev),
-        CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], dims, &dev),
-        CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], dims, &dev),
-        _ => candle_core::bail!("chunked-cross-entropy: hidden states must be a float type"),
+        let dh = Tensor::from_vec(dh, arg.dims(), arg.device())?;
+        Ok(Some((dh * scale)?.to_dtype(arg.dtype())?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     /// Loss and gradient equal the plain (unchunked) cross-entropy, for any chunk size.
     #[test]

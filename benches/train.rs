@@ -1,0 +1,346 @@
+//! `cargo bench --bench train`: QLoRA training throughput and peak memory on
+//! SmolLM2-135M-Instruct, batch 4 × seq 512, r 16 alpha 32 on all 7 projections, f32 compute,
+//! for the NF4 and the full-precision base with activation checkpointing on and off, next to
+//! PEFT + bitsandbytes' figures (ANCHORS.md), in one table.
+//!
+//! Peak RSS is per process, so each configuration runs in a child: the bench re-executes itself
+//! with `QLORA_BENCH_TRAIN_CONFIG` naming one configuration, and the child reports its step
+//! times and `VmHWM` on one line of stdout. `QLORA_BENCH_TRAIN_STEPS` sets the timed steps
+//! (default 3, after one warm-up step); `QLORA_BENCH_TRAIN_ONLY` (comma list of config names)
+//! runs a subset.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::Var;
+use qlora::data::batches::{BatchOptions, Batches};
+use qlora::data::corpus::{Corpus, DataOptions};
+use qlora::lora::{self, LoraConfig};
+use qlora::model::loader::{load_model, BaseFormat, LoadOptions};
+use qlora::optim::{AdamW, AdamWConfig};
+use qlora::quant::QuantType;
+use qlora::train::layerwise::loss_and_grads_layerwise;
+
+const CONFIG_VAR: &str = "QLORA_BENCH_TRAIN_CONFIG";
+const STEPS_VAR: &str = "QLORA_BENCH_TRAIN_STEPS";
+const ONLY_VAR: &str = "QLORA_BENCH_TRAIN_ONLY";
+const BATCH: usize = 4;
+const SEQ: usize = 512;
+
+/// PEFT + bitsandbytes, NF4 base, f32 compute, checkpointing on (ANCHORS.md, median).
+const PEFT_TOKENS_PER_S: f64 = 148.0;
+/// Its peak RSS, MiB.
+const PEFT_RSS_MIB: f64 = 5446.0;
+
+/// One benchmarked configuration.
+struct Config {
+    name: &'static str,
+    label: &'static str,
+    base: BaseFormat,
+    checkpointing: bool,
+}
+
+const CONFIGS: [Config; 4] = [
+    Config {
+        name: "nf4-ckpt",
+        label: "NF4 base, checkpointing on",
+        base: BaseFormat::Quantized(QuantType::Nf4),
+        checkpointing: true,
+    },
+    Config {
+        name: "nf4",
+        label: "NF4 base, checkpointing off",
+        base: BaseFormat::Quantized(QuantType::Nf4),
+        checkpointing: false,
+    },
+    Config {
+        name: "fp-ckpt",
+        label: "full-precision base, checkpointing on",
+        base: BaseFormat::Dense,
+        checkpointing: true,
+    },
+    Config {
+        name: "fp",
+        label: "full-precision base, checkpointing off",
+        base: BaseFormat::Dense,
+        checkpointing: false,
+    },
+];
+
+/// What one child measured.
+struct Measured {
+    step_s: Vec<f64>,
+    /// CPU seconds (user + system, all threads) of each timed step: robust to other jobs
+    /// competing for the cores, unlike wall time.
+    cpu_s: Vec<f64>,
+    loss: f64,
+    rss_mib: f64,
+}
+
+impl Measured {
+    fn median_step(&self) -> f64 {
+        let mut s = self.step_s.clone();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    }
+    fn median_cpu(&self) -> f64 {
+        let mut s = self.cpu_s.clone();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    }
+    fn tokens_per_s(&self) -> f64 {
+        (BATCH * SEQ) as f64 / self.median_step()
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let steps: usize = match std::env::var(STEPS_VAR) {
+        Ok(s) => s
+            .parse()
+            .with_context(|| format!("{STEPS_VAR}={s}: expected a number of steps"))?,
+        Err(_) => 3,
+    };
+    if steps == 0 {
+        bail!("{STEPS_VAR} must be at least 1");
+    }
+    if let Ok(name) = std::env::var(CONFIG_VAR) {
+        let cfg = CONFIGS
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("{CONFIG_VAR}={name}: unknown configuration"))?;
+        return run_child(cfg, steps);
+    }
+    let only: Option<Vec<String>> = std::env::var(ONLY_VAR)
+        .ok()
+        .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let t0 = Instant::now();
+    let mut rows = Vec::new();
+    for cfg in &CONFIGS {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|n| n == cfg.name))
+        {
+            continue;
+        }
+        eprintln!("train bench: {} ...", cfg.label);
+        let out = Command::new(&exe)
+            .env(CONFIG_VAR, cfg.name)
+            .env(STEPS_VAR, steps.to_string())
+            .output()
+            .with_context(|| format!("running the {} child", cfg.name))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "{} child failed ({}):\n{}\n{}",
+                cfg.name,
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        rows.push((cfg, parse_child(&stdout)?));
+    }
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    print_table(
+        &rows,
+        steps,
+        &load_before,
+        &load_after,
+        t0.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+fn print_table(
+    rows: &[(&Config, Measured)],
+    steps: usize,
+    load_before: &str,
+    load_after: &str,
+    secs: f64,
+) {
+    let threads = rayon::current_num_threads();
+    println!(
+        "\nQLoRA training, SmolLM2-135M-Instruct, batch {BATCH} x seq {SEQ}, r 16 alpha 32 all 7 \
+         projections, bf16 adapters, f32 compute, dropout 0.05; median of {steps} steps after 1 \
+         warm-up; {threads} rayon threads; load average {} before, {} after; {secs:.0} s",
+        load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        load_after
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    println!(
+        "| config | s/step | CPU s/step | tokens/s | peak RSS MiB | tok/s / PEFT | RSS / PEFT | loss |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| PEFT + bnb, NF4, checkpointing on (ANCHORS.md) | {:.1} | | {PEFT_TOKENS_PER_S:.0} | {PEFT_RSS_MIB:.0} | 1.00 | 1.00 | |",
+        (BATCH * SEQ) as f64 / PEFT_TOKENS_PER_S
+    );
+    for (cfg, m) in rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.2} | {:.4} |",
+            cfg.label,
+            m.median_step(),
+            m.median_cpu(),
+            m.tokens_per_s(),
+            m.rss_mib,
+            m.tokens_per_s() / PEFT_TOKENS_PER_S,
+            m.rss_mib / PEFT_RSS_MIB,
+            m.loss
+        );
+    }
+    let find = |n: &str| rows.iter().find(|(c, _)| c.name == n).map(|(_, m)| m);
+    for (nf4, fp, what) in [
+        ("nf4-ckpt", "fp-ckpt", "checkpointing on"),
+        ("nf4", "fp", "checkpointing off"),
+    ] {
+        if let (Some(a), Some(b)) = (find(nf4), find(fp)) {
+            println!(
+                "NF4 / full-precision step time, {what}: {:.2} wall, {:.2} CPU (target <= 1.1)",
+                a.median_step() / b.median_step(),
+                a.median_cpu() / b.median_cpu()
+            );
+        }
+    }
+    if let Some(m) = find("nf4-ckpt") {
+        println!(
+            "targets (NF4, checkpointing on): tokens/s {:.2}x PEFT (>= 2), peak RSS {:.2}x PEFT (<= 0.3)",
+            m.tokens_per_s() / PEFT_TOKENS_PER_S,
+            m.rss_mib / PEFT_RSS_MIB
+        );
+    }
+}
+
+/// The child's one result line: `result <loss> <rss MiB> <steps> <wall s>... <cpu s>...`.
+fn parse_child(stdout: &str) -> anyhow::Result<Measured> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("result "))
+        .with_context(|| format!("child printed no result line:\n{stdout}"))?;
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|s| s.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bad result line `{line}`"))?;
+    let steps = nums.get(2).copied().unwrap_or(0.0) as usize;
+    if steps == 0 || nums.len() != 3 + 2 * steps {
+        bail!("result line `{line}` does not hold its step times");
+    }
+    Ok(Measured {
+        loss: nums[0],
+        rss_mib: nums[1],
+        step_s: nums[3..3 + steps].to_vec(),
+        cpu_s: nums[3 + steps..].to_vec(),
+    })
+}
+
+/// Peak resident set of this process, MiB (`VmHWM`).
+fn peak_rss_mib() -> anyhow::Result<f64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("/proc/self/status has no VmHWM line")?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM line has no value")?
+        .parse()
+        .context("VmHWM is not a number")?;
+    Ok(kb / 1024.0)
+}
+
+/// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/self/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        f.get(i)
+            .context("short /proc/self/stat")?
+            .parse::<f64>()
+            .context("bad tick count in /proc/self/stat")
+    };
+    // USER_HZ is 100 on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// Load, attach adapters, run one warm-up and `steps` timed training steps (forward, backward,
+/// AdamW update) and print the result line.
+fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
+    let gguf = qlora::model::fetch::smollm2_gguf()?;
+    let opts = LoadOptions {
+        base: cfg.base,
+        max_positions: Some(SEQ),
+        ..Default::default()
+    };
+    let mut m = load_model(&gguf, &opts)?;
+    let tok = m.tokenizer.clone();
+    let dopts = DataOptions::new(SEQ, m.model.cfg.vocab_size);
+    let corpus = Corpus::load(Path::new("data/sonnets/train.txt"), tok.as_ref(), &dopts)?;
+    let pad = m.model.cfg.eos_token_ids.first().copied().unwrap_or(0);
+    let device = m.model.device().clone();
+    let mut batches = Batches::new(
+        corpus.examples,
+        BatchOptions::new(BATCH, SEQ, pad, 42),
+        &device,
+    )?;
+    let lcfg = LoraConfig::default();
+    lora::attach_new(&mut m.model, &lcfg, 42)?;
+    let seed = lora::share_dropout_seed(&mut m.model);
+    let named = lora::trainable_vars(&m.model);
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(named, AdamWConfig::default(), |_| 1.0)?;
+    let mut times = Vec::with_capacity(steps);
+    let mut cpu = Vec::with_capacity(steps);
+    let mut loss = f64::NAN;
+    for step in 0..=steps {
+        let batch = batches
+            .next_batch()?
+            .context("the data ran out of batches")?;
+        let (b, t) = batch.ids.dims2()?;
+        if (b, t) != (BATCH, SEQ) {
+            bail!("batch is {b} x {t}, expected {BATCH} x {SEQ} (too little data?)");
+        }
+        seed.set(step as u64 + 1);
+        let start = Instant::now();
+        let cpu0 = cpu_seconds()?;
+        let (l, grads) = loss_and_grads_layerwise(&m.model, &batch, &vars, cfg.checkpointing)?;
+        opt.step(&grads, 2e-4)?;
+        let secs = start.elapsed().as_secs_f64();
+        let cpu_s = cpu_seconds()? - cpu0;
+        eprintln!(
+            "  {} step {step}: {secs:.2} s wall, {cpu_s:.2} s CPU, loss {l:.4}",
+            cfg.name
+        );
+        if step > 0 {
+            times.push(secs);
+            cpu.push(cpu_s);
+        }
+        loss = l;
+    }
+    let rss = peak_rss_mib()?;
+    let all: Vec<String> = times
+        .iter()
+        .chain(&cpu)
+        .map(|t| format!("{t:.4}"))
+        .collect();
+    println!("result {loss} {rss} {steps} {}", all.join(" "));
+    Ok(())
+}

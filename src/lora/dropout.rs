@@ -1,0 +1,121 @@
+//! Inverted dropout whose mask is a pure function of `(seed, element index)`: a counter-based
+//! hash (SplitMix64's finalizer) instead of a sequential RNG stream, so masks are generated in
+//! parallel, never stored, and regenerated bit-identically by the backward, by activation
+//! checkpointing's recompute and by a resumed run.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per rayon task.
+const CHUNK: usize = 16 * 1024;
+
+/// `x · mask / (1 - p)`, with `mask_i = 0` with probability `p`.
+#[derive(Clone, Copy, Debug)]
+pub struct HashDropout {
+    seed: u64,
+    /// Elements with a hash below this are dropped (`p · 2^32`).
+    threshold: u64,
+    keep_scale: f32,
+}
+
+impl HashDropout {
+    /// Dropout with probability `p` (in `[0, 1)`) and mask seed `seed`.
+    pub fn new(p: f32, seed: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("dropout probability {p} is outside [0, 1)");
+        }
+        Ok(Self {
+            seed,
+            threshold: (p as f64 * (1u64 << 32) as f64) as u64,
+            keep_scale: 1.0 / (1.0 - p),
+        })
+    }
+
+    /// Whether element `i` is kept.
+    #[inline(always)]
+    pub fn keeps(&self, i: usize) -> bool {
+        mix(self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 32 >= self.threshold
+    }
+
+    /// The mask factor of element `i`: 0 or `1 / (1 - p)`.
+    #[inline(always)]
+    pub fn factor(&self, i: usize) -> f32 {
+        if self.keeps(i) {
+            self.keep_scale
+        } else {
+            0.0
+        }
+    }
+
+    /// Apply to `x` (differentiable: the gradient goes through the same mask).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && x.device().is_cpu() {
+            return x.contiguous()?.apply_op1(*self);
+        }
+        let mask: Vec<f32> = (0..x.elem_count()).map(|i| self.factor(i)).collect();
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// SplitMix64's output function: a bijective mix with full avalanche.
+#[inline(always)]
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl CustomOp1 for HashDropout {
+    fn name(&self) -> &'static str {
+        "hash-dropout"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = crate::model::ops::f32_slice(storage, layout)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (yc, xc))| {
+                let base = c * CHUNK;
+                for (i, (o, &v)) in yc.iter_mut().zip(xc).enumerate() {
+                    *o = v * self.factor(base + i);
+                }
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.forward(grad_res)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn drops_about_p_and_backward_uses_the_same_mask() {
+        let n = 200_000;
+        let d = HashDropout::new(0.1, 7).unwrap();
+        let dropped = (0..n).filter(|&i| !d.keeps(i)).count() as f64 / n as f64;
+        assert!((dropped - 0.1).abs() < 0.005, "dropped fraction {dropped}");
+        let x = Var::from_tensor(&Tensor::ones(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let y = d.forward(x.as_tensor()).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap();
+        // d(sum(x·m))/dx = m = y for x = 1.
+        let diff = (gx - &y).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        let yv = y.to_vec1::<f32>().unwrap();
+        assert!(yv.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-7));
+        // Another seed gives another mask; the same seed the same one.
+        let other = HashDropout::new(0.1, 8).unwrap();
+        assert!((0..1000).any(|i| other.keeps(i) != d.keeps(i)));
+        let again = HashDropout::new(0.1, 7).unwrap();
+        assert!((0..n).all(|i| again.keeps(i) == d.keeps(i)));
+    }
+}
