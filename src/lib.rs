@@ -8,6 +8,7 @@ pub use qlora_quant as quant;
 pub mod atomic_dir;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod lora;
 pub mod model;

@@ -34,13 +34,22 @@ __device__ void gemv(const T* x, unsigned int m, const uint8_t* packed, const fl
         acc[r] = 0.0f;
     }
     const unsigned long long row = (unsigned long long)o * k;
+    // Blocksizes are powers of two; a run of 8 columns spans at most two blocks, so the scale
+    // is rebuilt only when the block changes (same value as per element, fewer loads).
+    const unsigned int shift = __ffs(blocksize) - 1;
+    unsigned long long cur_block = ~0ull;
+    float scale = 0.0f;
     for (unsigned int c0 = lane * QLORA_GEMV_RUN; c0 < k; c0 += 32 * QLORA_GEMV_RUN) {
 #pragma unroll
         for (int j = 0; j < QLORA_GEMV_RUN; ++j) {
             const unsigned int c = c0 + j;
             if (c < k) {
                 const unsigned long long i = row + c;
-                const float w = __fmul_rn(s_code[nibble_at(packed, i)], block_scale(scales, i / blocksize));
+                if ((i >> shift) != cur_block) {
+                    cur_block = i >> shift;
+                    scale = block_scale(scales, cur_block);
+                }
+                const float w = __fmul_rn(s_code[nibble_at(packed, i)], scale);
 #pragma unroll
                 for (int r = 0; r < QLORA_GEMV_MAX_ROWS; ++r) {
                     if (r < m) {
@@ -83,9 +92,10 @@ __device__ void gemv_t(const T* dy, unsigned int m, const uint8_t* packed, const
     for (int r = 0; r < QLORA_GEMV_MAX_ROWS; ++r) {
         acc[r] = 0.0f;
     }
+    const unsigned int shift = __ffs(blocksize) - 1;  // blocksizes are powers of two
     for (unsigned int o = 0; o < n; ++o) {
         const unsigned long long i = (unsigned long long)o * k + c;
-        const float w = __fmul_rn(s_code[nibble_at(packed, i)], block_scale(scales, i / blocksize));
+        const float w = __fmul_rn(s_code[nibble_at(packed, i)], block_scale(scales, i >> shift));
 #pragma unroll
         for (int r = 0; r < QLORA_GEMV_MAX_ROWS; ++r) {
             if (r < m) {
