@@ -24,8 +24,12 @@ for cu in quant/kernels/*.cu; do
             -o "$out/$name.sm_$arch.ptx" "$cu"
         ptxas -arch=sm_$arch -v -o "$out/$name.sm_$arch.cubin" "$out/$name.sm_$arch.ptx" \
             2>"$out/$name.sm_$arch.ptxas.log"
+        if grep -Eq '[1-9][0-9]* bytes (stack frame|spill)' "$out/$name.sm_$arch.ptxas.log"; then
+            echo "FAIL $name sm_$arch: local-memory stack or spills (see $out/$name.sm_$arch.ptxas.log)"
+            exit 1
+        fi
         regs=$(grep -o 'Used [0-9]* registers' "$out/$name.sm_$arch.ptxas.log" | sort -u | tr '\n' ' ')
-        echo "ok   $name sm_$arch ($regs)"
+        echo "ok   $name sm_$arch (no stack, no spills; $regs)"
     done
 done
 echo "== kernels: $((SECONDS - start)) s"
@@ -37,8 +41,10 @@ cargo build --workspace --features cuda --all-targets >"$out/cargo-build.log" 2>
 }
 echo "== build: $((SECONDS - start)) s"
 
+# Same package and feature selection as the build above, so nothing is rebuilt (a narrower
+# `-p qlora-quant` selection resolves features differently and recompiles candle's kernels).
 echo "== GPU tests (they skip without a device)"
-cargo test -p qlora-quant --features cuda --test cuda_gpu -- --nocapture 2>&1 |
+cargo test --workspace --features cuda --tests -- gpu_ --nocapture 2>&1 |
     tee "$out/gpu-tests.log" | grep -E 'skipping|test result|^test ' || true
 grep -q 'test result: ok' "$out/gpu-tests.log"
 echo "== check-cuda: ok in $((SECONDS - start)) s"

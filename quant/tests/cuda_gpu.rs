@@ -15,7 +15,9 @@ fn gpu(test: &str) -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!("skipping {test}: no CUDA device ({e})");
+            let why = e.to_string();
+            let why = why.lines().next().unwrap_or("unknown error");
+            eprintln!("skipping {test}: no CUDA device ({why})");
             None
         }
     }
