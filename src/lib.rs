@@ -9,6 +9,7 @@ pub mod atomic_dir;
 pub mod cli;
 pub mod compare;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod export;
 pub mod lora;

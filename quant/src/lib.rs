@@ -8,6 +8,7 @@
 pub mod blockwise;
 pub mod codebook;
 pub mod cpu;
+pub mod cuda;
 pub mod double_quant;
 pub mod op;
 pub mod tensor;

@@ -70,15 +70,10 @@ fn to_f32(storage: &CpuStorage, start: usize, end: usize) -> Result<std::borrow:
     })
 }
 
-impl CustomOp1 for Nf4MatMul {
-    fn name(&self) -> &'static str {
-        match self.orientation {
-            Orientation::Forward => "nf4-matmul",
-            Orientation::Transposed => "nf4-matmul-t",
-        }
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+impl Nf4MatMul {
+    /// `(m, output features, output shape)` for an input of `layout`, after checking its last
+    /// dimension against the weight; shared by the CPU and CUDA paths.
+    fn check_input(&self, layout: &Layout) -> Result<(usize, usize, Shape)> {
         let (n, k) = self.weight.dims2().map_err(candle_core::Error::wrap)?;
         let (inner, outer) = match self.orientation {
             Orientation::Forward => (k, n),
@@ -94,10 +89,26 @@ impl CustomOp1 for Nf4MatMul {
                 self.name()
             );
         }
+        let m: usize = lead.iter().product();
+        let mut out_dims = lead.to_vec();
+        out_dims.push(outer);
+        Ok((m, outer, Shape::from(out_dims)))
+    }
+}
+
+impl CustomOp1 for Nf4MatMul {
+    fn name(&self) -> &'static str {
+        match self.orientation {
+            Orientation::Forward => "nf4-matmul",
+            Orientation::Transposed => "nf4-matmul-t",
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, outer, out_shape) = self.check_input(layout)?;
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("{}: input must be contiguous", self.name())
         };
-        let m: usize = lead.iter().product();
         let x = to_f32(storage, start, end)?;
         let mut y = vec![0f32; m * outer];
         match self.orientation {
@@ -105,14 +116,27 @@ impl CustomOp1 for Nf4MatMul {
             Orientation::Transposed => cpu::matmul_t_into(&x, m, &self.weight, &mut y),
         }
         .map_err(candle_core::Error::wrap)?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(outer);
         let out = match storage.dtype() {
             DType::BF16 => CpuStorage::BF16(y.iter().map(|&v| bf16::from_f32(v)).collect()),
             DType::F16 => CpuStorage::F16(y.iter().map(|&v| f16::from_f32(v)).collect()),
             _ => CpuStorage::F32(y),
         };
-        Ok((out, Shape::from(out_dims)))
+        Ok((out, out_shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, _, out_shape) = self.check_input(layout)?;
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: input must be contiguous", self.name())
+        };
+        let transposed = self.orientation == Orientation::Transposed;
+        let out = crate::cuda::forward(&self.weight, transposed, storage, start, m)?;
+        Ok((out, out_shape))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use crate::device::{parse_compute_dtype, DeviceSpec};
 use crate::lora::peft;
 use crate::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
 
@@ -31,6 +32,18 @@ pub struct ModelArgs {
     /// Keep the absmax in f32 instead of double-quantizing it.
     #[arg(long)]
     pub no_double_quant: bool,
+
+    /// Device: cpu, or cuda[:N] (GPU N; needs a binary built with `--features cuda`).
+    #[arg(long, value_name = "cpu|cuda[:N]", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
+
+    /// Activation dtype: f32, bf16 or f16 [default: f32 on cpu, bf16 on cuda].
+    #[arg(long, value_name = "f32|bf16|f16", value_parser = parse_compute_dtype)]
+    pub compute_dtype: Option<candle_core::DType>,
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    DeviceSpec::parse(s).map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
@@ -41,6 +54,10 @@ impl ModelArgs {
             blocksize: self.blocksize,
             double_quant: !self.no_double_quant,
             max_positions,
+            compute_dtype: self
+                .compute_dtype
+                .unwrap_or_else(|| self.device.default_compute_dtype()),
+            device: self.device.open()?,
             ..Default::default()
         };
         let mut m = load_model(&self.model, &opts)

@@ -3,14 +3,19 @@
 
 pub mod adamw;
 pub mod blockwise8;
+#[cfg(feature = "cuda")]
+pub mod cuda_page_store;
 pub mod dynamic_code;
 pub mod mmap_page_store;
 pub mod page_store;
+pub mod residency;
 pub mod schedule;
 pub mod state;
 pub mod update;
 
 pub use adamw::{AdamW, AdamWConfig};
+#[cfg(feature = "cuda")]
+pub use cuda_page_store::CudaPageStore;
 pub use mmap_page_store::MmapPageStore;
 pub use page_store::{PageStats, PageStore, Region};
 pub use state::StateStorage;
