@@ -87,13 +87,13 @@ fn memory_limit_refuses_before_writing() {
             "--seq-len",
             "512",
             "--memory-limit",
-            "1GiB",
+            "512MiB",
         ],
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
-        stderr.contains("exceeds --memory-limit 1.00 GiB"),
+        stderr.contains("exceeds --memory-limit 512.00 MiB"),
         "{stderr}"
     );
     assert!(stderr.contains("--seq-len "), "{stderr}");

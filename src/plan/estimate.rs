@@ -2,10 +2,10 @@
 //!
 //! Weights follow `model::loader` (linear weights as `Nf4Tensor`: packed codes + u8 absmax +
 //! nested f32 absmax per 256 blocks + one f32 offset; embeddings, head and norms in the weight
-//! dtype; biases in the compute dtype). Activations follow `model::llama` and
-//! `train::layerwise`: with a LoRA adapter on a projection every op of a layer is recorded for
-//! autograd, so a layer's graph keeps every intermediate it computes; the counts below list them
-//! op by op.
+//! dtype; biases in the compute dtype). Activations follow `model::llama`, `model::ops`,
+//! `train::loss` and `train::layerwise`: with a LoRA adapter on a projection every op of a layer
+//! is recorded for autograd, so a layer's graph keeps every tensor it computes; the counts below
+//! list them op by op, for the fused f32 CPU ops and for the composite path other dtypes take.
 
 use candle_core::DType;
 
@@ -121,33 +121,81 @@ pub struct Activations {
     pub layer_graph: usize,
     /// Gradients in flight while back-propagating through one layer (beyond its graph).
     pub layer_backward: usize,
-    /// The loss head: final norm, chunks of f32 logits and their softmax, the hidden gradient.
+    /// The loss head: final norm, a chunk of f32 logits, the hidden gradient.
     pub loss: usize,
 }
 
-/// Elements of every tensor one decoder layer's forward allocates and its graph keeps, op by op
-/// (see `DecoderLayer::forward`, `Attention::forward`, `Linear::forward`, `LoraAdapter::delta`,
-/// `Rope::apply`, `rms_norm`, `softmax_last_dim`): `(attention-score sized, row sized)`.
-pub fn layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> (usize, usize) {
+/// Whether a step runs the fused f32 CPU ops (`model::ops`: attention, RMSNorm, SwiGLU) rather
+/// than the composite candle graph; we plan CPU runs, so this is the compute dtype.
+pub fn uses_fused_ops(s: &PlanSettings) -> bool {
+    s.compute_dtype == DType::F32
+}
+
+/// Elements one projection's forward keeps in the graph (`Linear::forward`,
+/// `LoraAdapter::delta`): the base product; with an adapter the dropped-out input (the mask is
+/// a hash, never stored), `x·Aᵀ`, its scaling (on the rank-r intermediate), `·Bᵀ` and the sum;
+/// a bias adds one more. The adapter weights cast to the compute dtype are graph nodes too.
+fn projection_elems(
+    cfg: &LlamaConfig,
+    s: &PlanSettings,
+    proj: &str,
+    out: usize,
+    inp: usize,
+) -> usize {
+    let n = s.batch_size * s.seq_len;
+    let mut e = n * out;
+    if s.targets.iter().any(|t| t == proj) {
+        e += 2 * n * s.rank + 2 * n * out;
+        if s.adapter_dtype != s.compute_dtype {
+            e += s.rank * (inp + out);
+        }
+        if s.dropout {
+            e += n * inp;
+        }
+    }
+    if has_bias(cfg, proj) {
+        e += n * out;
+    }
+    e
+}
+
+/// Elements one decoder layer's graph keeps on the fused f32 path, op by op
+/// (`DecoderLayer::forward` with `ops::rms_norm`, `ops::attention::FusedAttention`,
+/// `ops::swiglu`): the layer-wise step's copy of the input (`Var::from_tensor` copies), two
+/// norm outputs, seven projections, the attention output (no `[b, h, t, t]` tensor: its
+/// backward recomputes the scores per block), `silu(gate)·up`, and the two residual sums.
+pub fn fused_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
+    let n = s.batch_size * s.seq_len;
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let projections = projection_elems(cfg, s, "q_proj", q, h)
+        + projection_elems(cfg, s, "k_proj", kv, h)
+        + projection_elems(cfg, s, "v_proj", kv, h)
+        + projection_elems(cfg, s, "o_proj", h, q)
+        + projection_elems(cfg, s, "gate_proj", i, h)
+        + projection_elems(cfg, s, "up_proj", i, h)
+        + projection_elems(cfg, s, "down_proj", h, i);
+    n * h + 2 * n * h + projections + n * q + n * i + 2 * n * h
+}
+
+/// Elements of every tensor one decoder layer's forward allocates and its graph keeps on the
+/// composite path (other compute dtypes), op by op (see `attention_composite`, `Rope::apply`,
+/// `rms_norm_composite`, `softmax_last_dim`): `(attention-score sized, row sized)`.
+pub fn composite_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> (usize, usize) {
     let n = s.batch_size * s.seq_len;
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let q = cfg.num_attention_heads * cfg.head_dim;
     let kv = cfg.num_key_value_heads * cfg.head_dim;
     let scores = s.batch_size * cfg.num_attention_heads * s.seq_len * s.seq_len;
-    // One projection: the base product; with an adapter x·Aᵀ, (x·Aᵀ)·Bᵀ, its scaling and the
-    // sum, plus (with dropout) the mask and the masked input; a bias adds one more.
     let linear = |proj: &str, out: usize, inp: usize| {
-        let mut e = n * out;
-        if s.targets.iter().any(|t| t == proj) {
-            e += n * s.rank + 3 * n * out;
-            if s.dropout {
-                e += 2 * n * inp;
-            }
-        }
-        if has_bias(cfg, proj) {
-            e += n * out;
-        }
-        e
+        // The composite dropout multiplies by a stored mask: one more input-sized tensor.
+        let dropout_mask = if s.dropout && s.targets.iter().any(|t| t == proj) {
+            n * inp
+        } else {
+            0
+        };
+        projection_elems(cfg, s, proj, out, inp) + dropout_mask
     };
     // RMSNorm: x², x / rms, · weight.
     let norm = 3 * n * h;
@@ -183,21 +231,39 @@ pub fn activations(cfg: &LlamaConfig, s: &PlanSettings) -> Activations {
     } else {
         n * h * cd
     };
+    // One `[t, t]` mask per row (packed or padded batches; a plain causal batch shares one).
     let mask = s.batch_size * s.seq_len * s.seq_len * cd;
-    let (score_elems, row_elems) = layer_graph_elems(cfg, s);
-    let layer_graph = (score_elems + row_elems) * cd;
-    let layer_backward =
-        (BACKWARD_SCORES_PER_10 * score_elems + BACKWARD_ROWS_PER_10 * row_elems) * cd / 10;
-    // Loss: final norm graph and the shifted rows, then per chunk of rows the f32 logits with
-    // up to four more of its size (shifted, exp, softmax, one-hot, difference), and the
-    // gradient of the hidden states gathered per chunk then concatenated.
+    let (layer_graph, layer_backward) = if uses_fused_ops(s) {
+        let graph = fused_layer_graph_elems(cfg, s) * cd;
+        // Per thread, the attention backward's block buffers: rotated q and k, dq, dk, dv of
+        // one head `[t, d]`, and `P`, `dS` for 64 queries.
+        let (t, d) = (s.seq_len, cfg.head_dim);
+        let attention_scratch = s.threads * (5 * t * d + 2 * 64 * t + t) * 4;
+        (
+            graph,
+            FUSED_BACKWARD_PER_100 * graph / 100 + attention_scratch,
+        )
+    } else {
+        let (score_elems, row_elems) = composite_layer_graph_elems(cfg, s);
+        (
+            (score_elems + row_elems) * cd,
+            (COMPOSITE_BACKWARD_SCORES_PER_10 * score_elems
+                + COMPOSITE_BACKWARD_ROWS_PER_10 * row_elems)
+                * cd
+                / 10,
+        )
+    };
+    // Loss (`train::loss`, one pass per chunk): the top hidden state's copy, its norm, the
+    // shifted rows' copy, one reused `[chunk, vocab]` f32 logits buffer and the hidden gradient
+    // it fills (f32, kept for the backward); an f32 copy of the head when it is held in another
+    // dtype.
     let rows = s.chunk_rows.min(n).max(1);
     let head_f32 = if s.weight_dtype == DType::F32 {
         0
     } else {
         cfg.vocab_size * h * 4
     };
-    let loss = 4 * n * h * cd + 5 * rows * cfg.vocab_size * 4 + 2 * n * h * 4 + head_f32;
+    let loss = 3 * n * h * cd + rows * cfg.vocab_size * 4 + n * h * 4 + head_f32;
     Activations {
         layer_inputs,
         mask,
@@ -207,12 +273,18 @@ pub fn activations(cfg: &LlamaConfig, s: &PlanSettings) -> Activations {
     }
 }
 
-/// A layer's backward holds, beyond its graph, gradients in proportion to it: the ones in flight,
-/// and those candle keeps for every operand that needs none (attention mask, detached softmax
-/// max, RoPE tables, norm weights, dropout masks), some of them views that pin a whole larger
-/// gradient. We could not count these op by op, so the ratios (in tenths, of the score-sized and
-/// row-sized parts of the graph) are measured with a counting allocator on two shapes and checked
-/// on others in `tests/plan_memory.rs`.
-pub const BACKWARD_SCORES_PER_10: usize = 13;
-/// See [`BACKWARD_SCORES_PER_10`].
-pub const BACKWARD_ROWS_PER_10: usize = 8;
+/// On the fused path a layer's backward holds, beyond its graph, the gradients candle's
+/// `backward` keeps in its store (each node's until it is processed, each `or_insert` a zeros
+/// tensor plus the sum, the gradient of the upstream `g` operand of the surrogate product) and
+/// the product itself. Their peak depends on candle's traversal order, which we do not replicate,
+/// so this ratio (percent of the layer graph) is fitted with the counting allocator on the four
+/// Llama-shaped (ffn ≈ 2.7 × hidden) configs of `tests/plan_memory.rs` (with it the whole step's
+/// plan lands 0.3-1.4% above the allocator's peak there; the test allows 10%).
+pub const FUSED_BACKWARD_PER_100: usize = 58;
+
+/// The composite path's backward, in tenths of the score-sized and row-sized parts of the
+/// graph; fitted with the counting allocator before the fused ops existed (f32 then took this
+/// path) and not re-measured since, as no CPU run takes it in training now.
+pub const COMPOSITE_BACKWARD_SCORES_PER_10: usize = 13;
+/// See [`COMPOSITE_BACKWARD_SCORES_PER_10`].
+pub const COMPOSITE_BACKWARD_ROWS_PER_10: usize = 8;

@@ -62,7 +62,8 @@ pub struct PlanSettings {
     pub rank: usize,
     /// Projections carrying adapters (short names).
     pub targets: Vec<String>,
-    /// LoRA dropout is on (it keeps a mask and a masked copy of each adapter input).
+    /// LoRA dropout is on (it keeps a masked copy of each adapter input; the composite path a
+    /// mask too).
     pub dropout: bool,
     /// Activation checkpointing per layer.
     pub grad_checkpointing: bool,

@@ -163,7 +163,7 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
     };
     assert!(fits(b) && !fits(b + 1), "batch {b}");
     assert_eq!(largest_batch(&cfg, &s, 1 << 30, 1024), None);
-    // Checkpointing off keeps every layer's graph: far more memory.
+    // Checkpointing off keeps every layer's graph (32 x ~390 MiB): far more memory.
     let off = plan_memory(
         &cfg,
         &PlanSettings {
@@ -171,5 +171,5 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
             ..s.clone()
         },
     );
-    assert!(off.peak > 25 << 30, "{off}");
+    assert!(off.peak > p.peak + (10 << 30), "{off}");
 }
