@@ -39,13 +39,8 @@ pub fn sequence_nll(model: &Llama, ids: &[u32]) -> Result<(f64, usize), ModelErr
     let t = ids.len();
     let x = Tensor::from_vec(ids.to_vec(), (1, t), model.device())?;
     let pos = model.positions(1, t, 0)?;
-    let hidden = model.forward_hidden(
-        &x,
-        &pos,
-        &crate::model::llama::AttentionSpan::Causal,
-        None,
-        false,
-    )?;
+    let hidden =
+        model.forward_hidden_eval(&x, &pos, &crate::model::llama::AttentionSpan::Causal)?;
     let hidden = hidden.squeeze(0)?.narrow(0, 0, t - 1)?;
     let targets: Vec<i64> = ids[1..].iter().map(|&i| i as i64).collect();
     let total = summed_nll(&hidden, model.head(), &targets, LOGIT_ROWS)?;

@@ -483,8 +483,20 @@ impl Llama {
         ids: &Tensor,
         pos: &Tensor,
         span: &AttentionSpan<'_>,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_layers(ids, pos, span, cache, train, true)
+    }
+
+    fn forward_layers(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        span: &AttentionSpan<'_>,
         mut cache: Option<&mut KvCache>,
         train: bool,
+        track_grads: bool,
     ) -> Result<Tensor> {
         let max_pos = pos.max_all()?.to_scalar::<u32>()? as usize;
         if max_pos >= self.rope.max_positions() {
@@ -502,8 +514,24 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             h = layer.forward(&h, &self.rope, pos, &mask, slot, train)?;
+            if !track_grads {
+                // Cut the autograd graph here: the adapters are `Var`s, so without this every
+                // layer's intermediates would stay alive until the end of an evaluation pass.
+                h = h.detach();
+            }
         }
         rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Hidden states after the final norm for evaluation: no dropout, and no autograd graph
+    /// kept across layers, so peak memory is one layer's activations, not the whole model's.
+    pub fn forward_hidden_eval(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        span: &AttentionSpan<'_>,
+    ) -> Result<Tensor> {
+        self.forward_layers(ids, pos, span, None, false, false)
     }
 
     /// Logits `[b, t, vocab]` (f32) for a causal batch starting at position 0, no cache.

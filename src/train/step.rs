@@ -77,6 +77,20 @@ pub fn batch_loss(model: &Llama, batch: &Batch, train: bool) -> candle_core::Res
     )
 }
 
+/// Mean loss of a batch for validation: no dropout and no autograd graph kept (see
+/// [`Llama::forward_hidden_eval`]), so it costs one layer's activations.
+pub fn eval_loss(model: &Llama, batch: &Batch) -> candle_core::Result<Tensor> {
+    let pos = batch.positions_for(model)?;
+    let h = model.forward_hidden_eval(&batch.ids, &pos, &batch.span())?;
+    let targets = batch.shifted_targets()?;
+    chunked_cross_entropy(
+        &shifted_rows(&h)?,
+        model.head(),
+        &targets,
+        DEFAULT_CHUNK_ROWS,
+    )
+}
+
 /// Loss and the gradient of each of `vars` (`None` where the loss does not depend on it).
 pub fn loss_and_grads(
     model: &Llama,

@@ -91,7 +91,7 @@ pub fn validation_loss(model: &Llama, batches: &[Batch]) -> Result<f64, ModelErr
     let (mut sum, mut n) = (0f64, 0usize);
     for b in batches {
         let k = b.predicted_tokens();
-        let loss = super::step::batch_loss(model, b, false)?;
+        let loss = super::step::eval_loss(model, b)?;
         sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64;
         n += k;
     }
