@@ -156,7 +156,7 @@ impl FusedAttention {
         let scale = 1.0 / (d as f32).sqrt();
         // SAFETY: p holds nq × nk; qrot rows i0.. and krot rows lo.. hold d floats each.
         unsafe {
-            gemm::gemm(
+            gemm_serial(
                 nq,
                 nk,
                 d,
@@ -172,10 +172,6 @@ impl FusedAttention {
                 1,
                 0.0,
                 1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
             )
         }
         for ii in 0..nq {
@@ -229,7 +225,7 @@ impl FusedAttention {
                 // SAFETY: this task alone writes rows bi·t + i0.. of head column hi of `out`
                 // ([b·t, qw] row-major); v rows lo.. of kv head `kv` are read with stride kw.
                 unsafe {
-                    gemm::gemm(
+                    gemm_serial(
                         nq,
                         d,
                         nk,
@@ -245,10 +241,6 @@ impl FusedAttention {
                         kw as isize,
                         0.0,
                         1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
                     )
                 }
             }
@@ -315,7 +307,7 @@ impl FusedAttention {
                     // inside rows bi·t .. bi·t + t.
                     unsafe {
                         // dP = dO_blk · V[lo..hi]ᵀ  -> ds
-                        gemm::gemm(
+                        gemm_serial(
                             nq,
                             nk,
                             d,
@@ -331,13 +323,9 @@ impl FusedAttention {
                             1,
                             0.0,
                             1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
                         );
                         // dV[lo..hi] += Pᵀ · dO_blk
-                        gemm::gemm(
+                        gemm_serial(
                             nk,
                             d,
                             nq,
@@ -353,10 +341,6 @@ impl FusedAttention {
                             qw as isize,
                             1.0,
                             1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
                         );
                     }
                     for ii in 0..nq {
@@ -368,7 +352,7 @@ impl FusedAttention {
                     }
                     unsafe {
                         // dQ_blk = dS · K[lo..hi]
-                        gemm::gemm(
+                        gemm_serial(
                             nq,
                             d,
                             nk,
@@ -384,13 +368,9 @@ impl FusedAttention {
                             d as isize,
                             0.0,
                             1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
                         );
                         // dK[lo..hi] += dSᵀ · Q_blk
-                        gemm::gemm(
+                        gemm_serial(
                             nk,
                             d,
                             nq,
@@ -406,10 +386,6 @@ impl FusedAttention {
                             d as isize,
                             1.0,
                             1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
                         );
                     }
                 }
@@ -510,4 +486,51 @@ impl CustomOp3 for FusedAttention {
             Some(Tensor::from_vec(dv, v.dims(), dev)?),
         ))
     }
+}
+
+/// One single-threaded f32 `gemm` call (the caller already runs on a rayon task per head):
+/// `dst = alpha·dst + beta·lhs·rhs` with explicit column/row strides, no conjugation.
+///
+/// # Safety
+/// The pointers and strides must describe valid, non-overlapping `m × k`, `k × n` and `m × n`
+/// matrices, exactly as for [`gemm::gemm`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_cs: isize,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const f32,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const f32,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    alpha: f32,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        read_dst,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        alpha,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
 }
