@@ -23,6 +23,8 @@ enum Orientation {
 }
 
 /// `y = x · deq(W)ᵀ` as a candle custom op (f32, bf16 or f16 activations; f32 accumulation).
+/// bf16 activations are multiplied with W dequantized to bf16 (bitsandbytes' bf16 compute, and
+/// what the CUDA path's bf16 workspace holds); f32 and f16 ones with W in f32.
 #[derive(Clone, Debug)]
 pub struct Nf4MatMul {
     weight: Arc<Nf4Tensor>,
@@ -109,11 +111,21 @@ impl CustomOp1 for Nf4MatMul {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("{}: input must be contiguous", self.name())
         };
-        let x = to_f32(storage, start, end)?;
         let mut y = vec![0f32; m * outer];
-        match self.orientation {
-            Orientation::Forward => cpu::matmul_into(&x, m, &self.weight, &mut y),
-            Orientation::Transposed => cpu::matmul_t_into(&x, m, &self.weight, &mut y),
+        match (storage, self.orientation) {
+            // bf16 activations meet W dequantized to bf16, as bitsandbytes computes them.
+            (CpuStorage::BF16(v), Orientation::Forward) => {
+                cpu::matmul_bf16_into(&v[start..end], m, &self.weight, &mut y)
+            }
+            (CpuStorage::BF16(v), Orientation::Transposed) => {
+                cpu::matmul_t_bf16_into(&v[start..end], m, &self.weight, &mut y)
+            }
+            (_, Orientation::Forward) => {
+                cpu::matmul_into(&to_f32(storage, start, end)?, m, &self.weight, &mut y)
+            }
+            (_, Orientation::Transposed) => {
+                cpu::matmul_t_into(&to_f32(storage, start, end)?, m, &self.weight, &mut y)
+            }
         }
         .map_err(candle_core::Error::wrap)?;
         let out = match storage.dtype() {

@@ -99,11 +99,13 @@ fn blocksize() -> impl Strategy<Value = usize> {
 }
 
 /// Row widths: anything small and odd, multiples of 8 (the chunked GEMV path needs those) with
-/// and without a partial 128-chunk, and a few model-like widths.
+/// and without a partial 128-chunk, multiples of 64 (the bf16 GEMV kernel's), and a few
+/// model-like widths.
 fn width() -> impl Strategy<Value = usize> {
     prop_oneof![
         1usize..300,
         (16usize..90).prop_map(|c| 8 * c),
+        (1usize..40).prop_map(|c| 64 * c),
         prop::sample::select(vec![128usize, 1000, 1024, 1032, 2048]),
     ]
 }
@@ -124,6 +126,37 @@ fn check_products(m: usize, w: &Nf4Tensor, seed: u64) {
     cpu::matmul_t_into(&dy, m, w, &mut dx).unwrap();
     let (want, bound) = product(m, k, n, |i, j| dy[i * n + j], |j, p| wd[j * k + p]);
     assert_close(&dx, &want, &bound, &format!("matmul_t m {m} n {n} k {k}"));
+
+    // bf16 activations meet W dequantized to bf16 (bitsandbytes' bf16 compute): the same
+    // bound against that reference. A path that kept W in f32 is off by ~2^-9 of each term.
+    let wd16: Vec<f32> = wd.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    let mut y = vec![f32::NAN; m * n];
+    cpu::matmul_bf16_into(&x16, m, w, &mut y).unwrap();
+    let (want, bound) = product(
+        m,
+        n,
+        k,
+        |i, p| x16[i * k + p].to_f32(),
+        |p, j| wd16[j * k + p],
+    );
+    assert_close(&y, &want, &bound, &format!("matmul_bf16 m {m} n {n} k {k}"));
+    let dy16: Vec<bf16> = dy.iter().map(|&v| bf16::from_f32(v)).collect();
+    let mut dx = vec![f32::NAN; m * k];
+    cpu::matmul_t_bf16_into(&dy16, m, w, &mut dx).unwrap();
+    let (want, bound) = product(
+        m,
+        k,
+        n,
+        |i, j| dy16[i * n + j].to_f32(),
+        |j, p| wd16[j * k + p],
+    );
+    assert_close(
+        &dx,
+        &want,
+        &bound,
+        &format!("matmul_t_bf16 m {m} n {n} k {k}"),
+    );
 }
 
 proptest! {
@@ -186,6 +219,8 @@ fn products_on_multi_panel_shapes() {
         (8, 700, 1030, 32, false),
         (3, 513, 520, 4096, true),
         (12, 2100, 136, 128, true),
+        (2, 1500, 576, 64, true),
+        (1, 600, 4160, 256, true),
     ]
     .iter()
     .enumerate()

@@ -12,7 +12,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::decode::{decode, decode_transposed};
+use super::decode::{decode, decode_transposed, round_to_bf16};
 use super::isa::Isa;
 use super::scratch::with_scratch;
 use crate::tensor::Nf4Tensor;
@@ -39,7 +39,9 @@ const PANEL_ROWS: usize = 64;
 const PANEL_COLS: usize = 128;
 const PANEL_COL_ROWS: usize = 2048;
 
-/// `y[m, n] = x[m, k] · deq(W)ᵀ`; shapes are checked by the caller.
+/// `y[m, n] = x[m, k] · deq(W)ᵀ`; shapes are checked by the caller. With `round_bf16` every
+/// decoded weight is rounded to bf16 first (`deq_bf16(W)`, bitsandbytes' bf16 compute).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     isa: Isa,
     x: &[f32],
@@ -48,6 +50,7 @@ pub(crate) fn matmul(
     n: usize,
     k: usize,
     y: &mut [f32],
+    round_bf16: bool,
 ) {
     let rows = PANEL_ROWS.min(n);
     let out = Shared(y.as_mut_ptr());
@@ -56,6 +59,9 @@ pub(crate) fn matmul(
         let nb = rows.min(n - j0);
         with_scratch(nb * k, |panel| {
             decode_transposed(isa, w, k, j0..j0 + nb, panel, nb);
+            if round_bf16 {
+                round_to_bf16(panel);
+            }
             // SAFETY: y is [m, n] row-major and this task owns columns j0 .. j0 + nb; x is
             // [m, k]; the panel holds W[j0 .. j0 + nb, ..]ᵀ as [k, nb].
             unsafe {
@@ -85,10 +91,12 @@ pub(crate) fn matmul(
     });
 }
 
-/// `dx[m, k] = dy[m, n] · deq(W)`; shapes are checked by the caller.
+/// `dx[m, k] = dy[m, n] · deq(W)`; shapes are checked by the caller (`round_bf16` as in
+/// [`matmul`]).
 ///
 /// Tasks own column ranges of W (and so of dx). A range cuts each row of W mid-block wherever it
 /// likes: the decoder starts at any element.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_t(
     isa: Isa,
     dy: &[f32],
@@ -97,6 +105,7 @@ pub(crate) fn matmul_t(
     n: usize,
     k: usize,
     dx: &mut [f32],
+    round_bf16: bool,
 ) {
     let cols = PANEL_COLS.min(k);
     let out = Shared(dx.as_mut_ptr());
@@ -110,6 +119,9 @@ pub(crate) fn matmul_t(
                 let panel = &mut scratch[..nb * kw];
                 for (j, row) in panel.chunks_exact_mut(kw).enumerate() {
                     decode(isa, w, (j0 + j) * k + p0, row, false);
+                }
+                if round_bf16 {
+                    round_to_bf16(panel);
                 }
                 // SAFETY: dx is [m, k] row-major and this task owns columns p0 .. p0 + kw; dy is
                 // [m, n], of which columns j0 .. j0 + nb meet the panel W[j0 .. j0 + nb, p0 ..
@@ -146,7 +158,7 @@ pub(crate) fn matmul_t(
 mod tests {
     use super::*;
     use crate::codebook::QuantType;
-    use crate::cpu::reference::{assert_product, values, weight};
+    use crate::cpu::reference::{assert_product, assert_product_bf16, values, weight};
 
     #[test]
     fn every_isa_matches_the_reference() {
@@ -162,12 +174,17 @@ mod tests {
                 let what = format!("{isa:?} m {m} n {n} k {k} bs {bs}");
                 let x = values(m * k, 1);
                 let mut y = vec![f32::NAN; m * n];
-                matmul(isa, &x, m, &w, n, k, &mut y);
+                matmul(isa, &x, m, &w, n, k, &mut y, false);
                 assert_product(&x, m, &w, false, &y, &what);
                 let dy = values(m * n, 2);
                 let mut dx = vec![f32::NAN; m * k];
-                matmul_t(isa, &dy, m, &w, n, k, &mut dx);
+                matmul_t(isa, &dy, m, &w, n, k, &mut dx, false);
                 assert_product(&dy, m, &w, true, &dx, &what);
+                // The bf16 compute path: the same products against deq_bf16(W).
+                matmul(isa, &x, m, &w, n, k, &mut y, true);
+                assert_product_bf16(&x, m, &w, false, &y, &what);
+                matmul_t(isa, &dy, m, &w, n, k, &mut dx, true);
+                assert_product_bf16(&dy, m, &w, true, &dx, &what);
             }
         }
     }

@@ -35,6 +35,22 @@ impl Isa {
     }
 }
 
+/// Whether the CPU also has AVX-512 BF16 (`vdpbf16ps`, `vcvtne2ps2bf16`), which the bf16
+/// GEMV uses on top of [`Isa::Avx512`] (cached like [`Isa::detect`]).
+pub(crate) fn has_avx512_bf16() -> bool {
+    static BF16: OnceLock<bool> = OnceLock::new();
+    *BF16.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Isa::detect() == Isa::Avx512 && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 fn detect_uncached() -> Isa {
     if is_x86_feature_detected!("avx512f")

@@ -88,7 +88,7 @@ pub fn matmul_into(x: &[f32], m: usize, w: &Nf4Tensor, y: &mut [f32]) -> Result<
     if m <= GEMV_MAX_ROWS {
         gemv::gemv(isa, x, m, w, n, k, y);
     } else {
-        gemm::matmul(isa, x, m, w, n, k, y);
+        gemm::matmul(isa, x, m, w, n, k, y, false);
     }
     Ok(())
 }
@@ -112,7 +112,63 @@ pub fn matmul_t_into(
     if m <= GEMV_MAX_ROWS {
         gemv::gemv_t(isa, dy, m, w, n, k, dx);
     } else {
-        gemm::matmul_t(isa, dy, m, w, n, k, dx);
+        gemm::matmul_t(isa, dy, m, w, n, k, dx, false);
+    }
+    Ok(())
+}
+
+/// `y[m, n] = x[m, k] · deq_bf16(W)ᵀ` for bf16 activations: W dequantized to bf16 as
+/// [`dequantize_bf16_into`] does (what bitsandbytes multiplies with a bf16 compute dtype), every
+/// product exact, sums in f32.
+///
+/// Up to 8 rows take the bf16 GEMV (AVX-512 BF16: 32 lookups and 32 products per instruction);
+/// more rows widen x and multiply bf16-rounded panels of W with `gemm`.
+pub fn matmul_bf16_into(
+    x: &[bf16],
+    m: usize,
+    w: &Nf4Tensor,
+    y: &mut [f32],
+) -> Result<(), QuantError> {
+    let (n, k) = check(w, m, ("x", x.len(), |_, k| k), ("y", y.len(), |n, _| n))?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+    let isa = isa::Isa::detect();
+    if m <= GEMV_MAX_ROWS {
+        gemv::gemv_bf16(isa, x, m, w, n, k, y);
+    } else {
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        gemm::matmul(isa, &xf, m, w, n, k, y, true);
+    }
+    Ok(())
+}
+
+/// `dx[m, k] = dy[m, n] · deq_bf16(W)` for bf16 gradients (the input gradient of
+/// [`matmul_bf16_into`]), accumulated in f32.
+pub fn matmul_t_bf16_into(
+    dy: &[bf16],
+    m: usize,
+    w: &Nf4Tensor,
+    dx: &mut [f32],
+) -> Result<(), QuantError> {
+    let (n, k) = check(w, m, ("dy", dy.len(), |n, _| n), ("dx", dx.len(), |_, k| k))?;
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    if n == 0 {
+        dx.fill(0.0);
+        return Ok(());
+    }
+    let isa = isa::Isa::detect();
+    let dyf: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
+    if m <= GEMV_MAX_ROWS {
+        gemv::gemv_t_rounded(isa, &dyf, m, w, n, k, dx);
+    } else {
+        gemm::matmul_t(isa, &dyf, m, w, n, k, dx, true);
     }
     Ok(())
 }

@@ -57,8 +57,36 @@ pub(crate) fn assert_product(
     got: &[f32],
     what: &str,
 ) {
+    assert_product_against(x, m, w, &dequantized(w), transposed, got, what);
+}
+
+/// [`assert_product`] with W dequantized to bf16 (`deq_bf16(W)`, the products of the bf16
+/// paths); `x` must hold bf16 values.
+pub(crate) fn assert_product_bf16(
+    x: &[f32],
+    m: usize,
+    w: &Nf4Tensor,
+    transposed: bool,
+    got: &[f32],
+    what: &str,
+) {
+    let wd: Vec<f32> = dequantized(w)
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    assert_product_against(x, m, w, &wd, transposed, got, what);
+}
+
+fn assert_product_against(
+    x: &[f32],
+    m: usize,
+    w: &Nf4Tensor,
+    wd: &[f32],
+    transposed: bool,
+    got: &[f32],
+    what: &str,
+) {
     let (n, k) = w.dims2().unwrap();
-    let wd = dequantized(w);
     let (inner, outer) = if transposed { (n, k) } else { (k, n) };
     for i in 0..m {
         for o in 0..outer {

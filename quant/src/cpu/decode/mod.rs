@@ -152,6 +152,14 @@ pub(crate) fn decode_transposed(
     }
 }
 
+/// Round every value to the nearest bf16 (ties to even), kept as f32: the f32 decode of a
+/// range followed by this equals its bf16 decode widened.
+pub(crate) fn round_to_bf16(values: &mut [f32]) {
+    for v in values {
+        *v = bf16::from_f32(*v).to_f32();
+    }
+}
+
 /// The plain version: one element at a time.
 pub(crate) fn decode_scalar<T: Element>(w: &Nf4Tensor, start: usize, out: &mut [T]) {
     let code = w.qtype().values();

@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::CHUNK;
+use super::{prefetch_distance, slice_chunks, CHUNK};
 use crate::codebook::DYNAMIC8;
 use crate::cpu::decode::avx512::{lane_mask, load_bytes, GroupScales, Lookup};
 use crate::cpu::decode::Scales;
@@ -194,25 +194,6 @@ pub(super) unsafe fn gemv_rows(
     }
 }
 
-/// Chunks per k-slice: the slice of M activation rows (or of M accumulator rows) stays in
-/// a 32 KiB L1 while every W row of the task passes over it. Without slicing, 8 rows of 4096
-/// (128 KiB) come from L2 at every chunk, which costs more than the FMAs.
-fn slice_chunks(m: usize, chunks: usize) -> usize {
-    const L1_BUDGET: usize = 24 * 1024;
-    (L1_BUDGET / (m * CHUNK * 4)).clamp(1, chunks.max(1))
-}
-
-/// Bytes ahead of the current chunk to prefetch: the next row's piece when rows are walked
-/// in slices (the hardware prefetcher loses a stream that jumps by a row), else a stretch of
-/// the same sequential stream, far enough to cover DRAM latency at GEMV speed.
-fn prefetch_distance(per_slice: usize, chunks: usize, k: usize) -> usize {
-    if per_slice < chunks {
-        k / 2
-    } else {
-        4096
-    }
-}
-
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn rows_m<const M: usize>(
     w: &Nf4Tensor,
@@ -229,11 +210,11 @@ unsafe fn rows_m<const M: usize>(
     let table = _mm512_loadu_ps(code.as_ptr());
     let chunks = if k.is_multiple_of(8) { k / CHUNK } else { 0 };
     let tail = k - chunks * CHUNK;
-    let mut chunk_scales = ChunkScales::new(w, slice_chunks(M, chunks) * CHUNK);
+    let mut chunk_scales = ChunkScales::new(w, slice_chunks(M, chunks, CHUNK * 4) * CHUNK);
     let mut group_scales = GroupScales::new(w);
     let x = xp.as_ptr();
     let mut sums = vec![0f32; rows.len() * M];
-    let per_slice = slice_chunks(M, chunks);
+    let per_slice = slice_chunks(M, chunks, CHUNK * 4);
     let ahead = prefetch_distance(per_slice, chunks, k);
     let mut c0 = 0;
     loop {
@@ -247,7 +228,7 @@ unsafe fn rows_m<const M: usize>(
             let mut acc = [_mm512_setzero_ps(); M];
             for c in c0..c1 {
                 let f = f0 + c * CHUNK;
-                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(f / 2 + ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(src.wrapping_add(f / 2 + ahead) as *const i8);
                 let raw = _mm512_loadu_si512(src.add(f / 2) as *const __m512i);
                 let scale = chunk_scales.get(f);
                 // Two chains per row (even and odd vectors) halve the FMA latency a chunk
@@ -350,10 +331,10 @@ unsafe fn rows_t_m<const M: usize>(
     let table = _mm512_loadu_ps(code.as_ptr());
     let chunks = if k.is_multiple_of(8) { k / CHUNK } else { 0 };
     let tail = k - chunks * CHUNK;
-    let mut chunk_scales = ChunkScales::new(w, slice_chunks(M, chunks) * CHUNK);
+    let mut chunk_scales = ChunkScales::new(w, slice_chunks(M, chunks, CHUNK * 4) * CHUNK);
     let mut group_scales = GroupScales::new(w);
     let a = acc.as_mut_ptr();
-    let per_slice = slice_chunks(M, chunks);
+    let per_slice = slice_chunks(M, chunks, CHUNK * 4);
     let ahead = prefetch_distance(per_slice, chunks, k);
     let mut c0 = 0;
     loop {
@@ -367,7 +348,7 @@ unsafe fn rows_t_m<const M: usize>(
             let g: [__m512; M] = std::array::from_fn(|i| _mm512_set1_ps(dy[i * n + j]));
             for c in c0..c1 {
                 let f = f0 + c * CHUNK;
-                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(f / 2 + ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(src.wrapping_add(f / 2 + ahead) as *const i8);
                 let raw = _mm512_loadu_si512(src.add(f / 2) as *const __m512i);
                 let scale = chunk_scales.get(f);
                 let gs: [__m512; M] = std::array::from_fn(|i| _mm512_mul_ps(g[i], scale));
