@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p qlora-quant --bench kernels`. Every figure is the minimum over repeats, with
 //! ours and the baseline measured alternately so a busy machine penalizes both alike.
-//! `QLORA_BENCH=matmul,gemv,gemv-cycles,dequantize` runs a subset.
+//! `QLORA_BENCH=matmul,gemv,gemv-cycles,dequantize` runs a subset (`gemv-cycles`: the one-thread
+//! cycle rows and the instruction floors only).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -371,6 +372,113 @@ fn gemv_cycles(rows: &mut Vec<Row>) {
     });
 }
 
+/// The instruction mix of one 128-weight chunk of each GEMV kernel, alone in a loop with x
+/// and the codes in L1 (no memory traffic, scales or loop overhead): the cycles a chunk costs
+/// at best on this core, i.e. the highest GB/s of codes one core can decode. Inline assembly,
+/// so the compiler cannot reorder or drop any of it.
+#[cfg(target_arch = "x86_64")]
+fn gemv_floor(rows: &mut Vec<Row>) {
+    if !(is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16")) {
+        return;
+    }
+    let Some(ghz) = core_ghz() else {
+        return;
+    };
+    #[repr(align(64))]
+    struct Buf([u8; 1024]);
+    let x = Buf([0; 1024]);
+    let w = Buf([0; 1024]);
+    let iters: u64 = 20_000_000;
+    // SAFETY (both): the loops read 512 bytes of `x` and 264 of `w`, write registers only.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn f32_mix(x: *const u8, w: *const u8, n: u64) {
+        std::arch::asm!(
+            "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
+            "vpxord zmm3, zmm3, zmm3", "vpxord zmm17, zmm17, zmm17",
+            "2:",
+            "vmovdqu32 zmm16, [{w}]",
+            "vpsrld zmm8, zmm16, 4", "vpsrld zmm9, zmm16, 8", "vpsrld zmm10, zmm16, 12",
+            "vpsrld zmm11, zmm16, 16", "vpsrld zmm12, zmm16, 20", "vpsrld zmm13, zmm16, 24",
+            "vpsrld zmm14, zmm16, 28",
+            "vpermps zmm20, zmm16, zmm17", "vpermps zmm21, zmm8, zmm17",
+            "vpermps zmm22, zmm9, zmm17", "vpermps zmm23, zmm10, zmm17",
+            "vpermps zmm24, zmm11, zmm17", "vpermps zmm25, zmm12, zmm17",
+            "vpermps zmm26, zmm13, zmm17", "vpermps zmm27, zmm14, zmm17",
+            "vfmadd231ps zmm0, zmm20, [{x}]", "vfmadd231ps zmm1, zmm21, [{x}+64]",
+            "vfmadd231ps zmm2, zmm22, [{x}+128]", "vfmadd231ps zmm3, zmm23, [{x}+192]",
+            "vfmadd231ps zmm0, zmm24, [{x}+256]", "vfmadd231ps zmm1, zmm25, [{x}+320]",
+            "vfmadd231ps zmm2, zmm26, [{x}+384]", "vfmadd231ps zmm3, zmm27, [{x}+448]",
+            "dec {n}", "jnz 2b",
+            x = in(reg) x, w = in(reg) w, n = inout(reg) n => _,
+            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm8") _,
+            out("zmm9") _, out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _,
+            out("zmm14") _, out("zmm16") _, out("zmm17") _, out("zmm20") _, out("zmm21") _,
+            out("zmm22") _, out("zmm23") _, out("zmm24") _, out("zmm25") _, out("zmm26") _,
+            out("zmm27") _, options(nostack, readonly),
+        );
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn bf16_mix(x: *const u8, w: *const u8, n: u64) {
+        std::arch::asm!(
+            "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
+            "vpxord zmm3, zmm3, zmm3", "vpxord zmm17, zmm17, zmm17",
+            "vpxord zmm18, zmm18, zmm18", "vpxord zmm19, zmm19, zmm19",
+            "2:",
+            "vmovdqu16 zmm16, [{w}]",
+            "vmulps zmm24, zmm17, dword ptr [{w}+256]{{1to16}}",
+            "vmulps zmm25, zmm17, dword ptr [{w}+260]{{1to16}}",
+            "vcvtne2ps2bf16 zmm26, zmm25, zmm24",
+            "vpsrlw zmm9, zmm16, 4", "vpsrlw zmm10, zmm16, 8", "vpsrlw zmm11, zmm16, 12",
+            "vpternlogd zmm16, zmm18, zmm19, 0xEA", "vpermw zmm20, zmm16, zmm26",
+            "vpternlogd zmm9, zmm18, zmm19, 0xEA", "vpermw zmm21, zmm9, zmm26",
+            "vpternlogd zmm10, zmm18, zmm19, 0xEA", "vpermw zmm22, zmm10, zmm26",
+            "vpternlogd zmm11, zmm18, zmm19, 0xEA", "vpermw zmm23, zmm11, zmm26",
+            "vdpbf16ps zmm0, zmm20, [{x}]", "vdpbf16ps zmm1, zmm21, [{x}+64]",
+            "vdpbf16ps zmm2, zmm22, [{x}+128]", "vdpbf16ps zmm3, zmm23, [{x}+192]",
+            "dec {n}", "jnz 2b",
+            x = in(reg) x, w = in(reg) w, n = inout(reg) n => _,
+            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm9") _,
+            out("zmm10") _, out("zmm11") _, out("zmm16") _, out("zmm17") _, out("zmm18") _,
+            out("zmm19") _, out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+            out("zmm24") _, out("zmm25") _, out("zmm26") _, options(nostack, readonly),
+        );
+    }
+    type Mix = unsafe fn(*const u8, *const u8, u64);
+    let mixes: [(&str, Mix); 2] = [
+        ("f32 x: 7 shifts, 8 vpermps, 8 FMAs", |x, w, n| unsafe {
+            f32_mix(x, w, n)
+        }),
+        (
+            "bf16 x: 3 shifts, 4 ternlog, 4 vpermw, 2 mul + 1 cvt (table), 4 vdpbf16ps",
+            |x, w, n| unsafe { bf16_mix(x, w, n) },
+        ),
+    ];
+    for (what, mix) in mixes {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t0 = thread_cpu_ns().unwrap_or(0);
+            // SAFETY: the CPU has AVX-512 BW and BF16 (checked above); see the functions.
+            unsafe { mix(x.0.as_ptr(), w.0.as_ptr(), iters) };
+            let ns = thread_cpu_ns().unwrap_or(0).saturating_sub(t0) as f64;
+            best = best.min(ns * ghz / iters as f64);
+        }
+        rows.push(Row {
+            case: format!(
+                "  instruction floor of one 128-weight chunk in L1, {what}, cycles (= {:.1} GB/s per core at {ghz:.2} GHz)",
+                64.0 * ghz / best
+            ),
+            baseline: "".into(),
+            base: None,
+            ours: best,
+            unit: "cycles",
+            target: "".into(),
+        });
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn gemv_floor(_rows: &mut Vec<Row>) {}
+
 fn dequantize_rows(rows: &mut Vec<Row>) {
     let (n, k) = (4096, 4096);
     let w = nf4(n, k, 7);
@@ -425,6 +533,7 @@ fn main() -> candle_core::Result<()> {
     }
     if run("gemv") || run("gemv-cycles") {
         gemv_cycles(&mut rows);
+        gemv_floor(&mut rows);
     }
     if run("dequantize") {
         dequantize_rows(&mut rows);

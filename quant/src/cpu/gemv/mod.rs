@@ -283,6 +283,8 @@ mod avx512;
 #[allow(clippy::needless_range_loop)]
 mod avx512_bf16;
 mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod scales;
 
 pub(crate) use bf16::{gemv_bf16, gemv_t_rounded};
 
