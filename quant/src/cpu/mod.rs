@@ -71,19 +71,45 @@ fn check(
     Ok((n, k))
 }
 
+/// `(n, k)` of a product with `m` rows after checking the lengths: `y[m, n] = x[m, k] · deq(W)ᵀ`,
+/// or with `transposed` `dx[m, k] = dy[m, n] · deq(W)`. `None` when nothing is left to compute;
+/// an empty inner dimension leaves `out` zero-filled.
+fn product_shape(
+    w: &Nf4Tensor,
+    m: usize,
+    transposed: bool,
+    input_len: usize,
+    out: &mut [f32],
+) -> Result<Option<(usize, usize)>, QuantError> {
+    let (n, k) = if transposed {
+        check(
+            w,
+            m,
+            ("dy", input_len, |n, _| n),
+            ("dx", out.len(), |_, k| k),
+        )?
+    } else {
+        check(w, m, ("x", input_len, |_, k| k), ("y", out.len(), |n, _| n))?
+    };
+    let (inner, outer) = if transposed { (n, k) } else { (k, n) };
+    if m == 0 || outer == 0 {
+        return Ok(None);
+    }
+    if inner == 0 {
+        out.fill(0.0);
+        return Ok(None);
+    }
+    Ok(Some((n, k)))
+}
+
 /// `y[m, n] = x[m, k] · deq(W)ᵀ` with `W: [n, k]`.
 ///
 /// Up to 8 rows decode W in registers (GEMV, bound by memory bandwidth); more rows decode panels
 /// of W into per-thread scratch for `gemm`.
 pub fn matmul_into(x: &[f32], m: usize, w: &Nf4Tensor, y: &mut [f32]) -> Result<(), QuantError> {
-    let (n, k) = check(w, m, ("x", x.len(), |_, k| k), ("y", y.len(), |n, _| n))?;
-    if m == 0 || n == 0 {
+    let Some((n, k)) = product_shape(w, m, false, x.len(), y)? else {
         return Ok(());
-    }
-    if k == 0 {
-        y.fill(0.0);
-        return Ok(());
-    }
+    };
     let isa = isa::Isa::detect();
     if m <= GEMV_MAX_ROWS {
         gemv::gemv(isa, x, m, w, n, k, y);
@@ -100,17 +126,12 @@ pub fn matmul_t_into(
     w: &Nf4Tensor,
     dx: &mut [f32],
 ) -> Result<(), QuantError> {
-    let (n, k) = check(w, m, ("dy", dy.len(), |n, _| n), ("dx", dx.len(), |_, k| k))?;
-    if m == 0 || k == 0 {
+    let Some((n, k)) = product_shape(w, m, true, dy.len(), dx)? else {
         return Ok(());
-    }
-    if n == 0 {
-        dx.fill(0.0);
-        return Ok(());
-    }
+    };
     let isa = isa::Isa::detect();
     if m <= GEMV_MAX_ROWS {
-        gemv::gemv_t(isa, dy, m, w, n, k, dx);
+        gemv::gemv_t(isa, dy, m, w, n, k, dx, false);
     } else {
         gemm::matmul_t(isa, dy, m, w, n, k, dx, false);
     }
@@ -129,14 +150,9 @@ pub fn matmul_bf16_into(
     w: &Nf4Tensor,
     y: &mut [f32],
 ) -> Result<(), QuantError> {
-    let (n, k) = check(w, m, ("x", x.len(), |_, k| k), ("y", y.len(), |n, _| n))?;
-    if m == 0 || n == 0 {
+    let Some((n, k)) = product_shape(w, m, false, x.len(), y)? else {
         return Ok(());
-    }
-    if k == 0 {
-        y.fill(0.0);
-        return Ok(());
-    }
+    };
     let isa = isa::Isa::detect();
     if m <= GEMV_MAX_ROWS {
         gemv::gemv_bf16(isa, x, m, w, n, k, y);
@@ -155,18 +171,13 @@ pub fn matmul_t_bf16_into(
     w: &Nf4Tensor,
     dx: &mut [f32],
 ) -> Result<(), QuantError> {
-    let (n, k) = check(w, m, ("dy", dy.len(), |n, _| n), ("dx", dx.len(), |_, k| k))?;
-    if m == 0 || k == 0 {
+    let Some((n, k)) = product_shape(w, m, true, dy.len(), dx)? else {
         return Ok(());
-    }
-    if n == 0 {
-        dx.fill(0.0);
-        return Ok(());
-    }
+    };
     let isa = isa::Isa::detect();
     let dyf: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
     if m <= GEMV_MAX_ROWS {
-        gemv::gemv_t_rounded(isa, &dyf, m, w, n, k, dx);
+        gemv::gemv_t(isa, &dyf, m, w, n, k, dx, true);
     } else {
         gemm::matmul_t(isa, &dyf, m, w, n, k, dx, true);
     }

@@ -181,17 +181,7 @@ pub(super) unsafe fn gemv_rows(
     rows: Range<usize>,
     y: *mut f32,
 ) {
-    match m {
-        1 => rows_m::<1>(w, xp, k, n, rows, y),
-        2 => rows_m::<2>(w, xp, k, n, rows, y),
-        3 => rows_m::<3>(w, xp, k, n, rows, y),
-        4 => rows_m::<4>(w, xp, k, n, rows, y),
-        5 => rows_m::<5>(w, xp, k, n, rows, y),
-        6 => rows_m::<6>(w, xp, k, n, rows, y),
-        7 => rows_m::<7>(w, xp, k, n, rows, y),
-        8 => rows_m::<8>(w, xp, k, n, rows, y),
-        _ => unreachable!("gemv is only used for 1 ≤ m ≤ 8"),
-    }
+    with_rows!(m, rows_m(w, xp, k, n, rows, y))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
@@ -302,17 +292,7 @@ pub(super) unsafe fn gemv_t_rows(
     rows: Range<usize>,
     acc: &mut [f32],
 ) {
-    match m {
-        1 => rows_t_m::<1>(w, dy, k, n, rows, acc),
-        2 => rows_t_m::<2>(w, dy, k, n, rows, acc),
-        3 => rows_t_m::<3>(w, dy, k, n, rows, acc),
-        4 => rows_t_m::<4>(w, dy, k, n, rows, acc),
-        5 => rows_t_m::<5>(w, dy, k, n, rows, acc),
-        6 => rows_t_m::<6>(w, dy, k, n, rows, acc),
-        7 => rows_t_m::<7>(w, dy, k, n, rows, acc),
-        8 => rows_t_m::<8>(w, dy, k, n, rows, acc),
-        _ => unreachable!("gemv_t is only used for 1 ≤ m ≤ 8"),
-    }
+    with_rows!(m, rows_t_m(w, dy, k, n, rows, acc))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]

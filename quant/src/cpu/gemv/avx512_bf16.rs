@@ -51,17 +51,7 @@ pub(super) unsafe fn gemv_rows(
     rows: Range<usize>,
     y: *mut f32,
 ) {
-    match m {
-        1 => rows_m::<1>(w, xp, k, n, rows, y),
-        2 => rows_m::<2>(w, xp, k, n, rows, y),
-        3 => rows_m::<3>(w, xp, k, n, rows, y),
-        4 => rows_m::<4>(w, xp, k, n, rows, y),
-        5 => rows_m::<5>(w, xp, k, n, rows, y),
-        6 => rows_m::<6>(w, xp, k, n, rows, y),
-        7 => rows_m::<7>(w, xp, k, n, rows, y),
-        8 => rows_m::<8>(w, xp, k, n, rows, y),
-        _ => unreachable!("gemv is only used for 1 ≤ m ≤ 8"),
-    }
+    with_rows!(m, rows_m(w, xp, k, n, rows, y))
 }
 
 /// Vector `s` of a chunk: the nibble `s` of every word as a table index, plus the half bit.

@@ -5,7 +5,8 @@
 //! two bf16 values are exact in f32, so only the f32 summation rounds. The forward product has
 //! an AVX-512 BF16 kernel ([`super::avx512_bf16`]) for blocks of at least 64 and rows of
 //! `k % 64 == 0` (every model shape with the default blocksize); anything else decodes a row to
-//! bf16 at a time and takes plain dot products.
+//! bf16 at a time and takes plain dot products. The transposed product is `super::gemv_t` with
+//! rounding.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -62,21 +63,7 @@ pub(crate) fn gemv_bf16(
     k: usize,
     y: &mut [f32],
 ) {
-    gemv_bf16_with(has_kernel(isa, w, k), isa, x, m, w, n, k, y)
-}
-
-/// [`gemv_bf16`] with the kernel choice made by the caller (tests run both).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemv_bf16_with(
-    kernel: bool,
-    isa: Isa,
-    x: &[bf16],
-    m: usize,
-    w: &Nf4Tensor,
-    n: usize,
-    k: usize,
-    y: &mut [f32],
-) {
+    let kernel = has_kernel(isa, w, k);
     let out = Shared(y.as_mut_ptr());
     let per_task = rows_per_task(n, k);
     let tasks = n.div_ceil(per_task);
@@ -109,43 +96,4 @@ pub(super) fn gemv_bf16_with(
             }
         }
     });
-}
-
-/// `dx[m, k] = dy[m, n] · deq_bf16(W)` for small `m` (the input gradient of [`gemv_bf16`]):
-/// rows of W decoded to bf16, accumulated into per-task copies of dx as in `gemv_t`.
-pub(crate) fn gemv_t_rounded(
-    isa: Isa,
-    dy: &[f32],
-    m: usize,
-    w: &Nf4Tensor,
-    n: usize,
-    k: usize,
-    dx: &mut [f32],
-) {
-    let per_task = rows_per_task(n, k);
-    let total = (0..n.div_ceil(per_task))
-        .into_par_iter()
-        .fold(
-            || vec![0f32; m * k],
-            |mut acc, t| {
-                let mut row16 = vec![bf16::ZERO; k];
-                let mut row = vec![0f32; k];
-                for j in t * per_task..((t + 1) * per_task).min(n) {
-                    decode(isa, w, j * k, &mut row16, false);
-                    row.iter_mut()
-                        .zip(&row16)
-                        .for_each(|(r, v)| *r = v.to_f32());
-                    for i in 0..m {
-                        portable::axpy(isa, dy[i * n + j], &row, &mut acc[i * k..(i + 1) * k]);
-                    }
-                }
-                acc
-            },
-        )
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .unwrap_or_else(|| vec![0f32; m * k]);
-    dx.copy_from_slice(&total);
 }

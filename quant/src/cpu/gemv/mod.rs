@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use super::decode::decode;
+use super::decode::{decode, round_to_bf16};
 use super::isa::Isa;
 use crate::tensor::Nf4Tensor;
 
@@ -164,7 +164,10 @@ pub(crate) fn gemv(
 }
 
 /// `dx[m, k] = dy[m, n] · deq(W)` for small `m`. Tasks take disjoint rows of W (so W streams
-/// sequentially) and accumulate private copies of dx, summed at the end.
+/// sequentially) and accumulate private copies of dx, summed at the end. With `round_bf16` W
+/// is `deq_bf16(W)` (the input gradient of [`gemv_bf16`]): rows are decoded and rounded to a
+/// buffer, as on CPUs without AVX-512 (backward products with few rows are rare).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemv_t(
     isa: Isa,
     dy: &[f32],
@@ -173,7 +176,9 @@ pub(crate) fn gemv_t(
     n: usize,
     k: usize,
     dx: &mut [f32],
+    round_bf16: bool,
 ) {
+    let kernel = isa == Isa::Avx512 && !round_bf16;
     let per_task = rows_per_task(n, k);
     let partial = (0..n.div_ceil(per_task))
         .into_par_iter()
@@ -181,23 +186,20 @@ pub(crate) fn gemv_t(
             || vec![0f32; m * k],
             |mut acc, t| {
                 let rows = t * per_task..((t + 1) * per_task).min(n);
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
+                #[cfg(target_arch = "x86_64")]
+                if kernel {
                     // SAFETY: Avx512 is only reported on CPUs that have it.
-                    Isa::Avx512 => unsafe { avx512::gemv_t_rows(w, dy, m, k, n, rows, &mut acc) },
-                    _ => {
-                        let mut row = vec![0f32; k];
-                        for j in rows {
-                            decode(isa, w, j * k, &mut row, false);
-                            for i in 0..m {
-                                portable::axpy(
-                                    isa,
-                                    dy[i * n + j],
-                                    &row,
-                                    &mut acc[i * k..(i + 1) * k],
-                                );
-                            }
-                        }
+                    unsafe { avx512::gemv_t_rows(w, dy, m, k, n, rows, &mut acc) };
+                    return acc;
+                }
+                let mut row = vec![0f32; k];
+                for j in rows {
+                    decode(isa, w, j * k, &mut row, false);
+                    if round_bf16 {
+                        round_to_bf16(&mut row);
+                    }
+                    for i in 0..m {
+                        portable::axpy(isa, dy[i * n + j], &row, &mut acc[i * k..(i + 1) * k]);
                     }
                 }
                 acc
@@ -208,7 +210,7 @@ pub(crate) fn gemv_t(
             a
         })
         .unwrap_or_else(|| vec![0f32; m * k]);
-    let chunks = chunk_count(k, isa);
+    let chunks = if kernel { chunk_count(k, isa) } else { 0 };
     if chunks > 0 {
         deinterleave(&partial, m, k, chunks, dx);
     } else {
@@ -275,6 +277,25 @@ mod portable {
     }
 }
 
+/// `$kernel::<M>(args)` for the row count `$m` as a constant `M` in 1..=8 (the kernels keep
+/// one register per activation row).
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_rows {
+    ($m:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+        match $m {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            8 => $kernel::<8>($($arg),*),
+            _ => unreachable!("the GEMV kernels take 1 ≤ m ≤ 8 rows"),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 // The kernels index several per-row register arrays in lockstep; ranges read better there.
 #[allow(clippy::needless_range_loop)]
@@ -286,7 +307,7 @@ mod bf16;
 #[cfg(target_arch = "x86_64")]
 mod scales;
 
-pub(crate) use bf16::{gemv_bf16, gemv_t_rounded};
+pub(crate) use bf16::gemv_bf16;
 
 #[cfg(test)]
 mod tests {
@@ -348,15 +369,14 @@ mod tests {
                     .map(|&v| half::bf16::from_f32(v))
                     .collect();
                 let x: Vec<f32> = x16.iter().map(|v| v.to_f32()).collect();
-                for kernel in [false, bf16::has_kernel(isa, &w, k)] {
-                    let what = format!("{isa:?} kernel {kernel} m {m} n {n} k {k} bs {bs}");
-                    let mut y = vec![f32::NAN; m * n];
-                    bf16::gemv_bf16_with(kernel, isa, &x16, m, &w, n, k, &mut y);
-                    assert_product_bf16(&x, m, &w, false, &y, &what);
-                }
+                let kernel = bf16::has_kernel(isa, &w, k);
+                let what = format!("{isa:?} kernel {kernel} m {m} n {n} k {k} bs {bs}");
+                let mut y = vec![f32::NAN; m * n];
+                gemv_bf16(isa, &x16, m, &w, n, k, &mut y);
+                assert_product_bf16(&x, m, &w, false, &y, &what);
                 let dy = values(m * n, 4);
                 let mut dx = vec![f32::NAN; m * k];
-                gemv_t_rounded(isa, &dy, m, &w, n, k, &mut dx);
+                gemv_t(isa, &dy, m, &w, n, k, &mut dx, true);
                 assert_product_bf16(&dy, m, &w, true, &dx, &format!("{isa:?} t m {m}"));
             }
         }
@@ -391,10 +411,10 @@ mod tests {
         let x16: Vec<half::bf16> = (0..k)
             .map(|p| half::bf16::from_f32(if (p / 64) % 2 == 0 { 1e30 } else { 0.5 }))
             .collect();
-        let isa = Isa::detect();
-        for kernel in [false, bf16::has_kernel(isa, &w, k)] {
+        for isa in Isa::available() {
+            let kernel = bf16::has_kernel(isa, &w, k);
             let mut y = vec![f32::NAN; n];
-            bf16::gemv_bf16_with(kernel, isa, &x16, 1, &w, n, k, &mut y);
+            gemv_bf16(isa, &x16, 1, &w, n, k, &mut y);
             for (j, got) in y.iter().enumerate() {
                 let (mut want, mut abs, mut xsum) = (0f64, 0f64, 0f64);
                 for p in 0..k {
@@ -432,7 +452,7 @@ mod tests {
                 assert_product(&x, m, &w, false, &y, &what);
                 let dy = values(m * n, 2);
                 let mut dx = vec![f32::NAN; m * k];
-                gemv_t(isa, &dy, m, &w, n, k, &mut dx);
+                gemv_t(isa, &dy, m, &w, n, k, &mut dx, false);
                 assert_product(&dy, m, &w, true, &dx, &what);
             }
         }
