@@ -22,7 +22,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CudaDevice, Result};
 
-use super::page_store::{ChunkFn, ChunkFnMut, PageStats, PageStore, Region};
+use super::page_store::{self, ChunkFn, ChunkFnMut, PageStats, PageStore, Region};
 use super::residency::Residency;
 
 /// Visitor of one window of several regions in device memory: `(offset in elements, views)`.
@@ -88,37 +88,13 @@ impl CudaPageStore {
 
     /// Windows of `regions`, after checking they can be visited together.
     fn check_regions(&self, regions: &[Region]) -> Result<usize> {
-        let Some(first) = regions.first() else {
-            return Ok(0);
-        };
-        if regions.len() > self.residency.frames() {
-            bail!(
-                "{} regions visited together need {} device pages but the budget holds {}: \
-                 raise --optim-resident-mb",
-                regions.len(),
-                regions.len(),
-                self.residency.frames()
-            );
-        }
-        for (i, r) in regions.iter().enumerate() {
-            if r.len != first.len {
-                bail!(
-                    "regions visited together differ in length ({} vs {})",
-                    r.len,
-                    first.len
-                );
-            }
-            if r.first_page + r.len.div_ceil(self.page_elems) > self.pages.len() {
-                bail!("region {r:?} was not allocated by this page store");
-            }
-            if regions[..i]
-                .iter()
-                .any(|q| q.first_page == r.first_page && r.len > 0)
-            {
-                bail!("region {r:?} is visited twice at once");
-            }
-        }
-        Ok(first.len.div_ceil(self.page_elems))
+        page_store::check_regions(
+            regions,
+            self.page_elems,
+            self.pages.len(),
+            self.residency.frames(),
+            "device",
+        )
     }
 
     fn page(&mut self, p: usize) -> Result<&mut PinnedHostSlice<f32>> {

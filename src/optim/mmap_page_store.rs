@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{bail, Result};
 use memmap2::MmapMut;
 
-use super::page_store::{ChunkFn, ChunkFnMut, PageStats, PageStore, Region};
+use super::page_store::{self, ChunkFn, ChunkFnMut, PageStats, PageStore, Region};
 
 /// A page store on the CPU, bounded in resident bytes, spilling to a temporary file.
 #[derive(Debug)]
@@ -79,37 +79,13 @@ impl MmapPageStore {
 
     /// Number of page windows of `regions`, after checking they can be visited together.
     fn check_regions(&self, regions: &[Region]) -> Result<usize> {
-        let Some(first) = regions.first() else {
-            return Ok(0);
-        };
-        if regions.len() > self.budget_pages {
-            bail!(
-                "{} regions visited together need {} resident pages but the budget holds {}: \
-                 raise --optim-resident-mb",
-                regions.len(),
-                regions.len(),
-                self.budget_pages
-            );
-        }
-        for (i, r) in regions.iter().enumerate() {
-            if r.len != first.len {
-                bail!(
-                    "regions visited together differ in length ({} vs {})",
-                    r.len,
-                    first.len
-                );
-            }
-            if r.first_page + r.len.div_ceil(self.page_elems) > self.pages.len() {
-                bail!("region {r:?} was not allocated by this page store");
-            }
-            if regions[..i]
-                .iter()
-                .any(|q| q.first_page == r.first_page && r.len > 0)
-            {
-                bail!("region {r:?} is visited twice at once");
-            }
-        }
-        Ok(first.len.div_ceil(self.page_elems))
+        page_store::check_regions(
+            regions,
+            self.page_elems,
+            self.pages.len(),
+            self.budget_pages,
+            "resident",
+        )
     }
 
     fn touch(&mut self, page: usize) {

@@ -8,7 +8,50 @@
 
 use std::fmt;
 
-use candle_core::Result;
+use candle_core::{bail, Result};
+
+/// Number of page windows of `regions` (pages of `page_elems`), after checking they can be
+/// visited together by a store of `allocated` pages of which `budget` can be `resident` at once
+/// ("resident" on the host, "device" on a GPU): no more regions than that budget, all of one
+/// length, all allocated by the store, none twice.
+pub(crate) fn check_regions(
+    regions: &[Region],
+    page_elems: usize,
+    allocated: usize,
+    budget: usize,
+    resident: &str,
+) -> Result<usize> {
+    let Some(first) = regions.first() else {
+        return Ok(0);
+    };
+    if regions.len() > budget {
+        bail!(
+            "{} regions visited together need {} {resident} pages but the budget holds {budget}: \
+             raise --optim-resident-mb",
+            regions.len(),
+            regions.len(),
+        );
+    }
+    for (i, r) in regions.iter().enumerate() {
+        if r.len != first.len {
+            bail!(
+                "regions visited together differ in length ({} vs {})",
+                r.len,
+                first.len
+            );
+        }
+        if r.first_page + r.len.div_ceil(page_elems) > allocated {
+            bail!("region {r:?} was not allocated by this page store");
+        }
+        if regions[..i]
+            .iter()
+            .any(|q| q.first_page == r.first_page && r.len > 0)
+        {
+            bail!("region {r:?} is visited twice at once");
+        }
+    }
+    Ok(first.len.div_ceil(page_elems))
+}
 
 /// Default page size: 1 MiB (262 144 f32), large enough that paging is sequential I/O.
 pub const DEFAULT_PAGE_BYTES: usize = 1 << 20;
