@@ -12,6 +12,7 @@ use qlora::model::loader::{load_model, BaseFormat, LoadOptions};
 use qlora::quant::QuantType;
 
 fn main() -> anyhow::Result<()> {
+    qlora::alloc::keep_freed_memory();
     let gguf = qlora::model::fetch::smollm2_gguf()?;
     let seq_len = 512;
     let repeats = 3;

@@ -33,6 +33,7 @@ fn env_usize(key: &str, default: usize) -> anyhow::Result<usize> {
 }
 
 fn main() -> anyhow::Result<()> {
+    qlora::alloc::keep_freed_memory();
     let layers = env_usize("QLORA_SCALE_LAYERS", 32)?;
     let seq = env_usize("QLORA_SCALE_SEQ", 512)?;
     let batch = env_usize("QLORA_SCALE_BATCH", 1)?;

@@ -96,6 +96,7 @@ impl Measured {
 }
 
 fn main() -> anyhow::Result<()> {
+    qlora::alloc::keep_freed_memory();
     let steps: usize = match std::env::var(STEPS_VAR) {
         Ok(s) => s
             .parse()

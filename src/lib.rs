@@ -5,6 +5,7 @@
 
 pub use qlora_quant as quant;
 
+pub mod alloc;
 pub mod atomic_dir;
 pub mod cli;
 pub mod compare;

@@ -2,6 +2,7 @@ use clap::Parser;
 use qlora::cli::{compare, eval, generate, inspect, merge, plan, quantize, train, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
+    qlora::alloc::keep_freed_memory();
     match Cli::parse().command {
         Command::Quantize(args) => quantize::run(args),
         Command::Train(args) => train::run(*args),
