@@ -58,6 +58,25 @@ impl HashDropout {
     }
 }
 
+impl HashDropout {
+    /// `yc[i] = xc[i] · factor(base + i)`.
+    #[inline(always)]
+    fn apply(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
+        for (i, (o, &v)) in yc.iter_mut().zip(xc).enumerate() {
+            *o = v * self.factor(base + i);
+        }
+    }
+
+    /// [`Self::apply`] compiled for AVX-512, whose 64-bit multiply (`vpmullq`) the hash needs:
+    /// the baseline build emulates it with 32-bit multiplies and spent 6.7% of a training step
+    /// here. Integer arithmetic, so the mask is bit-identical.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+    fn apply_avx512(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
+        self.apply(base, xc, yc)
+    }
+}
+
 /// SplitMix64's output function: a bijective mix with full avalanche.
 #[inline(always)]
 fn mix(x: u64) -> u64 {
@@ -75,14 +94,18 @@ impl CustomOp1 for HashDropout {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = crate::model::ops::f32_slice(storage, layout)?;
         let mut y = vec![0f32; x.len()];
+        #[cfg(target_arch = "x86_64")]
+        let wide = is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512vl");
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .enumerate()
             .for_each(|(c, (yc, xc))| {
-                let base = c * CHUNK;
-                for (i, (o, &v)) in yc.iter_mut().zip(xc).enumerate() {
-                    *o = v * self.factor(base + i);
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: the CPU has AVX-512 DQ and VL (checked above).
+                    return unsafe { self.apply_avx512(c * CHUNK, xc, yc) };
                 }
+                self.apply(c * CHUNK, xc, yc)
             });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
@@ -112,6 +135,11 @@ mod tests {
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
         let yv = y.to_vec1::<f32>().unwrap();
         assert!(yv.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-7));
+        // The op (vectorized where the CPU allows) drops exactly the elements `keeps` says.
+        assert!(yv
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| (v != 0.0) == d.keeps(i)));
         // Another seed gives another mask; the same seed the same one.
         let other = HashDropout::new(0.1, 8).unwrap();
         assert!((0..1000).any(|i| other.keeps(i) != d.keeps(i)));
