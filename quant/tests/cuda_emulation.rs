@@ -11,43 +11,21 @@
 //! of the result, half an ulp, plus the f32 accumulation), with widths kept small enough that
 //! f16 cannot overflow.
 
+mod common;
+
+use common::{random_values, reference};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use qlora_quant::blockwise::{dequantize_reference, SUPPORTED_BLOCKSIZES};
+use qlora_quant::blockwise::SUPPORTED_BLOCKSIZES;
 use qlora_quant::cuda::emulate::{self, KernelFloat};
 use qlora_quant::cuda::geometry;
-use qlora_quant::{Nf4Tensor, QuantType, SourceDtype};
+use qlora_quant::{Nf4Tensor, QuantType};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn random_values(len: usize, row: usize, rng: &mut StdRng) -> Vec<f32> {
-    let mut spread = 1.0f32;
-    (0..len)
-        .map(|i| {
-            if row > 0 && i % row == 0 {
-                spread = 10f32.powf(rng.random_range(-2.0..2.0));
-            }
-            let u: f32 = (0..4).map(|_| rng.random::<f32>()).sum::<f32>() - 2.0;
-            u * spread
-        })
-        .collect()
-}
+use rand::SeedableRng;
 
 fn weight(n: usize, k: usize, bs: usize, fp4: bool, double: bool, seed: u64) -> Nf4Tensor {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let data = random_values(n * k, k, &mut rng);
     let qtype = if fp4 { QuantType::Fp4 } else { QuantType::Nf4 };
-    Nf4Tensor::quantize(&data, &[n, k], SourceDtype::F32, qtype, bs, double).unwrap()
-}
-
-fn reference(w: &Nf4Tensor) -> Vec<f32> {
-    dequantize_reference(
-        w.packed(),
-        &w.absmax().to_f32(),
-        w.numel(),
-        w.blocksize(),
-        w.qtype(),
-    )
+    common::weight(&[n, k], bs, qtype, double, seed)
 }
 
 /// `|got - want| <= tol × sum_p |a_p b_p|` for `out[i, j] = sum_p a(i, p) b(p, j)`.

@@ -9,46 +9,17 @@
 //! by a few ulps of the sum of magnitudes), and it is tight enough that one wrong scale, nibble
 //! or row in any term shows up: such a term is a whole `|a_p| |b_p|`, not 1e-5 of the sum.
 
+mod common;
+
+use common::{random_values, reference, weight};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use qlora_quant::blockwise::{dequantize_reference, SUPPORTED_BLOCKSIZES};
-use qlora_quant::{cpu, Nf4Tensor, QuantError, QuantType, SourceDtype};
+use qlora_quant::blockwise::SUPPORTED_BLOCKSIZES;
+use qlora_quant::{cpu, Nf4Tensor, QuantError, QuantType};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 const TOLERANCE: f64 = 1e-5;
-
-/// Roughly normal values, with a per-row spread so block scales differ widely.
-fn random_values(len: usize, row: usize, rng: &mut StdRng) -> Vec<f32> {
-    let mut spread = 1.0f32;
-    (0..len)
-        .map(|i| {
-            if row > 0 && i % row == 0 {
-                spread = 10f32.powf(rng.random_range(-2.0..2.0));
-            }
-            let u: f32 = (0..4).map(|_| rng.random::<f32>()).sum::<f32>() - 2.0;
-            u * spread
-        })
-        .collect()
-}
-
-fn weight(shape: &[usize], bs: usize, qtype: QuantType, double: bool, seed: u64) -> Nf4Tensor {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let numel: usize = shape.iter().product();
-    let row = *shape.last().unwrap_or(&1);
-    let data = random_values(numel, row, &mut rng);
-    Nf4Tensor::quantize(&data, shape, SourceDtype::F32, qtype, bs, double).unwrap()
-}
-
-fn reference(w: &Nf4Tensor) -> Vec<f32> {
-    dequantize_reference(
-        w.packed(),
-        &w.absmax().to_f32(),
-        w.numel(),
-        w.blocksize(),
-        w.qtype(),
-    )
-}
 
 /// `(want, bound)`: `c[i, j] = sum_p a(i, p) * b(p, j)` in f64, and `sum_p |a| |b|`.
 fn product(
