@@ -1,5 +1,8 @@
 //! DoRA, PiSSA, Gaussian init and rsLoRA against their defining equations, on tiny-llama.
 
+mod common;
+
+use common::max_abs;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -27,17 +30,6 @@ fn ids() -> Tensor {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn cfg(init: LoraInit, dora: bool) -> LoraConfig {

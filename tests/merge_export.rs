@@ -2,6 +2,9 @@
 //! exports against base + adapter, GGUF read back by our loader and by candle's llama.cpp-style
 //! `quantized_llama`, DoRA, merge → unmerge, and bad inputs.
 
+mod common;
+
+use common::max_abs;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -71,17 +74,12 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+/// Largest difference between two models' logits on [`ids`].
+fn logits_gap(a: &LoadedModel, b: &LoadedModel) -> f32 {
+    max_abs(
+        &a.model.forward(&ids()).unwrap(),
+        &b.model.forward(&ids()).unwrap(),
+    )
 }
 
 fn ids() -> Tensor {
@@ -183,10 +181,7 @@ fn merged_exports_evaluate_like_base_plus_adapter() {
             a.mean_nll,
             b.mean_nll
         );
-        let d = max_abs(
-            &merged.model.forward(&ids()).unwrap(),
-            &reference.model.forward(&ids()).unwrap(),
-        );
+        let d = logits_gap(&merged, &reference);
         assert!(d < 1e-4, "{base:?}: logits differ by {d}");
     }
 }
@@ -460,10 +455,7 @@ fn merge_unmerge_and_switch_adapters_in_memory() {
         let d = max_abs(&back, &w0);
         assert!(d < 1e-5, "{base:?}: merge/unmerge changed W0 by {d}");
         let plain = load(&tiny(), base);
-        let d = max_abs(
-            &m.model.forward(&ids()).unwrap(),
-            &plain.model.forward(&ids()).unwrap(),
-        );
+        let d = logits_gap(&m, &plain);
         assert!(
             d < 1e-4,
             "{base:?}: unmerged model differs from the base by {d}"
@@ -618,10 +610,7 @@ fn original_base_of_a_4bit_checkpoint_is_refused() {
         BaseFormat::Quantized(QuantType::Nf4),
         &adapter(),
     );
-    let d = max_abs(
-        &merged.model.forward(&ids()).unwrap(),
-        &reference.model.forward(&ids()).unwrap(),
-    );
+    let d = logits_gap(&merged, &reference);
     assert!(d < 1e-4, "{d}");
 }
 

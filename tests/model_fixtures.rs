@@ -1,5 +1,8 @@
 //! The decoder and LoRA against transformers/PEFT references on the tiny Llama fixtures.
 
+mod common;
+
+use common::max_abs;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -27,30 +30,18 @@ fn ids_of(r: &HashMap<String, Tensor>) -> Tensor {
     r["input_ids"].to_dtype(DType::U32).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn tiny_llama_f32_logits_and_hidden_states_match_transformers() {
     let m = load("tiny-llama", BaseFormat::Dense);
     let r = reference(&fixtures().join("tiny-llama/reference.safetensors"));
     let ids = ids_of(&r);
     let logits = m.model.forward(&ids).unwrap();
-    let d = max_abs_diff(&logits, &r["logits"]);
+    let d = max_abs(&logits, &r["logits"]);
     assert!(d <= 1e-4, "logits differ by {d}");
     let hs = m.model.hidden_states(&ids).unwrap();
     assert_eq!(hs.len(), 3);
     for (i, h) in hs.iter().enumerate() {
-        let d = max_abs_diff(h, &r[&format!("hidden_states.{i}")]);
+        let d = max_abs(h, &r[&format!("hidden_states.{i}")]);
         assert!(d <= 1e-4, "hidden_states.{i} differs by {d}");
     }
 }
@@ -62,10 +53,10 @@ fn peft_adapter_logits_match_peft() {
     assert_eq!((cfg.rank, cfg.alpha, cfg.scale()), (8, 16.0, 2.0));
     let r = reference(&fixtures().join("lora/reference.safetensors"));
     let logits = m.model.forward(&ids_of(&r)).unwrap();
-    let d = max_abs_diff(&logits, &r["logits_adapter"]);
+    let d = max_abs(&logits, &r["logits_adapter"]);
     assert!(d <= 1e-4, "adapter logits differ by {d}");
     // And it really changes the output (so the comparison above means something).
-    assert!(max_abs_diff(&logits, &r["logits_base"]) > 1e-2);
+    assert!(max_abs(&logits, &r["logits_base"]) > 1e-2);
 }
 
 #[test]
@@ -77,10 +68,10 @@ fn bnb_4bit_checkpoint_matches_bitsandbytes_with_and_without_adapter() {
     assert_eq!(m.kind, qlora::model::loader::SourceKind::Bnb4bit);
     let r = reference(&fixtures().join("bnb4/reference.safetensors"));
     let ids = ids_of(&r);
-    let d = max_abs_diff(&m.model.forward(&ids).unwrap(), &r["logits_4bit"]);
+    let d = max_abs(&m.model.forward(&ids).unwrap(), &r["logits_4bit"]);
     assert!(d <= 1e-4, "4-bit logits differ by {d}");
     peft::load_adapter(&mut m.model, &fixtures().join("lora/adapter"), None).unwrap();
-    let d = max_abs_diff(&m.model.forward(&ids).unwrap(), &r["logits_4bit_lora"]);
+    let d = max_abs(&m.model.forward(&ids).unwrap(), &r["logits_4bit_lora"]);
     assert!(d <= 1e-4, "QLoRA logits differ by {d}");
 }
 
@@ -92,7 +83,7 @@ fn quantizing_on_load_equals_the_bnb_checkpoint() {
         BaseFormat::Quantized(qlora::quant::QuantType::Nf4),
     );
     let r = reference(&fixtures().join("bnb4/reference.safetensors"));
-    let d = max_abs_diff(&m.model.forward(&ids_of(&r)).unwrap(), &r["logits_4bit"]);
+    let d = max_abs(&m.model.forward(&ids_of(&r)).unwrap(), &r["logits_4bit"]);
     assert!(d <= 1e-4, "on-the-fly NF4 logits differ by {d}");
 }
 
@@ -112,7 +103,7 @@ fn saved_adapter_has_peft_keys_and_loads_back_identically() {
     assert_eq!(a, b, "same PEFT key names");
     for (k, t) in &theirs {
         assert_eq!(ours[k].dims(), t.dims(), "{k} shape");
-        assert_eq!(max_abs_diff(&ours[k], t), 0.0, "{k} values");
+        assert_eq!(max_abs(&ours[k], t), 0.0, "{k} values");
     }
     let saved_cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join(peft::CONFIG_FILE)).unwrap())
@@ -236,14 +227,14 @@ fn kv_cache_generation_equals_full_forward() {
         .model
         .forward_cached(&ids.narrow(1, 0, 10).unwrap(), &mut cache)
         .unwrap();
-    let d = max_abs_diff(&first, &full.narrow(1, 9, 1).unwrap().squeeze(1).unwrap());
+    let d = max_abs(&first, &full.narrow(1, 9, 1).unwrap().squeeze(1).unwrap());
     assert!(d <= 1e-4, "prefill {d}");
     for t in 10..16 {
         let step = m
             .model
             .forward_cached(&ids.narrow(1, t, 1).unwrap(), &mut cache)
             .unwrap();
-        let d = max_abs_diff(&step, &full.narrow(1, t, 1).unwrap().squeeze(1).unwrap());
+        let d = max_abs(&step, &full.narrow(1, t, 1).unwrap().squeeze(1).unwrap());
         assert!(d <= 1e-4, "cached step {t}: {d}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
@@ -36,6 +36,19 @@ struct DeviceWeight {
 }
 
 impl DeviceWeight {
+    /// Push the codes and quant state, in the order every kernel takes them (`packed, code,
+    /// absmax, qabsmax, nested, dynamic, offset, double_quant`).
+    fn push_state<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(&self.packed);
+        b.arg(&self.code);
+        b.arg(&self.absmax);
+        b.arg(&self.qabsmax);
+        b.arg(&self.nested);
+        b.arg(&self.dynamic);
+        b.arg(&self.offset);
+        b.arg(&self.double_quant);
+    }
+
     fn upload(w: &Nf4Tensor, dev: &CudaDevice) -> Result<Self> {
         let stream = dev.cuda_stream();
         let (absmax, qabsmax, nested, offset, double_quant) = match w.absmax() {
@@ -131,14 +144,7 @@ fn dequantize_into<T: KernelDType>(
     let numel = numel as u64;
     let blocksize = to_u32(w.blocksize(), "blocksize")?;
     let mut b = func.builder();
-    b.arg(&dw.packed);
-    b.arg(&dw.code);
-    b.arg(&dw.absmax);
-    b.arg(&dw.qabsmax);
-    b.arg(&dw.nested);
-    b.arg(&dw.dynamic);
-    b.arg(&dw.offset);
-    b.arg(&dw.double_quant);
+    dw.push_state(&mut b);
     b.arg(&numel);
     b.arg(&blocksize);
     b.arg(out);
@@ -302,14 +308,7 @@ fn gemv<T: KernelDType>(
     let mut b = func.builder();
     b.arg(&x);
     b.arg(&m32);
-    b.arg(&dw.packed);
-    b.arg(&dw.code);
-    b.arg(&dw.absmax);
-    b.arg(&dw.qabsmax);
-    b.arg(&dw.nested);
-    b.arg(&dw.dynamic);
-    b.arg(&dw.offset);
-    b.arg(&dw.double_quant);
+    dw.push_state(&mut b);
     b.arg(&n32);
     b.arg(&k32);
     b.arg(&blocksize);

@@ -23,12 +23,10 @@ use std::ops::Range;
 
 use half::bf16;
 
+use super::bf16::HALF;
 use super::scales::BlockScales;
 use super::{prefetch_distance, slice_chunks, CHUNK};
 use crate::tensor::Nf4Tensor;
-
-/// Weights per half chunk: each half lies in one block (blocks of ≥ 64, rows of k % 64 == 0).
-pub(super) const HALF: usize = 64;
 
 /// `bf16(code · sa)` in words 0..16 and `bf16(code · sb)` in words 16..32.
 #[inline(always)]

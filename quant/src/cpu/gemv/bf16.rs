@@ -16,6 +16,10 @@ use super::super::isa::{has_avx512_bf16, Isa};
 use super::{portable, rows_per_task, Shared, CHUNK};
 use crate::tensor::Nf4Tensor;
 
+/// Weights per half chunk: the kernel needs each half to lie in one block (blocks of ≥ 64, rows
+/// of `k % 64 == 0`).
+pub(super) const HALF: usize = CHUNK / 2;
+
 /// Weight position inside its chunk of word lane `q` of vector `s` (see [`super::avx512_bf16`]).
 #[inline(always)]
 const fn word_position(s: usize, q: usize) -> usize {
@@ -49,8 +53,8 @@ pub(super) fn has_kernel(isa: Isa, w: &Nf4Tensor, k: usize) -> bool {
     cfg!(target_arch = "x86_64")
         && isa == Isa::Avx512
         && has_avx512_bf16()
-        && w.blocksize() >= super::avx512_bf16::HALF
-        && k.is_multiple_of(super::avx512_bf16::HALF)
+        && w.blocksize() >= HALF
+        && k.is_multiple_of(HALF)
 }
 
 /// `y[m, n] = x[m, k] · deq_bf16(W)ᵀ` for small `m`; shapes are checked by the caller.
