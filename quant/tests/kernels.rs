@@ -70,7 +70,7 @@ fn blocksize() -> impl Strategy<Value = usize> {
 }
 
 /// Row widths: anything small and odd, multiples of 8 (the chunked GEMV path needs those) with
-/// and without a partial 128-chunk, multiples of 64 (the bf16 GEMV kernel's), and a few
+/// and without a partial 128-chunk, multiples of 64 (the AVX2 and bf16 GEMV kernels'), and a few
 /// model-like widths.
 fn width() -> impl Strategy<Value = usize> {
     prop_oneof![

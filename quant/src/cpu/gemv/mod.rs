@@ -134,8 +134,11 @@ pub(crate) fn gemv(
     y: &mut [f32],
 ) {
     let chunks = chunk_count(k, isa);
+    let avx2_kernel = isa == Isa::Avx2 && avx2::fits(w, k);
     let xp = if chunks > 0 {
         interleave(x, m, k, chunks)
+    } else if avx2_kernel {
+        avx2::interleave(x, m, k)
     } else {
         x.to_vec()
     };
@@ -148,6 +151,12 @@ pub(crate) fn gemv(
             // SAFETY: Avx512 is only reported on CPUs that have it; every task writes the
             // columns of its own rows of W.
             Isa::Avx512 => unsafe { avx512::gemv_rows(w, &xp, m, k, n, rows, out.ptr()) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Avx2 is only reported on CPUs with AVX2 and FMA; `fits` checked the
+            // shape; every task writes the columns of its own rows of W.
+            Isa::Avx2 if avx2_kernel => unsafe {
+                avx2::gemv_rows(w, &xp, m, k, n, rows, out.ptr())
+            },
             _ => {
                 let mut row = vec![0f32; k];
                 for j in rows {
@@ -296,8 +305,10 @@ macro_rules! with_rows {
     };
 }
 
-#[cfg(target_arch = "x86_64")]
 // The kernels index several per-row register arrays in lockstep; ranges read better there.
+#[allow(clippy::needless_range_loop)]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
@@ -441,6 +452,15 @@ mod tests {
             (5, 9, 4104, 4096, false, QuantType::Nf4),
             (2, 300, 136, 64, true, QuantType::Fp4),
             (7, 3, 8, 32, true, QuantType::Nf4),
+            // The AVX2 kernel's shapes: one block per unit, rows crossing blocks (4160 % 256,
+            // 1088 % 4096), nested groups changing inside a task, every row count.
+            (1, 37, 1024, 64, true, QuantType::Nf4),
+            (8, 20, 4160, 256, true, QuantType::Nf4),
+            (4, 7, 1088, 4096, true, QuantType::Fp4),
+            (2, 300, 576, 128, false, QuantType::Nf4),
+            (3, 700, 64, 64, true, QuantType::Nf4),
+            (5, 11, 192, 64, false, QuantType::Fp4),
+            (6, 13, 320, 64, true, QuantType::Nf4),
         ];
         for isa in Isa::available() {
             for (t, &(m, n, k, bs, double, qtype)) in shapes.iter().enumerate() {
