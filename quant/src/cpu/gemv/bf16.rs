@@ -84,6 +84,17 @@ pub(crate) fn gemv_bf16(
     }
     let _ = kernel;
     let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && super::avx2::fits(w, k) {
+        let xp = super::avx2::interleave(&xf, m, k, true);
+        (0..tasks).into_par_iter().for_each(|t| {
+            let rows = t * per_task..((t + 1) * per_task).min(n);
+            // SAFETY: Avx2 is only reported on CPUs with AVX2 and FMA; `fits` checked the
+            // shape; every task writes the columns of its own rows of W.
+            unsafe { super::avx2::gemv_rows_bf16(w, &xp, m, k, n, rows, out.ptr()) }
+        });
+        return;
+    }
     (0..tasks).into_par_iter().for_each(|t| {
         let rows = t * per_task..((t + 1) * per_task).min(n);
         let mut row16 = vec![bf16::ZERO; k];

@@ -138,7 +138,7 @@ pub(crate) fn gemv(
     let xp = if chunks > 0 {
         interleave(x, m, k, chunks)
     } else if avx2_kernel {
-        avx2::interleave(x, m, k)
+        avx2::interleave(x, m, k, false)
     } else {
         x.to_vec()
     };
@@ -389,6 +389,59 @@ mod tests {
                 let mut dx = vec![f32::NAN; m * k];
                 gemv_t(isa, &dy, m, &w, n, k, &mut dx, true);
                 assert_product_bf16(&dy, m, &w, true, &dx, &format!("{isa:?} t m {m}"));
+            }
+        }
+    }
+
+    /// One-hot activations pick single weights out of the bf16 GEMV, so every weight it uses
+    /// must be `deq_bf16(W)` bit for bit, including the rounding ties of `code · absmax`
+    /// (absmax values whose low 16 bits are 0x8000, with even and odd bit 16, times the ±1 codes).
+    #[test]
+    fn bf16_gemv_uses_the_dequantizers_weights_bit_for_bit() {
+        let (n, k, bs) = (6, 256, 64);
+        let ties = [0x3F80_8000u32, 0x3F81_8000, 0xC0A0_8000, 0xBF7F_8000];
+        let data: Vec<f32> = values(n * k, 9)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if i % bs == 0 {
+                    f32::from_bits(ties[(i / bs) % ties.len()])
+                } else {
+                    v.clamp(-0.9, 0.9)
+                }
+            })
+            .collect();
+        let w = Nf4Tensor::quantize(
+            &data,
+            &[n, k],
+            crate::tensor::SourceDtype::F32,
+            QuantType::Nf4,
+            bs,
+            false,
+        )
+        .unwrap();
+        let mut deq = vec![half::bf16::ZERO; n * k];
+        crate::cpu::dequantize_bf16_into(&w, &mut deq);
+        let m = 8;
+        for isa in Isa::available() {
+            for first in (0..k).step_by(m) {
+                let mut x = vec![half::bf16::ZERO; m * k];
+                for i in 0..m {
+                    x[i * k + first + i] = half::bf16::ONE;
+                }
+                let mut y = vec![f32::NAN; m * n];
+                gemv_bf16(isa, &x, m, &w, n, k, &mut y);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = deq[j * k + first + i].to_f32();
+                        assert_eq!(
+                            y[i * n + j].to_bits(),
+                            want.to_bits(),
+                            "{isa:?} row {j} column {}",
+                            first + i
+                        );
+                    }
+                }
             }
         }
     }
