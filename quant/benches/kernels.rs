@@ -378,9 +378,8 @@ fn gemv_cycles(rows: &mut Vec<Row>) {
 /// so the compiler cannot reorder or drop any of it.
 #[cfg(target_arch = "x86_64")]
 fn gemv_floor(rows: &mut Vec<Row>) {
-    if !(is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16")) {
-        return;
-    }
+    let avx512 = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16");
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     let Some(ghz) = core_ghz() else {
         return;
     };
@@ -443,21 +442,105 @@ fn gemv_floor(rows: &mut Vec<Row>) {
             out("zmm24") _, out("zmm25") _, out("zmm26") _, options(nostack, readonly),
         );
     }
+    // SAFETY (both): the loops read 256 bytes of `x` and 32 of `w`, write registers only.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn f32_avx2_mix(x: *const u8, w: *const u8, n: u64) {
+        std::arch::asm!(
+            "vpxor ymm0, ymm0, ymm0", "vpxor ymm1, ymm1, ymm1", "vpxor ymm2, ymm2, ymm2", "vpxor ymm3, ymm3, ymm3",
+            "vpxor ymm11, ymm11, ymm11", "vpxor ymm12, ymm12, ymm12", "vpxor ymm13, ymm13, ymm13",
+            "vpxor ymm14, ymm14, ymm14", "vpxor ymm15, ymm15, ymm15",
+            "2:",
+            "vmovdqu ymm8, [{w}]", "vpand ymm9, ymm8, ymm13", "vpsrlw ymm10, ymm8, 4", "vpand ymm10, ymm10, ymm13",
+            "vpshufb ymm4, ymm14, ymm9", "vpshufb ymm5, ymm15, ymm9", "vpshufb ymm6, ymm12, ymm9", "vpshufb ymm7, ymm11, ymm9",
+            "vpunpcklbw ymm8, ymm4, ymm5", "vpunpckhbw ymm4, ymm4, ymm5", "vpunpcklbw ymm5, ymm6, ymm7", "vpunpckhbw ymm6, ymm6, ymm7",
+            "vpunpcklwd ymm7, ymm8, ymm5", "vpunpckhwd ymm8, ymm8, ymm5", "vpunpcklwd ymm5, ymm4, ymm6", "vpunpckhwd ymm4, ymm4, ymm6",
+            "vfmadd231ps ymm0, ymm7, [{x}+0]", "vfmadd231ps ymm1, ymm8, [{x}+32]", "vfmadd231ps ymm2, ymm5, [{x}+64]", "vfmadd231ps ymm3, ymm4, [{x}+96]",
+            "vpshufb ymm4, ymm14, ymm10", "vpshufb ymm5, ymm15, ymm10", "vpshufb ymm6, ymm12, ymm10", "vpshufb ymm7, ymm11, ymm10",
+            "vpunpcklbw ymm8, ymm4, ymm5", "vpunpckhbw ymm4, ymm4, ymm5", "vpunpcklbw ymm5, ymm6, ymm7", "vpunpckhbw ymm6, ymm6, ymm7",
+            "vpunpcklwd ymm7, ymm8, ymm5", "vpunpckhwd ymm8, ymm8, ymm5", "vpunpcklwd ymm5, ymm4, ymm6", "vpunpckhwd ymm4, ymm4, ymm6",
+            "vfmadd231ps ymm0, ymm7, [{x}+128]", "vfmadd231ps ymm1, ymm8, [{x}+160]", "vfmadd231ps ymm2, ymm5, [{x}+192]", "vfmadd231ps ymm3, ymm4, [{x}+224]",
+            "vmovdqu ymm8, [{w}]", "vpand ymm9, ymm8, ymm13", "vpsrlw ymm10, ymm8, 4", "vpand ymm10, ymm10, ymm13",
+            "vpshufb ymm4, ymm14, ymm9", "vpshufb ymm5, ymm15, ymm9", "vpshufb ymm6, ymm12, ymm9", "vpshufb ymm7, ymm11, ymm9",
+            "vpunpcklbw ymm8, ymm4, ymm5", "vpunpckhbw ymm4, ymm4, ymm5", "vpunpcklbw ymm5, ymm6, ymm7", "vpunpckhbw ymm6, ymm6, ymm7",
+            "vpunpcklwd ymm7, ymm8, ymm5", "vpunpckhwd ymm8, ymm8, ymm5", "vpunpcklwd ymm5, ymm4, ymm6", "vpunpckhwd ymm4, ymm4, ymm6",
+            "vfmadd231ps ymm0, ymm7, [{x}+0]", "vfmadd231ps ymm1, ymm8, [{x}+32]", "vfmadd231ps ymm2, ymm5, [{x}+64]", "vfmadd231ps ymm3, ymm4, [{x}+96]",
+            "vpshufb ymm4, ymm14, ymm10", "vpshufb ymm5, ymm15, ymm10", "vpshufb ymm6, ymm12, ymm10", "vpshufb ymm7, ymm11, ymm10",
+            "vpunpcklbw ymm8, ymm4, ymm5", "vpunpckhbw ymm4, ymm4, ymm5", "vpunpcklbw ymm5, ymm6, ymm7", "vpunpckhbw ymm6, ymm6, ymm7",
+            "vpunpcklwd ymm7, ymm8, ymm5", "vpunpckhwd ymm8, ymm8, ymm5", "vpunpcklwd ymm5, ymm4, ymm6", "vpunpckhwd ymm4, ymm4, ymm6",
+            "vfmadd231ps ymm0, ymm7, [{x}+128]", "vfmadd231ps ymm1, ymm8, [{x}+160]", "vfmadd231ps ymm2, ymm5, [{x}+192]", "vfmadd231ps ymm3, ymm4, [{x}+224]",
+            "dec {n}", "jnz 2b",
+            x = in(reg) x, w = in(reg) w, n = inout(reg) n => _,
+            out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _, out("ymm5") _,
+            out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+            out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _, options(nostack, readonly),
+        );
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn f32_avx2_vpermps_mix(x: *const u8, w: *const u8, n: u64) {
+        std::arch::asm!(
+            "vpxor ymm0, ymm0, ymm0", "vpxor ymm1, ymm1, ymm1", "vpxor ymm2, ymm2, ymm2", "vpxor ymm3, ymm3, ymm3",
+            "vpxor ymm11, ymm11, ymm11", "vpxor ymm12, ymm12, ymm12", "vpxor ymm13, ymm13, ymm13",
+            "vpxor ymm14, ymm14, ymm14", "vpxor ymm15, ymm15, ymm15",
+            "2:",
+            "vmovdqu ymm8, [{w}]", "vpslld ymm10, ymm8, 28", "vpermps ymm11, ymm8, ymm14", "vpermps ymm12, ymm8, ymm15",
+            "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm0, ymm11, [{x}+0]", "vpsrld ymm9, ymm8, 4", "vpslld ymm10, ymm8, 24",
+            "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm1, ymm11, [{x}+32]",
+            "vpsrld ymm9, ymm8, 8", "vpslld ymm10, ymm8, 20", "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15",
+            "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm2, ymm11, [{x}+64]", "vpsrld ymm9, ymm8, 12", "vpslld ymm10, ymm8, 16",
+            "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm3, ymm11, [{x}+96]",
+            "vpsrld ymm9, ymm8, 16", "vpslld ymm10, ymm8, 12", "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15",
+            "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm0, ymm11, [{x}+128]", "vpsrld ymm9, ymm8, 20", "vpslld ymm10, ymm8, 8",
+            "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm1, ymm11, [{x}+160]",
+            "vpsrld ymm9, ymm8, 24", "vpslld ymm10, ymm8, 4", "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15",
+            "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm2, ymm11, [{x}+192]", "vpsrld ymm9, ymm8, 28", "vpermps ymm11, ymm9, ymm14",
+            "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm8", "vfmadd231ps ymm3, ymm11, [{x}+224]", "vmovdqu ymm8, [{w}]",
+            "vpslld ymm10, ymm8, 28", "vpermps ymm11, ymm8, ymm14", "vpermps ymm12, ymm8, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10",
+            "vfmadd231ps ymm0, ymm11, [{x}+0]", "vpsrld ymm9, ymm8, 4", "vpslld ymm10, ymm8, 24", "vpermps ymm11, ymm9, ymm14",
+            "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm1, ymm11, [{x}+32]", "vpsrld ymm9, ymm8, 8",
+            "vpslld ymm10, ymm8, 20", "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10",
+            "vfmadd231ps ymm2, ymm11, [{x}+64]", "vpsrld ymm9, ymm8, 12", "vpslld ymm10, ymm8, 16", "vpermps ymm11, ymm9, ymm14",
+            "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm3, ymm11, [{x}+96]", "vpsrld ymm9, ymm8, 16",
+            "vpslld ymm10, ymm8, 12", "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10",
+            "vfmadd231ps ymm0, ymm11, [{x}+128]", "vpsrld ymm9, ymm8, 20", "vpslld ymm10, ymm8, 8", "vpermps ymm11, ymm9, ymm14",
+            "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10", "vfmadd231ps ymm1, ymm11, [{x}+160]", "vpsrld ymm9, ymm8, 24",
+            "vpslld ymm10, ymm8, 4", "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15", "vblendvps ymm11, ymm11, ymm12, ymm10",
+            "vfmadd231ps ymm2, ymm11, [{x}+192]", "vpsrld ymm9, ymm8, 28", "vpermps ymm11, ymm9, ymm14", "vpermps ymm12, ymm9, ymm15",
+            "vblendvps ymm11, ymm11, ymm12, ymm8", "vfmadd231ps ymm3, ymm11, [{x}+224]",
+            "dec {n}", "jnz 2b",
+            x = in(reg) x, w = in(reg) w, n = inout(reg) n => _,
+            out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _, out("ymm5") _,
+            out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+            out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _, options(nostack, readonly),
+        );
+    }
     type Mix = unsafe fn(*const u8, *const u8, u64);
-    let mixes: [(&str, Mix); 2] = [
-        ("f32 x: 7 shifts, 8 vpermps, 8 FMAs", |x, w, n| unsafe {
-            f32_mix(x, w, n)
-        }),
-        (
-            "bf16 x: 3 shifts, 4 ternlog, 4 vpermw, 2 mul + 1 cvt (table), 4 vdpbf16ps",
+    let mut mixes: Vec<(&str, Mix)> = Vec::new();
+    if avx512 {
+        mixes.push((
+            "AVX-512 f32 x: 7 shifts, 8 vpermps, 8 FMAs",
+            |x, w, n| unsafe { f32_mix(x, w, n) },
+        ));
+        mixes.push((
+            "AVX-512 bf16 x: 3 shifts, 4 ternlog, 4 vpermw, 2 mul + 1 cvt (table), 4 vdpbf16ps",
             |x, w, n| unsafe { bf16_mix(x, w, n) },
-        ),
-    ];
+        ));
+    }
+    if avx2 {
+        mixes.push((
+            "AVX2 f32 x (kernel): 2 × (3 and/shift, 8 vpshufb, 16 unpacks, 8 FMAs)",
+            |x, w, n| unsafe { f32_avx2_mix(x, w, n) },
+        ));
+        mixes.push((
+            "AVX2 f32 x, not used: 14 shifts, 32 vpermps, 16 blends, 16 FMAs",
+            |x, w, n| unsafe { f32_avx2_vpermps_mix(x, w, n) },
+        ));
+    }
     for (what, mix) in mixes {
         let mut best = f64::MAX;
         for _ in 0..5 {
             let t0 = thread_cpu_ns().unwrap_or(0);
-            // SAFETY: the CPU has AVX-512 BW and BF16 (checked above); see the functions.
+            // SAFETY: each mix was only chosen if the CPU has its features (checked above); see
+            // the functions.
             unsafe { mix(x.0.as_ptr(), w.0.as_ptr(), iters) };
             let ns = thread_cpu_ns().unwrap_or(0).saturating_sub(t0) as f64;
             best = best.min(ns * ghz / iters as f64);
