@@ -200,7 +200,7 @@ const SHIFT_OF_LANE: [[u32; 16]; 2] = [
 pub(crate) mod avx512;
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 
 #[cfg(test)]
 mod tests {

@@ -28,14 +28,14 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 #[cfg(target_arch = "x86_64")]
-use std::mem::transmute;
-#[cfg(target_arch = "x86_64")]
 use std::ops::Range;
 
 #[cfg(target_arch = "x86_64")]
 use super::scales::BlockScales;
 #[cfg(target_arch = "x86_64")]
 use super::{prefetch_distance, slice_chunks};
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::decode::avx2::{byte_planes, lookup};
 use crate::tensor::Nf4Tensor;
 
 /// Weights per unit (32 packed bytes, one register).
@@ -76,36 +76,6 @@ pub(super) fn interleave(x: &[f32], m: usize, k: usize, bf16: bool) -> Vec<f32> 
         }
     }
     out
-}
-
-#[cfg(target_arch = "x86_64")]
-/// Byte plane `b` of the 16 code values, in both 128-bit lanes.
-#[inline(always)]
-unsafe fn byte_planes(values: &[f32; 16]) -> [__m256i; 4] {
-    std::array::from_fn(|b| {
-        let plane: [u8; 16] = std::array::from_fn(|c| values[c].to_bits().to_le_bytes()[b]);
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(plane.as_ptr() as *const __m128i))
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-/// The 32 code values selected by the byte indices `idx` (0..16), as four f32 vectors.
-#[inline(always)]
-unsafe fn lookup(idx: __m256i, planes: &[__m256i; 4]) -> [__m256; 4] {
-    let p0 = _mm256_shuffle_epi8(planes[0], idx);
-    let p1 = _mm256_shuffle_epi8(planes[1], idx);
-    let p2 = _mm256_shuffle_epi8(planes[2], idx);
-    let p3 = _mm256_shuffle_epi8(planes[3], idx);
-    let lo01 = _mm256_unpacklo_epi8(p0, p1);
-    let hi01 = _mm256_unpackhi_epi8(p0, p1);
-    let lo23 = _mm256_unpacklo_epi8(p2, p3);
-    let hi23 = _mm256_unpackhi_epi8(p2, p3);
-    [
-        transmute::<__m256i, __m256>(_mm256_unpacklo_epi16(lo01, lo23)),
-        transmute::<__m256i, __m256>(_mm256_unpackhi_epi16(lo01, lo23)),
-        transmute::<__m256i, __m256>(_mm256_unpacklo_epi16(hi01, hi23)),
-        transmute::<__m256i, __m256>(_mm256_unpackhi_epi16(hi01, hi23)),
-    ]
 }
 
 #[cfg(target_arch = "x86_64")]
