@@ -145,7 +145,7 @@ pub(super) unsafe fn decode<T: Element>(w: &Nf4Tensor, start: usize, out: &mut [
     let mut i = 0;
     while i < len {
         let e = start + i;
-        if units && e % UNIT == 0 && len - i >= UNIT {
+        if units && e.is_multiple_of(UNIT) && len - i >= UNIT {
             let raw = _mm256_loadu_si256(packed.as_ptr().add(e / 2) as *const __m256i);
             let scale = _mm256_set1_ps(scales.get(e >> shift));
             decode_unit(raw, &planes, nibble, scale, out.as_mut_ptr().add(i));
