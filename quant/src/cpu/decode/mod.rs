@@ -140,6 +140,9 @@ pub(crate) fn decode_transposed(
         // SAFETY: `Isa::detect` only reports levels whose features the CPU has; the asserts
         // keep every write inside `out`.
         Isa::Avx512 => unsafe { avx512::decode_transposed(w, k, rows, out, ld) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { avx2::decode_transposed(w, k, rows, out, ld) },
         _ => {
             let mut row = vec![0f32; k];
             for (r, j) in rows.enumerate() {
