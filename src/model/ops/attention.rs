@@ -529,6 +529,19 @@ fn softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
         // SAFETY: the CPU has AVX-512 F (checked above).
         return unsafe { softmax_row_avx512(row, mask, scale) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { softmax_row_avx2(row, mask, scale) };
+    }
+    softmax_row_lanes(row, mask, scale)
+}
+
+/// [`softmax_row_lanes`] compiled for AVX2 (8 lanes), for CPUs without AVX-512. No FMA: Rust
+/// does not fuse a separate multiply and add, so every variant gives the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn softmax_row_avx2(row: &mut [f32], mask: &[f32], scale: f32) {
     softmax_row_lanes(row, mask, scale)
 }
 
