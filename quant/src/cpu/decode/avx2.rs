@@ -11,7 +11,7 @@ use crate::tensor::Nf4Tensor;
 /// Round 8 f32 to bf16 (nearest-even, NaN kept quiet), in the low 16 bits of each lane.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn to_bf16_lanes(v: __m256) -> __m256i {
+pub(crate) fn to_bf16_lanes(v: __m256) -> __m256i {
     let bits = _mm256_castps_si256(v);
     let high = _mm256_srli_epi32::<16>(bits);
     let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));

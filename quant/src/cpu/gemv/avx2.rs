@@ -35,7 +35,7 @@ use super::scales::BlockScales;
 #[cfg(target_arch = "x86_64")]
 use super::{prefetch_distance, slice_chunks};
 #[cfg(target_arch = "x86_64")]
-use crate::cpu::decode::avx2::{byte_planes, lookup};
+use crate::cpu::decode::avx2::{byte_planes, lookup, to_bf16_lanes};
 use crate::tensor::Nf4Tensor;
 
 /// Weights per unit (32 packed bytes, one register).
@@ -85,8 +85,8 @@ pub(super) fn interleave(x: &[f32], m: usize, k: usize, bf16: bool) -> Vec<f32> 
 #[inline(always)]
 unsafe fn bf16_planes(code: &[__m256; 2], scale: f32, select: &[__m256i; 2]) -> [__m256i; 2] {
     let s = _mm256_set1_ps(scale);
-    let r0 = round_bf16(_mm256_mul_ps(code[0], s));
-    let r1 = round_bf16(_mm256_mul_ps(code[1], s));
+    let r0 = to_bf16_lanes(_mm256_mul_ps(code[0], s));
+    let r1 = to_bf16_lanes(_mm256_mul_ps(code[1], s));
     // Lane 0: low bytes of codes 0..4 and 8..12, then their high bytes; lane 1: codes 4..8
     // and 12..16. The dword permute puts each plane's four dwords in code order.
     let t = _mm256_or_si256(
@@ -100,26 +100,17 @@ unsafe fn bf16_planes(code: &[__m256; 2], scale: f32, select: &[__m256i; 2]) -> 
     ]
 }
 
-/// f32 bits rounded to nearest even at bit 16 (the bf16 in the high half), as
-/// `half::bf16::from_f32` rounds finite values and quiet NaNs.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn round_bf16(v: __m256) -> __m256i {
-    let b = _mm256_castps_si256(v);
-    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-    _mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)))
-}
-
-/// The byte selections of [`bf16_planes`]: from `r0` (codes 0..8), bytes 2 and 3 of each dword
-/// to bytes 0..4 and 8..12 of the lane; from `r1`, to bytes 4..8 and 12..16.
+/// The byte selections of [`bf16_planes`]: from `r0` (codes 0..8, a bf16 in the low half of
+/// each dword), bytes 0 and 1 of each dword to bytes 0..4 and 8..12 of the lane; from `r1`, to
+/// bytes 4..8 and 12..16.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn bf16_select() -> [__m256i; 2] {
     let lane = |at_lo: usize, at_hi: usize| {
         let mut sel = [0x80u8; 16];
         for d in 0..4 {
-            sel[at_lo + d] = (4 * d + 2) as u8;
-            sel[at_hi + d] = (4 * d + 3) as u8;
+            sel[at_lo + d] = (4 * d) as u8;
+            sel[at_hi + d] = (4 * d + 1) as u8;
         }
         sel
     };
@@ -147,7 +138,7 @@ unsafe fn lookup_bf16(idx: __m256i, planes: &[__m256i; 2]) -> [__m256; 4] {
 
 /// Rows `rows` of `y[m, n] = x · deq(W)ᵀ`, with `xp` laid out by [`interleave`]. Requires
 /// [`fits`].
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn gemv_rows(
     w: &Nf4Tensor,
     xp: &[f32],
@@ -163,7 +154,7 @@ pub(super) unsafe fn gemv_rows(
 /// Rows `rows` of `y[m, n] = x · deq_bf16(W)ᵀ`, with `xp` (the bf16 activations as f32) laid
 /// out by [`interleave`] for bf16. Requires [`fits`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn gemv_rows_bf16(
     w: &Nf4Tensor,
     xp: &[f32],
@@ -177,7 +168,7 @@ pub(super) unsafe fn gemv_rows_bf16(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_f32<const M: usize>(
     w: &Nf4Tensor,
     xp: &[f32],
@@ -190,7 +181,7 @@ unsafe fn rows_f32<const M: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_bf16<const M: usize>(
     w: &Nf4Tensor,
     xp: &[f32],
@@ -203,7 +194,7 @@ unsafe fn rows_bf16<const M: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_m<const BF16: bool, const M: usize>(
     w: &Nf4Tensor,
     xp: &[f32],

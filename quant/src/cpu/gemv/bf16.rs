@@ -89,7 +89,7 @@ pub(crate) fn gemv_bf16(
         let xp = super::avx2::interleave(&xf, m, k, true);
         (0..tasks).into_par_iter().for_each(|t| {
             let rows = t * per_task..((t + 1) * per_task).min(n);
-            // SAFETY: Avx2 is only reported on CPUs with AVX2 and FMA; `fits` checked the
+            // SAFETY: Avx2 is only reported on CPUs with AVX2, FMA and F16C; `fits` checked the
             // shape; every task writes the columns of its own rows of W.
             unsafe { super::avx2::gemv_rows_bf16(w, &xp, m, k, n, rows, out.ptr()) }
         });

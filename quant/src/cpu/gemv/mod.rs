@@ -152,7 +152,7 @@ pub(crate) fn gemv(
             // columns of its own rows of W.
             Isa::Avx512 => unsafe { avx512::gemv_rows(w, &xp, m, k, n, rows, out.ptr()) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Avx2 is only reported on CPUs with AVX2 and FMA; `fits` checked the
+            // SAFETY: Avx2 is only reported on CPUs with AVX2, FMA and F16C; `fits` checked the
             // shape; every task writes the columns of its own rows of W.
             Isa::Avx2 if avx2_kernel => unsafe {
                 avx2::gemv_rows(w, &xp, m, k, n, rows, out.ptr())
@@ -393,6 +393,12 @@ mod tests {
         }
     }
 
+    /// `data` as an `[n, k]` NF4 weight with plain (not double-quantized) block scales.
+    fn plain_nf4(data: &[f32], n: usize, k: usize, bs: usize) -> Nf4Tensor {
+        let f32 = crate::tensor::SourceDtype::F32;
+        Nf4Tensor::quantize(data, &[n, k], f32, QuantType::Nf4, bs, false).unwrap()
+    }
+
     /// One-hot activations pick single weights out of the bf16 GEMV, so every weight it uses
     /// must be `deq_bf16(W)` bit for bit, including the rounding ties of `code · absmax`
     /// (absmax values whose low 16 bits are 0x8000, with even and odd bit 16, times the ±1 codes).
@@ -411,15 +417,7 @@ mod tests {
                 }
             })
             .collect();
-        let w = Nf4Tensor::quantize(
-            &data,
-            &[n, k],
-            crate::tensor::SourceDtype::F32,
-            QuantType::Nf4,
-            bs,
-            false,
-        )
-        .unwrap();
+        let w = plain_nf4(&data, n, k, bs);
         let mut deq = vec![half::bf16::ZERO; n * k];
         crate::cpu::dequantize_bf16_into(&w, &mut deq);
         let m = 8;
@@ -457,15 +455,7 @@ mod tests {
             .enumerate()
             .map(|(i, v)| v * if (i / 64) % 2 == 0 { 1e-37 } else { 1.0 })
             .collect();
-        let w = Nf4Tensor::quantize(
-            &data,
-            &[n, k],
-            crate::tensor::SourceDtype::F32,
-            QuantType::Nf4,
-            64,
-            false,
-        )
-        .unwrap();
+        let w = plain_nf4(&data, n, k, 64);
         let mut deq = vec![half::bf16::ZERO; n * k];
         crate::cpu::dequantize_bf16_into(&w, &mut deq);
         assert!(deq
