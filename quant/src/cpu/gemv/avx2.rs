@@ -148,7 +148,7 @@ pub(super) unsafe fn gemv_rows(
     rows: Range<usize>,
     y: *mut f32,
 ) {
-    with_rows!(m, rows_f32(w, xp, k, n, rows, y))
+    with_rows!(m, rows_m::<false>(w, xp, k, n, rows, y))
 }
 
 /// Rows `rows` of `y[m, n] = x · deq_bf16(W)ᵀ`, with `xp` (the bf16 activations as f32) laid
@@ -164,33 +164,7 @@ pub(super) unsafe fn gemv_rows_bf16(
     rows: Range<usize>,
     y: *mut f32,
 ) {
-    with_rows!(m, rows_bf16(w, xp, k, n, rows, y))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_f32<const M: usize>(
-    w: &Nf4Tensor,
-    xp: &[f32],
-    k: usize,
-    n: usize,
-    rows: Range<usize>,
-    y: *mut f32,
-) {
-    rows_m::<false, M>(w, xp, k, n, rows, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_bf16<const M: usize>(
-    w: &Nf4Tensor,
-    xp: &[f32],
-    k: usize,
-    n: usize,
-    rows: Range<usize>,
-    y: *mut f32,
-) {
-    rows_m::<true, M>(w, xp, k, n, rows, y)
+    with_rows!(m, rows_m::<true>(w, xp, k, n, rows, y))
 }
 
 #[cfg(target_arch = "x86_64")]

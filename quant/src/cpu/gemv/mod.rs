@@ -286,20 +286,21 @@ mod portable {
     }
 }
 
-/// `$kernel::<M>(args)` for the row count `$m` as a constant `M` in 1..=8 (the kernels keep
-/// one register per activation row).
+/// `$kernel::<M>(args)` (or `$kernel::<G.., M>(args)` after other generic arguments `G`) for
+/// the row count `$m` as a constant `M` in 1..=8 (the kernels keep one register per activation
+/// row).
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_rows {
-    ($m:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+    ($m:expr, $kernel:ident $(::<$($g:tt),+>)? ($($arg:expr),* $(,)?)) => {
         match $m {
-            1 => $kernel::<1>($($arg),*),
-            2 => $kernel::<2>($($arg),*),
-            3 => $kernel::<3>($($arg),*),
-            4 => $kernel::<4>($($arg),*),
-            5 => $kernel::<5>($($arg),*),
-            6 => $kernel::<6>($($arg),*),
-            7 => $kernel::<7>($($arg),*),
-            8 => $kernel::<8>($($arg),*),
+            1 => $kernel::<$($($g,)+)? 1>($($arg),*),
+            2 => $kernel::<$($($g,)+)? 2>($($arg),*),
+            3 => $kernel::<$($($g,)+)? 3>($($arg),*),
+            4 => $kernel::<$($($g,)+)? 4>($($arg),*),
+            5 => $kernel::<$($($g,)+)? 5>($($arg),*),
+            6 => $kernel::<$($($g,)+)? 6>($($arg),*),
+            7 => $kernel::<$($($g,)+)? 7>($($arg),*),
+            8 => $kernel::<$($($g,)+)? 8>($($arg),*),
             _ => unreachable!("the GEMV kernels take 1 ≤ m ≤ 8 rows"),
         }
     };
