@@ -11,7 +11,8 @@
 //! byte planes 0..3 of the code values, two rounds of unpacking (bytes to words, words to
 //! dwords) interleave them into four vectors of 8 exact f32 code values, and four FMAs multiply
 //! them into the activations. The block scale multiplies the unit's sum once. Per 128 weights:
-//! 16 byte shuffles, 32 unpacks and 16 FMAs, about 25 cycles on Zen 3 (the shuffle ports bind).
+//! 16 byte shuffles, 32 unpacks and 16 FMAs: 28-31 cycles on Zen 3 in the bench's
+//! instruction-floor row (the shuffle ports bind), 32-37 in the kernel.
 //!
 //! The unpacks work within 128-bit lanes, so vector `q` of index set `h` (0: odd weights, 1:
 //! even) holds in element `4ℓ + e` the byte `16ℓ + 4q + e` of the unit, i.e. weight
