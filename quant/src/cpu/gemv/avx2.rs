@@ -225,8 +225,8 @@ unsafe fn rows_m<const BF16: bool, const M: usize>(
                 let xu = x.add(u * M * UNIT);
                 // Two sums for one row, so its FMAs form two chains (more rows are independent
                 // enough, and need the registers); the block scale of f32 code values
-                // multiplies their total once per unit. Constant bounds and indices, so the loops unroll and the sums stay
-                // in registers.
+                // multiplies their total once per unit. Constant bounds and indices, so the
+                // loops unroll and the sums stay in registers.
                 let mut part = [[_mm256_setzero_ps(); M]; 2];
                 for v in 0..8 {
                     let codes = if v < 4 { odd[v] } else { even[v - 4] };
