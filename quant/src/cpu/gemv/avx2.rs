@@ -82,7 +82,6 @@ pub(super) fn interleave(x: &[f32], m: usize, k: usize, bf16: bool) -> Vec<f32> 
 #[cfg(target_arch = "x86_64")]
 /// `bf16(code · scale)` of the 16 codes (`code` = values 0..8 and 8..16) as two byte planes,
 /// low bytes and high bytes, each in both 128-bit lanes.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn bf16_planes(code: &[__m256; 2], scale: f32, select: &[__m256i; 2]) -> [__m256i; 2] {
     let s = _mm256_set1_ps(scale);
@@ -137,26 +136,12 @@ unsafe fn lookup_bf16(idx: __m256i, planes: &[__m256i; 2]) -> [__m256; 4] {
     ]
 }
 
-/// Rows `rows` of `y[m, n] = x · deq(W)ᵀ`, with `xp` laid out by [`interleave`]. Requires
-/// [`fits`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn gemv_rows(
-    w: &Nf4Tensor,
-    xp: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    rows: Range<usize>,
-    y: *mut f32,
-) {
-    with_rows!(m, rows_m::<false>(w, xp, k, n, rows, y))
-}
-
-/// Rows `rows` of `y[m, n] = x · deq_bf16(W)ᵀ`, with `xp` (the bf16 activations as f32) laid
-/// out by [`interleave`] for bf16. Requires [`fits`].
 #[cfg(target_arch = "x86_64")]
+/// Rows `rows` of `y[m, n] = x · deq(W)ᵀ` (or, with `BF16`, `x · deq_bf16(W)ᵀ` for bf16
+/// activations passed as f32), with `xp` laid out by [`interleave`] for the same `BF16`.
+/// Requires [`fits`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn gemv_rows_bf16(
+pub(super) unsafe fn gemv_rows<const BF16: bool>(
     w: &Nf4Tensor,
     xp: &[f32],
     m: usize,
@@ -165,7 +150,7 @@ pub(super) unsafe fn gemv_rows_bf16(
     rows: Range<usize>,
     y: *mut f32,
 ) {
-    with_rows!(m, rows_m::<true>(w, xp, k, n, rows, y))
+    with_rows!(m, rows_m::<BF16>(w, xp, k, n, rows, y))
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -91,7 +91,7 @@ pub(crate) fn gemv_bf16(
             let rows = t * per_task..((t + 1) * per_task).min(n);
             // SAFETY: Avx2 is only reported on CPUs with AVX2, FMA and F16C; `fits` checked the
             // shape; every task writes the columns of its own rows of W.
-            unsafe { super::avx2::gemv_rows_bf16(w, &xp, m, k, n, rows, out.ptr()) }
+            unsafe { super::avx2::gemv_rows::<true>(w, &xp, m, k, n, rows, out.ptr()) }
         });
         return;
     }

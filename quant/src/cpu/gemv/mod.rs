@@ -155,7 +155,7 @@ pub(crate) fn gemv(
             // SAFETY: Avx2 is only reported on CPUs with AVX2, FMA and F16C; `fits` checked the
             // shape; every task writes the columns of its own rows of W.
             Isa::Avx2 if avx2_kernel => unsafe {
-                avx2::gemv_rows(w, &xp, m, k, n, rows, out.ptr())
+                avx2::gemv_rows::<false>(w, &xp, m, k, n, rows, out.ptr())
             },
             _ => {
                 let mut row = vec![0f32; k];
