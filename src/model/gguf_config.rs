@@ -12,9 +12,11 @@ use super::gguf::{GgufError, Metadata};
 pub fn hf_config(content: &Content) -> Result<Json, GgufError> {
     let md = Metadata::new(&content.metadata);
     let arch = md.str("general.architecture")?;
-    if arch != "llama" {
-        return Err(GgufError::UnsupportedArchitecture(arch.into()));
-    }
+    let (model_type, class) = match arch {
+        "llama" => ("llama", "LlamaForCausalLM"),
+        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        _ => return Err(GgufError::UnsupportedArchitecture(arch.into())),
+    };
     let key = |name: &str| format!("{arch}.{name}");
 
     let hidden_size = md.usize(&key("embedding_length"))?;
@@ -48,8 +50,8 @@ pub fn hf_config(content: &Content) -> Result<Json, GgufError> {
     }
 
     let mut config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [class],
+        "model_type": model_type,
         "hidden_size": hidden_size,
         "intermediate_size": md.usize(&key("feed_forward_length"))?,
         "num_hidden_layers": md.usize(&key("block_count"))?,
@@ -181,8 +183,27 @@ mod tests {
     #[test]
     fn other_architectures_are_refused() {
         let mut entries = minimal();
-        entries[0].1 = Value::String("qwen2".into());
-        let err = hf_config(&content(&entries)).expect_err("qwen2");
-        assert!(err.to_string().contains("qwen2"), "{err}");
+        entries[0].1 = Value::String("gemma".into());
+        let err = hf_config(&content(&entries)).expect_err("gemma");
+        assert!(err.to_string().contains("gemma"), "{err}");
+    }
+
+    #[test]
+    fn qwen2_reads_its_own_keys() {
+        let entries: Vec<(String, Value)> = minimal()
+            .into_iter()
+            .map(|(k, v)| match k {
+                "general.architecture" => (k.to_string(), Value::String("qwen2".into())),
+                _ => (k.replacen("llama.", "qwen2.", 1), v),
+            })
+            .collect();
+        let refs: Vec<(&str, Value)> = entries
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let config = hf_config(&content(&refs)).expect("qwen2 config");
+        assert_eq!(config["model_type"], "qwen2");
+        assert_eq!(config["architectures"][0], "Qwen2ForCausalLM");
+        assert_eq!(config["hidden_size"], 64);
     }
 }
