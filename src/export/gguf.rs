@@ -13,12 +13,14 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 
 use super::gguf_metadata::{gguf_architecture, model_metadata};
 use super::tensors::{adapted_projections, read_merged, tensor_specs, Slot, TensorSpec};
 use super::{ExportProgress, ExportReport};
+use crate::model::config::{llama3_rope_factors, RopeScaling};
 use crate::model::error::ModelError;
-use crate::model::gguf::{gguf_tensor_name, permute_rows};
+use crate::model::gguf::{gguf_tensor_name, permute_rows, ROPE_FREQS};
 use crate::model::loader::LoadedModel;
 
 /// GGUF tensor type of the exported matrices (norms and biases are always F32).
@@ -93,9 +95,21 @@ fn type_id(t: GgmlDType) -> u32 {
     }
 }
 
+/// Where a tensor's values come from.
+enum Source {
+    /// A model tensor, adapters merged in.
+    Model(TensorSpec),
+    /// Values computed for the file (`rope_freqs.weight`).
+    Values(Vec<f32>),
+}
+
 /// One tensor of the file: where it comes from and how it is stored.
 struct Planned {
-    spec: TensorSpec,
+    /// HF name (a model tensor) or the GGUF name (a computed one), for messages and progress.
+    name: String,
+    /// HF shape (rows first).
+    shape: Vec<usize>,
+    source: Source,
     gguf_name: String,
     dtype: GgmlDType,
     /// Heads for llama.cpp's q/k row permutation.
@@ -130,11 +144,48 @@ fn plan(loaded: &LoadedModel, ty: GgufType) -> Result<Vec<Planned>, ModelError> 
         let n: usize = spec.shape.iter().product();
         let bytes = (n / dtype.block_size() * dtype.type_size()) as u64;
         out.push(Planned {
-            spec,
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+            source: Source::Model(spec),
             gguf_name,
             dtype,
             permute_heads,
             bytes,
+        });
+    }
+    // Llama 3 scaling: llama.cpp divides each RoPE frequency by `rope_freqs.weight`.
+    if let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = cfg.rope_scaling
+    {
+        if !permuted {
+            return Err(ModelError::invalid(
+                "config.json",
+                format!(
+                    "llama3 RoPE scaling on a {} model has no GGUF form here",
+                    cfg.model_type
+                ),
+            ));
+        }
+        let factors = llama3_rope_factors(
+            cfg.head_dim,
+            cfg.rope_theta,
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        );
+        out.push(Planned {
+            name: ROPE_FREQS.into(),
+            shape: vec![factors.len()],
+            bytes: 4 * factors.len() as u64,
+            source: Source::Values(factors),
+            gguf_name: ROPE_FREQS.into(),
+            dtype: GgmlDType::F32,
+            permute_heads: None,
         });
     }
     Ok(out)
@@ -200,21 +251,24 @@ fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
 
 /// The data of one planned tensor: merged, permuted for llama.cpp if q/k, encoded.
 fn encode(loaded: &LoadedModel, p: &Planned) -> Result<Vec<u8>, ModelError> {
-    let t = read_merged(&loaded.model, &p.spec)?;
+    let t = match &p.source {
+        Source::Model(spec) => read_merged(&loaded.model, spec)?,
+        Source::Values(v) => Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+    };
     let t = match p.permute_heads {
         Some(heads) => permute_rows(&t, heads)?,
         None => t,
     };
     let q = QTensor::quantize(&t.contiguous()?, p.dtype).map_err(|e| {
         ModelError::invalid(
-            p.spec.name.clone(),
+            p.name.clone(),
             format!("cannot encode as {:?}: {e}", p.dtype),
         )
     })?;
     let data = q.data()?.into_owned();
     if data.len() as u64 != p.bytes {
         return Err(ModelError::invalid(
-            p.spec.name.clone(),
+            p.name.clone(),
             format!(
                 "encoded to {} bytes, the header says {}",
                 data.len(),
@@ -256,9 +310,9 @@ pub fn write_file(
         let mut offset = 0u64;
         for p in &planned {
             write_string(w, &p.gguf_name)?;
-            w.write_all(&(p.spec.shape.len() as u32).to_le_bytes())?;
+            w.write_all(&(p.shape.len() as u32).to_le_bytes())?;
             // GGUF lists dimensions innermost first.
-            for &d in p.spec.shape.iter().rev() {
+            for &d in p.shape.iter().rev() {
                 w.write_all(&(d as u64).to_le_bytes())?;
             }
             w.write_all(&type_id(p.dtype).to_le_bytes())?;
@@ -276,7 +330,7 @@ pub fn write_file(
         w.write_all(&vec![0u8; padding(p.bytes) as usize])
             .map_err(io)?;
         tensor_bytes += p.bytes;
-        progress(ExportProgress::Tensor { name: &p.spec.name });
+        progress(ExportProgress::Tensor { name: &p.name });
     }
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;

@@ -127,13 +127,8 @@ pub fn hyperparameters(
             md.push((key("rope.scaling.type"), Value::String("linear".into())));
             md.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
         }
-        RopeScaling::Llama3 { .. } => {
-            return Err(ModelError::invalid(
-                "config.json",
-                "llama3 RoPE scaling is not exported to GGUF yet (llama.cpp stores it as a \
-                 rope_freqs tensor); export --format safetensors instead",
-            ))
-        }
+        // As llama.cpp's converter: no keys, the factors go in the `rope_freqs.weight` tensor.
+        RopeScaling::Llama3 { .. } => {}
     }
     Ok(md)
 }

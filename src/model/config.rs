@@ -240,6 +240,109 @@ pub fn projection_path(layer: usize, proj: &str) -> String {
     format!("model.layers.{layer}.{group}.{proj}")
 }
 
+/// RoPE inverse frequencies `θ^(-2i/d)` in f32, as transformers and llama.cpp's converter
+/// compute them.
+fn base_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+/// Llama 3's per-frequency divisors: 1 for short wavelengths, `factor` for long ones, a smooth
+/// blend between (llama.cpp's `rope_freqs.weight`, by its converter's formula).
+pub fn llama3_rope_factors(
+    head_dim: usize,
+    theta: f64,
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_max_position_embeddings: f64,
+) -> Vec<f32> {
+    let old = original_max_position_embeddings;
+    let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+    base_inv_freq(head_dim, theta)
+        .into_iter()
+        .map(|freq| {
+            let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect()
+}
+
+/// The Llama 3 scaling whose [`llama3_rope_factors`] are `factors` (a GGUF's
+/// `rope_freqs.weight`), `Ok(None)` if every factor is 1. The blend is linear in
+/// 1/wavelength, so two blended entries pin it (written with `low_freq_factor` 1; any equivalent
+/// triple gives the same factors); with fewer, Llama 3.1's 1 / 4 / 8192 are tried. The result
+/// must reproduce every factor within 1e-5, else this is an error.
+pub fn llama3_scaling_from_factors(
+    head_dim: usize,
+    theta: f64,
+    factors: &[f32],
+) -> Result<Option<RopeScaling>, String> {
+    if factors.len() != head_dim / 2 {
+        return Err(format!(
+            "holds {} factors; head_dim {head_dim} needs {}",
+            factors.len(),
+            head_dim / 2
+        ));
+    }
+    if factors.iter().any(|f| !f.is_finite() || *f <= 0.0) {
+        return Err("holds a factor that is not a positive number".into());
+    }
+    let factor = factors.iter().copied().fold(1f32, f32::max) as f64;
+    if (factor - 1.0).abs() < 1e-6 {
+        return Ok(None);
+    }
+    let inv = base_inv_freq(head_dim, theta);
+    let blended: Vec<(f64, f64)> = factors
+        .iter()
+        .zip(&inv)
+        .filter(|(f, _)| {
+            let f = f64::from(**f);
+            f > 1.0 + 1e-6 && f < factor * (1.0 - 1e-6)
+        })
+        .map(|(f, freq)| {
+            let u = f64::from(*freq) / (2.0 * std::f64::consts::PI);
+            let s = (1.0 / f64::from(*f) - 1.0 / factor) / (1.0 - 1.0 / factor);
+            (u, s)
+        })
+        .collect();
+    let (low, high, old) = match (blended.first(), blended.last()) {
+        (Some(&(u0, s0)), Some(&(u1, s1))) if blended.len() >= 2 && u0 != u1 => {
+            // s = (old·u − low) / (high − low) = a·u + b; with low = 1: high = 1 − 1/b, old = −a/b.
+            let a = (s1 - s0) / (u1 - u0);
+            let b = s0 - a * u0;
+            let old = (-a / b).round();
+            let high = ((1.0 - 1.0 / b) * 1e4).round() / 1e4;
+            (1.0, high, old)
+        }
+        _ => (1.0, 4.0, 8192.0),
+    };
+    let again = llama3_rope_factors(head_dim, theta, factor, low, high, old);
+    let close = again
+        .iter()
+        .zip(factors)
+        .all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0));
+    if !close {
+        return Err("holds per-frequency factors that do not follow Llama 3's RoPE scaling".into());
+    }
+    Ok(Some(RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: old,
+    }))
+}
+
 fn parse_rope_scaling(s: &Value) -> Result<RopeScaling, String> {
     let kind = s
         .get("rope_type")
@@ -286,6 +389,38 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![1, 2]);
         assert_eq!(c.head_dim, 4);
         assert_eq!(c.num_key_value_heads, 2);
+    }
+
+    #[test]
+    fn llama3_factors_give_back_their_scaling() {
+        // Llama 3.1 8B and Llama 3.2 1B, and a small test shape with a narrow blend band.
+        for (d, theta, factor, old) in [
+            (128, 500000.0, 8.0, 8192.0),
+            (64, 500000.0, 32.0, 8192.0),
+            (16, 10000.0, 8.0, 64.0),
+        ] {
+            let factors = llama3_rope_factors(d, theta, factor, 1.0, 4.0, old);
+            assert!(factors.iter().any(|f| *f > 1.0 && f64::from(*f) < factor));
+            let back = llama3_scaling_from_factors(d, theta, &factors).unwrap();
+            assert_eq!(
+                back,
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: old,
+                })
+            );
+        }
+        assert_eq!(
+            llama3_scaling_from_factors(8, 1e4, &[1.0; 4]).unwrap(),
+            None
+        );
+        let mut odd = llama3_rope_factors(128, 500000.0, 8.0, 1.0, 4.0, 8192.0);
+        odd[3] = 2.5;
+        let err = llama3_scaling_from_factors(128, 500000.0, &odd).unwrap_err();
+        assert!(err.contains("Llama 3"), "{err}");
+        assert!(llama3_scaling_from_factors(128, 500000.0, &odd[..10]).is_err());
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum GgufError {
         tensor: String,
         source: candle_core::Error,
     },
+    /// A tensor's values do not mean what they must.
+    #[error("tensor `{tensor}` {what}")]
+    InvalidTensor { tensor: String, what: String },
     /// A tensor asked for by name is absent.
     #[error("tensor `{0}` is not in the GGUF file")]
     MissingTensor(String),
@@ -148,8 +151,23 @@ impl GgufFile {
     }
 
     /// An HF `config.json` equivalent built from the metadata (see [`gguf_config::hf_config`]).
-    pub fn hf_config(&self) -> Result<serde_json::Value, GgufError> {
-        gguf_config::hf_config(&self.content)
+    ///
+    /// A `rope_freqs.weight` tensor (llama.cpp's form of Llama 3 RoPE scaling) is read and
+    /// turned back into the config's `llama3` scaling; factors of another form are an error.
+    pub fn hf_config(&mut self) -> Result<serde_json::Value, GgufError> {
+        let mut config = gguf_config::hf_config(&self.content)?;
+        if self.content.tensor_infos.contains_key(ROPE_FREQS) {
+            let factors = self.read_tensor(ROPE_FREQS, &Device::Cpu).and_then(|t| {
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|source| GgufError::Tensor {
+                        tensor: ROPE_FREQS.into(),
+                        source,
+                    })
+            })?;
+            gguf_config::apply_rope_freqs(&mut config, &factors)?;
+        }
+        Ok(config)
     }
 
     /// The tokenizer and chat template stored in the metadata.
@@ -293,7 +311,10 @@ fn is_dequantizable(dtype: GgmlDType) -> bool {
 // Names
 
 /// Tensors that are not weights in HF form: llama3's precomputed RoPE frequency factors.
-const SKIPPED_TENSORS: &[&str] = &["rope_freqs.weight"];
+/// llama.cpp's per-frequency RoPE divisors (Llama 3 scaling), read into the config instead.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+const SKIPPED_TENSORS: &[&str] = &[ROPE_FREQS];
 
 /// Whole-name pairs `(gguf, hf)` outside the layers.
 const GLOBAL_NAMES: &[(&str, &str)] = &[

@@ -6,7 +6,8 @@
 use candle_core::quantized::gguf_file::Content;
 use serde_json::{json, Map, Value as Json};
 
-use super::gguf::{GgufError, Metadata};
+use super::config::{llama3_scaling_from_factors, RopeScaling};
+use super::gguf::{GgufError, Metadata, ROPE_FREQS};
 
 /// HF-style config (`LlamaForCausalLM`) from a llama GGUF's metadata and tensor directory.
 pub fn hf_config(content: &Content) -> Result<Json, GgufError> {
@@ -85,6 +86,48 @@ pub fn hf_config(content: &Content) -> Result<Json, GgufError> {
         }
     }
     Ok(config)
+}
+
+/// Put the Llama 3 scaling that llama.cpp's `rope_freqs.weight` factors stand for into an
+/// [`hf_config`] result (`rope_scaling` and `rope_parameters`).
+pub fn apply_rope_freqs(config: &mut Json, factors: &[f32]) -> Result<(), GgufError> {
+    let bad = |what: String| GgufError::InvalidTensor {
+        tensor: ROPE_FREQS.into(),
+        what,
+    };
+    let head_dim = config["head_dim"]
+        .as_u64()
+        .ok_or_else(|| bad("the config has no head_dim".into()))? as usize;
+    let theta = config["rope_theta"].as_f64().unwrap_or(10_000.0);
+    if !config["rope_scaling"].is_null() {
+        return Err(bad(format!(
+            "the metadata already names RoPE scaling {}; both cannot apply",
+            config["rope_scaling"]
+        )));
+    }
+    let Some(RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    }) = llama3_scaling_from_factors(head_dim, theta, factors).map_err(bad)?
+    else {
+        return Ok(());
+    };
+    let scaling = json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low_freq_factor,
+        "high_freq_factor": high_freq_factor,
+        "original_max_position_embeddings": original_max_position_embeddings,
+    });
+    if let (Json::Object(params), Json::Object(fields)) = (&mut config["rope_parameters"], &scaling)
+    {
+        params.remove("rope_type");
+        params.extend(fields.clone());
+    }
+    config["rope_scaling"] = scaling;
+    Ok(())
 }
 
 /// HF `rope_scaling` from `{arch}.rope.scaling.*`, or `null` when there is none.

@@ -101,7 +101,7 @@ pub fn nf4_memory_bytes(cfg: &LlamaConfig) -> u64 {
 pub fn inspect(path: &Path) -> Result<Inspection, ModelError> {
     let mut out = Inspection::default();
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        let file = GgufFile::open(path).map_err(|source| ModelError::Gguf {
+        let mut file = GgufFile::open(path).map_err(|source| ModelError::Gguf {
             path: path.to_path_buf(),
             source: Box::new(source),
         })?;

@@ -42,6 +42,47 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// RoPE inverse frequencies with the config's scaling applied, in f32 as transformers has them.
+pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
+    let d = cfg.head_dim;
+    // inv_freq in f32 exactly as transformers computes it.
+    let mut inv_freq: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+        .collect();
+    match cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            for f in &mut inv_freq {
+                *f /= factor as f32;
+            }
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            for f in &mut inv_freq {
+                let freq = *f as f64;
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let scaled = if wavelen < high_wavelen {
+                    freq
+                } else if wavelen > low_wavelen {
+                    freq / factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * freq / factor + smooth * freq
+                };
+                *f = scaled as f32;
+            }
+        }
+    }
+    inv_freq
+}
+
 /// Precomputed RoPE cos/sin tables `[max_positions, head_dim]` (HF's rotate-half layout).
 #[derive(Clone, Debug)]
 pub struct Rope {
@@ -56,41 +97,7 @@ impl Rope {
     /// Tables for every position up to `max_positions`.
     pub fn new(cfg: &LlamaConfig, max_positions: usize, device: &Device) -> Result<Self> {
         let d = cfg.head_dim;
-        // inv_freq in f32 exactly as transformers computes it.
-        let mut inv_freq: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32))
-            .collect();
-        match cfg.rope_scaling {
-            RopeScaling::None => {}
-            RopeScaling::Linear { factor } => {
-                for f in &mut inv_freq {
-                    *f /= factor as f32;
-                }
-            }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings: old,
-            } => {
-                let low_wavelen = old / low_freq_factor;
-                let high_wavelen = old / high_freq_factor;
-                for f in &mut inv_freq {
-                    let freq = *f as f64;
-                    let wavelen = 2.0 * std::f64::consts::PI / freq;
-                    let scaled = if wavelen < high_wavelen {
-                        freq
-                    } else if wavelen > low_wavelen {
-                        freq / factor
-                    } else {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        (1.0 - smooth) * freq / factor + smooth * freq
-                    };
-                    *f = scaled as f32;
-                }
-            }
-        }
+        let inv_freq = rope_inv_freq(cfg);
         let mut cos = Vec::with_capacity(max_positions * d);
         let mut sin = Vec::with_capacity(max_positions * d);
         for p in 0..max_positions {
@@ -597,6 +604,30 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama_cpp_rope_factors_divide_into_the_scaled_frequencies() {
+        use crate::model::config::llama3_rope_factors;
+        use serde_json::json;
+        for (d, theta, factor, old) in [(128, 500000.0, 8.0, 8192.0), (16, 10000.0, 8.0, 64.0)] {
+            let cfg = LlamaConfig::from_json(&json!({"model_type": "llama", "vocab_size": 8,
+                "hidden_size": d * 2, "intermediate_size": 8, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "rope_theta": theta, "rms_norm_eps": 1e-5,
+                "rope_scaling": {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": old}}))
+            .unwrap();
+            let plain = LlamaConfig {
+                rope_scaling: RopeScaling::None,
+                ..cfg.clone()
+            };
+            let factors = llama3_rope_factors(d, theta, factor, 1.0, 4.0, old);
+            let scaled = rope_inv_freq(&cfg);
+            for ((base, f), want) in rope_inv_freq(&plain).iter().zip(&factors).zip(&scaled) {
+                let got = base / f;
+                assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+            }
+        }
+    }
 
     /// Which (query, key) pairs of a 4-token mask are allowed, row-major.
     fn allowed(span: &AttentionSpan<'_>, window: Option<usize>) -> Vec<bool> {

@@ -175,7 +175,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
             path: path.to_path_buf(),
             source: Box::new(source),
         };
-        let file = GgufFile::open(path).map_err(gguf_err)?;
+        let mut file = GgufFile::open(path).map_err(gguf_err)?;
         let config_json = file.hf_config().map_err(gguf_err)?;
         let cfg = LlamaConfig::from_json(&config_json).map_err(|what| ModelError::Config {
             path: path.display().to_string(),
