@@ -75,6 +75,12 @@ fn check(name: &str, pre: &str) {
 #[test]
 fn llama3_vocabulary_encodes_like_transformers() {
     check("llama-bpe", "llama-bpe");
+    // The file has no add_bos_token key; like llama.cpp (and Llama 3's tokenizer.json), BOS
+    // <|begin_of_text|> is added when special tokens are asked for.
+    let gguf = GgufFile::open(vocab_dir().join("ggml-vocab-llama-bpe.gguf")).unwrap();
+    let tok = gguf.tokenizer().unwrap();
+    let ids = tok.tokenizer.encode("Hello world", true).unwrap();
+    assert_eq!(ids.get_ids(), &[128000, 9906, 1917]);
 }
 
 #[test]

@@ -95,9 +95,10 @@ pub fn tokenizer_from_gguf(content: &Content) -> Result<GgufTokenizer, GgufError
         tokenizer.with_normalizer(Some(NFC));
     }
     tokenizer.with_decoder(Some(ByteLevelDecoder::new(true, true, true)));
+    // Absent key: llama.cpp adds BOS for Llama 3 (as its tokenizer.json does), not otherwise.
     let add_bos = md
         .opt_bool("tokenizer.ggml.add_bos_token")?
-        .unwrap_or(false);
+        .unwrap_or(family == PreTokenizerFamily::Llama3);
     let add_eos = md
         .opt_bool("tokenizer.ggml.add_eos_token")?
         .unwrap_or(false);
