@@ -429,3 +429,48 @@ fn llama3_gguf_export_carries_rope_scaling_as_rope_freqs() {
     assert!(gap <= 1e-4, "our GGUF reader: {gap} of the largest logit");
     assert_encodes_like_transformers(&back, &vocab, "llama-bpe");
 }
+
+/// `qlora quantize` of a Qwen2 keeps its q/k/v biases beside the 4-bit weights (as transformers
+/// + bitsandbytes save them), and the 4-bit folder computes exactly what quantizing on load
+/// does.
+#[test]
+fn qwen2_bnb_4bit_folder_keeps_biases_and_equals_quantizing_on_load() {
+    use qlora::model::loader::SourceKind;
+    use qlora::model::quantize::{quantize_model_dir, QuantizeOptions};
+    use qlora::quant::QuantType;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("hf");
+    let cfg = qwen2_config(false);
+    write_checkpoint(&src, &cfg, true, 21);
+    let out = tmp.path().join("nf4");
+    quantize_model_dir(&src, &out, &QuantizeOptions::default(), &mut |_| {}).unwrap();
+
+    let names = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect::<Vec<_>>();
+    for p in ["q_proj", "k_proj", "v_proj"] {
+        let bias = format!("model.layers.1.self_attn.{p}.bias");
+        assert!(
+            names.contains(&bias),
+            "{bias} missing from the 4-bit folder"
+        );
+    }
+    assert!(names.contains(&"model.layers.1.self_attn.q_proj.weight.absmax".to_string()));
+
+    let nf4 = LoadOptions {
+        base: BaseFormat::Quantized(QuantType::Nf4),
+        ..Default::default()
+    };
+    let saved = load_model(&out, &nf4).unwrap();
+    assert_eq!(saved.kind, SourceKind::Bnb4bit);
+    let on_load = load_model(&src, &nf4).unwrap();
+    let gap = rel_gap(&forward_all(&saved), &forward_all(&on_load));
+    assert!(gap <= 1e-6, "4-bit folder vs quantized on load: {gap}");
+    // And the 4-bit model is the f32 one up to NF4 error, not something else.
+    let dense = rel_gap(
+        &forward_all(&saved),
+        &forward_all(&load_model(&src, &dense()).unwrap()),
+    );
+    assert!(dense > 1e-4 && dense < 0.2, "NF4 vs f32: {dense}");
+}
