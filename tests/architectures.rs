@@ -474,3 +474,77 @@ fn qwen2_bnb_4bit_folder_keeps_biases_and_equals_quantizing_on_load() {
     );
     assert!(dense > 1e-4 && dense < 0.2, "NF4 vs f32: {dense}");
 }
+
+/// candle-transformers' Mistral logits `[SEQ, vocab]`, each prefix run on its own (it returns the
+/// last position only). Its `sliding_window` w lets a query see w + 1 keys (itself included);
+/// transformers' (and ours) lets it see w, so it is given ours minus one.
+fn candle_mistral(dir: &Path, cfg: &Value) -> Tensor {
+    use candle_transformers::models::mistral as cm;
+    let mut c: cm::Config = serde_json::from_value(cfg.clone()).unwrap();
+    c.sliding_window = c.sliding_window.map(|w| w - 1);
+    let mut model = cm::Model::new(&c, var_builder(dir)).unwrap();
+    let ids = ids();
+    let rows: Vec<Tensor> = (1..=SEQ)
+        .map(|t| {
+            model.clear_kv_cache();
+            let x = Tensor::new(&ids[..t], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            model
+                .forward(&x, 0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+        })
+        .collect();
+    Tensor::stack(&rows, 0).unwrap()
+}
+
+/// Mistral's sliding window (6 keys, 24 positions) against candle-transformers' Mistral, for the
+/// full forward and for decoding one token at a time with the KV cache.
+#[test]
+fn mistral_sliding_window_matches_candle_transformers_mistral() {
+    use qlora::model::llama::KvCache;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+        "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 6,
+        "tie_word_embeddings": false, "hidden_act": "silu"});
+    write_checkpoint(tmp.path(), &cfg, false, 9);
+    let theirs = candle_mistral(tmp.path(), &cfg);
+    let loaded = load_model(tmp.path(), &dense()).unwrap();
+    assert_eq!(loaded.model.cfg.sliding_window, Some(6));
+    let mine = forward_all(&loaded);
+    let gap = rel_gap(&mine, &theirs);
+    assert!(gap <= 1e-4, "full forward: {gap} of the largest logit");
+
+    let mut cache = KvCache::new(loaded.model.cfg.num_hidden_layers);
+    let steps: Vec<Tensor> = ids()
+        .iter()
+        .map(|&id| {
+            let x = Tensor::new(&[id], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let y = loaded.model.forward_cached(&x, &mut cache).unwrap();
+            y.flatten_all().unwrap()
+        })
+        .collect();
+    let gap = rel_gap(&Tensor::stack(&steps, 0).unwrap(), &theirs);
+    assert!(
+        gap <= 1e-4,
+        "decoding with the KV cache: {gap} of the largest logit"
+    );
+
+    // The window matters here: without it the logits past position 6 are clearly different.
+    let mut plain = cfg.clone();
+    plain["sliding_window"] = Value::Null;
+    let dir = tmp.path().join("no-window");
+    write_checkpoint(&dir, &plain, false, 9);
+    let unwindowed = forward_all(&load_model(&dir, &dense()).unwrap());
+    assert!(rel_gap(&unwindowed, &theirs) > 1e-2);
+}
