@@ -431,7 +431,7 @@ fn llama3_gguf_export_carries_rope_scaling_as_rope_freqs() {
 }
 
 /// `qlora quantize` of a Qwen2 keeps its q/k/v biases beside the 4-bit weights (as transformers
-/// + bitsandbytes save them), and the 4-bit folder computes exactly what quantizing on load
+/// and bitsandbytes save them), and the 4-bit folder computes exactly what quantizing on load
 /// does.
 #[test]
 fn qwen2_bnb_4bit_folder_keeps_biases_and_equals_quantizing_on_load() {
