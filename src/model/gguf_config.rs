@@ -1,4 +1,5 @@
-//! An HF `config.json` for a Llama GGUF, derived from its `llama.*` and `tokenizer.*` metadata.
+//! An HF `config.json` for a Llama or Qwen2 GGUF, derived from its `{arch}.*` and `tokenizer.*`
+//! metadata (and its `rope_freqs.weight`, see [`apply_rope_freqs`]).
 //!
 //! The output is a plain `serde_json::Value` in config.json form, so the same config parser reads
 //! an HF folder and a GGUF file alike.
@@ -9,7 +10,8 @@ use serde_json::{json, Map, Value as Json};
 use super::config::{llama3_scaling_from_factors, RopeScaling};
 use super::gguf::{GgufError, Metadata, ROPE_FREQS};
 
-/// HF-style config (`LlamaForCausalLM`) from a llama GGUF's metadata and tensor directory.
+/// HF-style config (`LlamaForCausalLM` or `Qwen2ForCausalLM`) from a llama or qwen2 GGUF's
+/// metadata and tensor directory.
 pub fn hf_config(content: &Content) -> Result<Json, GgufError> {
     let md = Metadata::new(&content.metadata);
     let arch = md.str("general.architecture")?;
@@ -119,7 +121,8 @@ pub fn apply_rope_freqs(config: &mut Json, factors: &[f32]) -> Result<(), GgufEr
         "factor": factor,
         "low_freq_factor": low_freq_factor,
         "high_freq_factor": high_freq_factor,
-        "original_max_position_embeddings": original_max_position_embeddings,
+        // A context length: an integer in HF configs.
+        "original_max_position_embeddings": original_max_position_embeddings as u64,
     });
     if let (Json::Object(params), Json::Object(fields)) = (&mut config["rope_parameters"], &scaling)
     {
