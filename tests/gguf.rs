@@ -358,3 +358,56 @@ fn dequantization_round_trips_within_each_formats_error() {
         );
     }
 }
+
+/// A llama GGUF header (head_dim 16, θ = 10⁴) whose only tensor is `rope_freqs.weight`.
+fn gguf_with_rope_freqs(factors: &[f32]) -> tempfile::NamedTempFile {
+    let entries = [
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(32)),
+        ("llama.feed_forward_length", Value::U32(64)),
+        ("llama.block_count", Value::U32(1)),
+        ("llama.attention.head_count", Value::U32(2)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.rope.freq_base", Value::F32(10_000.0)),
+        ("llama.vocab_size", Value::U32(10)),
+    ];
+    let metadata: Vec<(&str, &Value)> = entries.iter().map(|(k, v)| (*k, v)).collect();
+    let t = Tensor::new(factors, &Device::Cpu).expect("factors");
+    let q = QTensor::quantize(&t, GgmlDType::F32).expect("wrap f32");
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    gguf_file::write(file.as_file_mut(), &metadata, &[("rope_freqs.weight", &q)])
+        .expect("write GGUF");
+    file
+}
+
+#[test]
+fn rope_freqs_become_llama3_scaling_or_a_named_error() {
+    use qlora::model::config::llama3_rope_factors;
+    let good = llama3_rope_factors(16, 10_000.0, 8.0, 1.0, 4.0, 64.0);
+    let file = gguf_with_rope_freqs(&good);
+    let config = GgufFile::open(file.path())
+        .and_then(|mut g| g.hf_config())
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    let scaling = &config["rope_scaling"];
+    assert_eq!(scaling["rope_type"], "llama3");
+    assert_eq!(scaling["factor"], 8.0);
+    assert_eq!(scaling["original_max_position_embeddings"], 64);
+    assert_eq!(config["rope_parameters"]["rope_type"], "llama3");
+
+    let mut bent = good.clone();
+    bent[0] = 3.0;
+    for (factors, says) in [
+        (&good[..3], "holds 3 factors"),
+        (&bent[..], "do not follow Llama 3"),
+    ] {
+        let file = gguf_with_rope_freqs(factors);
+        let err = GgufFile::open(file.path())
+            .and_then(|mut g| g.hf_config())
+            .expect_err("refused");
+        let text = chain(&err);
+        assert!(
+            text.contains("rope_freqs.weight") && text.contains(says),
+            "{text}"
+        );
+    }
+}
