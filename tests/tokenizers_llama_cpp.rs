@@ -86,4 +86,16 @@ fn llama3_vocabulary_encodes_like_transformers() {
 #[test]
 fn qwen2_vocabulary_encodes_like_transformers() {
     check("qwen2", "qwen2");
+    // Qwen2's tokenizer.json normalizes to NFC (Llama 3's does not): a decomposed "é" encodes
+    // as the composed one. llama.cpp's test strings have no such case.
+    let ids = |name: &str, text: &str| {
+        let gguf = GgufFile::open(vocab_dir().join(format!("ggml-vocab-{name}.gguf"))).unwrap();
+        let tok = gguf.tokenizer().unwrap().tokenizer;
+        tok.encode(text, false).unwrap().get_ids().to_vec()
+    };
+    assert_eq!(ids("qwen2", "caf\u{65}\u{301}"), ids("qwen2", "caf\u{e9}"));
+    assert_ne!(
+        ids("llama-bpe", "caf\u{65}\u{301}"),
+        ids("llama-bpe", "caf\u{e9}")
+    );
 }

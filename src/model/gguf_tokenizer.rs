@@ -287,6 +287,38 @@ mod tests {
         assert_eq!((a.as_str(), b.as_str()), (" ", "x"));
     }
 
+    /// The pieces `family` splits `text` into (before byte-level mapping).
+    fn pieces(family: PreTokenizerFamily, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let mut s = PreTokenizedString::from(text);
+        family
+            .pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut s)
+            .unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Char)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn llama3_groups_digits_by_three_and_qwen2_splits_each() {
+        // Byte-level maps the space to `Ġ`.
+        assert_eq!(
+            pieces(PreTokenizerFamily::Llama3, "x 12345"),
+            ["x", "Ġ", "123", "45"]
+        );
+        assert_eq!(
+            pieces(PreTokenizerFamily::Qwen2, "x 12345"),
+            ["x", "Ġ", "1", "2", "3", "4", "5"]
+        );
+        assert_eq!(
+            pieces(PreTokenizerFamily::Llama3, "I'LL go"),
+            ["I", "'LL", "Ġgo"]
+        );
+    }
+
     #[test]
     fn unknown_pre_tokenizer_is_named() {
         let err = PreTokenizerFamily::of(Some("falcon")).expect_err("unsupported");
