@@ -219,19 +219,23 @@ fn candle_llama(dir: &Path, cfg: &Value) -> Tensor {
     let c: cl::LlamaConfig = serde_json::from_value(cfg.clone()).unwrap();
     let c = c.into_config(false);
     let model = cl::Llama::load(var_builder(dir), &c).unwrap();
+    per_prefix(|x| {
+        let mut cache = cl::Cache::new(false, DType::F32, &c, &Device::Cpu).unwrap();
+        model.forward(x, 0, &mut cache)
+    })
+}
+
+/// `[SEQ, vocab]` from a model that returns only the last position's logits: `last` is run on
+/// each prefix of [`ids`] (`[1, t]`) on its own.
+fn per_prefix(mut last: impl FnMut(&Tensor) -> candle_core::Result<Tensor>) -> Tensor {
     let ids = ids();
     let rows: Vec<Tensor> = (1..=SEQ)
         .map(|t| {
-            let mut cache = cl::Cache::new(false, DType::F32, &c, &Device::Cpu).unwrap();
             let x = Tensor::new(&ids[..t], &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            model
-                .forward(&x, 0, &mut cache)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
+            last(&x).unwrap().flatten_all().unwrap()
         })
         .collect();
     Tensor::stack(&rows, 0).unwrap()
@@ -483,24 +487,10 @@ fn candle_mistral(dir: &Path, cfg: &Value) -> Tensor {
     let mut c: cm::Config = serde_json::from_value(cfg.clone()).unwrap();
     c.sliding_window = c.sliding_window.map(|w| w - 1);
     let mut model = cm::Model::new(&c, var_builder(dir)).unwrap();
-    let ids = ids();
-    let rows: Vec<Tensor> = (1..=SEQ)
-        .map(|t| {
-            model.clear_kv_cache();
-            let x = Tensor::new(&ids[..t], &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            model
-                .forward(&x, 0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-        })
-        .collect();
-    Tensor::stack(&rows, 0).unwrap()
+    per_prefix(|x| {
+        model.clear_kv_cache();
+        model.forward(x, 0)
+    })
 }
 
 /// Mistral's sliding window (6 keys, 24 positions) against candle-transformers' Mistral, for the

