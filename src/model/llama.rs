@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 
-use super::config::{LlamaConfig, RopeScaling};
+use super::config::{base_inv_freq, LlamaConfig, RopeScaling};
 use super::linear::Linear;
 use super::ops::{self, attention::FusedAttention};
 
@@ -44,11 +44,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// RoPE inverse frequencies with the config's scaling applied, in f32 as transformers has them.
 pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
-    let d = cfg.head_dim;
-    // inv_freq in f32 exactly as transformers computes it.
-    let mut inv_freq: Vec<f32> = (0..d / 2)
-        .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32))
-        .collect();
+    let mut inv_freq = base_inv_freq(cfg.head_dim, cfg.rope_theta);
     match cfg.rope_scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => {
