@@ -6,6 +6,8 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Tensor, Var, D};
 
 use super::dropout::HashDropout;
+use super::fused::FusedLoraLinear;
+use crate::model::linear::BaseWeight;
 
 /// The seed of the current dropout draw, shared by all adapters of a model.
 ///
@@ -76,9 +78,38 @@ impl LoraAdapter {
     /// Inverted dropout with a mask that is a function of (shared seed, this adapter's key,
     /// element index) only.
     fn apply_dropout(&self, x: &Tensor) -> Result<Tensor> {
+        self.dropout_mask()?.forward(x)
+    }
+
+    /// The dropout of the current seed.
+    fn dropout_mask(&self) -> Result<HashDropout> {
         let seed = self.dropout_seed.get().wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ self.dropout_key.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        HashDropout::new(self.dropout, seed)?.forward(x)
+        HashDropout::new(self.dropout, seed)
+    }
+
+    /// `x · W0ᵀ + delta(x)` as one fused op (see [`FusedLoraLinear`]), when it applies: plain
+    /// LoRA, f32 `x` on the CPU. `None` means: compute `base + delta` from the pieces.
+    pub fn fused_output(
+        &self,
+        base: &BaseWeight,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        if self.magnitude.is_some() {
+            return Ok(None);
+        }
+        let dropout = if train && self.dropout > 0.0 {
+            Some(self.dropout_mask()?)
+        } else {
+            None
+        };
+        match FusedLoraLinear::new(base, x, self.scale, dropout) {
+            Some(op) => op
+                .forward(x, self.a.as_tensor(), self.b.as_tensor())
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     /// `scale · B · A` as an `[out, in]` f32 tensor (for merging).

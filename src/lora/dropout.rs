@@ -59,11 +59,12 @@ impl HashDropout {
 }
 
 impl HashDropout {
-    /// `yc[i] = xc[i] · factor(base + i)`.
+    /// `yc[i] = xc[i] · factor(base + i)`, or with `ACC` `yc[i] += xc[i] · factor(base + i)`.
     #[inline(always)]
-    fn apply(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
+    fn apply<const ACC: bool>(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
         for (i, (o, &v)) in yc.iter_mut().zip(xc).enumerate() {
-            *o = v * self.factor(base + i);
+            let d = v * self.factor(base + i);
+            *o = if ACC { *o + d } else { d };
         }
     }
 
@@ -72,16 +73,42 @@ impl HashDropout {
     /// here. Integer arithmetic, so the mask is bit-identical.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-    fn apply_avx512(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
-        self.apply(base, xc, yc)
+    fn apply_avx512<const ACC: bool>(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
+        self.apply::<ACC>(base, xc, yc)
     }
 
     /// [`Self::apply`] compiled for AVX2, for CPUs without AVX-512: 64-bit multiplies are
     /// still emulated, but four lanes at a time instead of two.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn apply_avx2(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
-        self.apply(base, xc, yc)
+    fn apply_avx2<const ACC: bool>(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
+        self.apply::<ACC>(base, xc, yc)
+    }
+
+    /// `y = dropout(x)` (or `y += dropout(x)` with `ACC`) over whole contiguous buffers of the
+    /// same length, multi-threaded; element `i` of `x` gets the mask of element `i`.
+    pub fn apply_par<const ACC: bool>(&self, x: &[f32], y: &mut [f32]) {
+        debug_assert_eq!(x.len(), y.len());
+        #[cfg(target_arch = "x86_64")]
+        let wide = is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512vl");
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = is_x86_feature_detected!("avx2");
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (yc, xc))| {
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: the CPU has AVX-512 DQ and VL (checked above).
+                    return unsafe { self.apply_avx512::<ACC>(c * CHUNK, xc, yc) };
+                }
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    return unsafe { self.apply_avx2::<ACC>(c * CHUNK, xc, yc) };
+                }
+                self.apply::<ACC>(c * CHUNK, xc, yc)
+            });
     }
 }
 
@@ -102,26 +129,7 @@ impl CustomOp1 for HashDropout {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = crate::model::ops::f32_slice(storage, layout)?;
         let mut y = vec![0f32; x.len()];
-        #[cfg(target_arch = "x86_64")]
-        let wide = is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512vl");
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = is_x86_feature_detected!("avx2");
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (yc, xc))| {
-                #[cfg(target_arch = "x86_64")]
-                if wide {
-                    // SAFETY: the CPU has AVX-512 DQ and VL (checked above).
-                    return unsafe { self.apply_avx512(c * CHUNK, xc, yc) };
-                }
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: the CPU has AVX2 (checked above).
-                    return unsafe { self.apply_avx2(c * CHUNK, xc, yc) };
-                }
-                self.apply(c * CHUNK, xc, yc)
-            });
+        self.apply_par::<false>(x, &mut y);
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 

@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod config;
 pub mod dropout;
+pub mod fused;
 pub mod init;
 pub mod merge;
 pub mod peft;

@@ -103,20 +103,14 @@ impl Linear {
         let dims = x.dims().to_vec();
         let (_, inp) = self.base.shape();
         let x2 = x.reshape(((), inp))?;
-        let base = self.base.matmul_t(&x2)?;
-        let mut y = match &self.adapter {
-            None => base,
-            Some(a) if a.magnitude.is_some() => {
-                let row_sq = self
-                    .dora_row_sq
-                    .as_ref()
-                    .ok_or_else(|| candle_core::Error::Msg("DoRA norms not prepared".into()))?;
-                let a_w0t = self
-                    .base
-                    .matmul_t(&a.a.as_tensor().to_dtype(x.dtype())?.detach())?;
-                a.dora_output(&x2, &base, row_sq, &a_w0t.detach(), train)?
-            }
-            Some(a) => (base + a.delta(&x2, train)?)?,
+        let fused = match &self.adapter {
+            Some(a) => a.fused_output(&self.base, &x2, train)?,
+            None => None,
+        };
+        let mut y = match (&self.adapter, fused) {
+            (_, Some(y)) => y,
+            (None, None) => self.base.matmul_t(&x2)?,
+            (Some(a), None) => self.composite_output(a, &x2, train)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
@@ -125,5 +119,23 @@ impl Linear {
         let last = out_dims.len() - 1;
         out_dims[last] = y.dim(1)?;
         y.reshape(out_dims)
+    }
+
+    /// Base product plus adapter from candle primitives (DoRA, other dtypes and devices).
+    fn composite_output(&self, adapter: &LoraAdapter, x2: &Tensor, train: bool) -> Result<Tensor> {
+        let base = self.base.matmul_t(x2)?;
+        Ok(match adapter {
+            a if a.magnitude.is_some() => {
+                let row_sq = self
+                    .dora_row_sq
+                    .as_ref()
+                    .ok_or_else(|| candle_core::Error::Msg("DoRA norms not prepared".into()))?;
+                let a_w0t = self
+                    .base
+                    .matmul_t(&a.a.as_tensor().to_dtype(x2.dtype())?.detach())?;
+                a.dora_output(x2, &base, row_sq, &a_w0t.detach(), train)?
+            }
+            a => (base + a.delta(x2, train)?)?,
+        })
     }
 }

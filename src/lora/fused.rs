@@ -1,0 +1,596 @@
+//! A LoRA linear layer as one CPU op: `y = x · W0ᵀ + s · (dropout(x) · Aᵀ) · Bᵀ`.
+//!
+//! The composite version (`LoraAdapter::delta` plus an add) is seven graph nodes: the base
+//! product, the dropout, two casts, two matmuls, a scale and the sum. Each large one allocates a
+//! fresh `[m, out]` or `[m, in]` tensor, and in the backward candle zeroes and sums a gradient
+//! for every one of them, and sums the two input gradients (base and adapter) of `x`. Here the
+//! forward adds the low-rank term into the base product's buffer, and the backward computes
+//! `dx`, `dA` and `dB` in one pass: the dropout mask is a pure function of the element index
+//! (see [`HashDropout`]), so it is regenerated rather than kept, and `dx` takes the adapter's
+//! share in place.
+//!
+//! With `u = dropout(x) · Aᵀ` (`[m, r]`) and `du = s · dy · B`:
+//! `dB = s · dyᵀ · u`, `dA = duᵀ · dropout(x)`, `dx = dy · W0 + mask ∘ (du · A)`.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use qlora_quant::{cpu as quant_cpu, Nf4Tensor};
+
+use super::dropout::HashDropout;
+use crate::model::linear::BaseWeight;
+use crate::model::ops::{f32_slice, with_f32};
+
+/// The frozen weight as the op multiplies it.
+#[derive(Clone, Debug)]
+enum Base {
+    Quantized(Arc<Nf4Tensor>),
+    /// Dense f32 `[out, in]`, contiguous.
+    Dense(Tensor),
+}
+
+/// `x · W0ᵀ + s · (dropout(x) · Aᵀ) · Bᵀ` with its backward for `x`, `A` and `B`.
+#[derive(Clone, Debug)]
+pub struct FusedLoraLinear {
+    base: Base,
+    scale: f32,
+    dropout: Option<HashDropout>,
+    threads: usize,
+}
+
+impl FusedLoraLinear {
+    /// The op for `base`, if it can run it: `x` f32 on the CPU and a base that is 4-bit or a
+    /// contiguous f32 CPU tensor. `None` means: use the composite path.
+    pub fn new(
+        base: &BaseWeight,
+        x: &Tensor,
+        scale: f64,
+        dropout: Option<HashDropout>,
+    ) -> Option<Self> {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return None;
+        }
+        let base = match base {
+            BaseWeight::Quantized(w) => Base::Quantized(w.clone()),
+            BaseWeight::Dense(w)
+                if w.dtype() == DType::F32 && w.device().is_cpu() && w.is_contiguous() =>
+            {
+                Base::Dense(w.clone())
+            }
+            BaseWeight::Dense(_) => return None,
+        };
+        Some(Self {
+            base,
+            scale: scale as f32,
+            dropout,
+            threads: rayon::current_num_threads(),
+        })
+    }
+
+    /// Apply to `x` `[m, in]` with the adapter's `a` `[r, in]` and `b` `[out, r]` (any float
+    /// dtype; their gradients come back in it).
+    pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op3(&a.contiguous()?, &b.contiguous()?, self.clone())
+    }
+
+    /// `(out, in)` of the base.
+    fn base_shape(&self) -> Result<(usize, usize)> {
+        match &self.base {
+            Base::Quantized(w) => w.dims2().map_err(candle_core::Error::wrap),
+            Base::Dense(w) => w.dims2(),
+        }
+    }
+
+    /// `(m, in, out, r)` after checking the three shapes against the base.
+    fn dims(&self, x: &[usize], a: &[usize], b: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        let (out, inp) = self.base_shape()?;
+        let (&[m, xi], &[r, ai], &[bo, br]) = (x, a, b) else {
+            candle_core::bail!("fused lora: expected x [m, in], A [r, in], B [out, r], got x {x:?}, A {a:?}, B {b:?}")
+        };
+        if xi != inp || ai != inp || bo != out || br != r {
+            candle_core::bail!(
+                "fused lora: x {x:?}, A {a:?}, B {b:?} do not fit a base of [{out}, {inp}]"
+            );
+        }
+        Ok((m, inp, out, r))
+    }
+
+    fn parallelism(&self) -> Parallelism {
+        if self.threads > 1 {
+            Parallelism::Rayon(self.threads)
+        } else {
+            Parallelism::None
+        }
+    }
+
+    /// `y[m, out] = x · W0ᵀ`.
+    fn base_product(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        match &self.base {
+            Base::Quantized(w) => {
+                quant_cpu::matmul_into(x, m, w, y).map_err(candle_core::Error::wrap)
+            }
+            Base::Dense(w) => with_f32(w, |w| {
+                let (out, inp) = (y.len() / m.max(1), x.len() / m.max(1));
+                // SAFETY: x [m, inp], W [out, inp] row-major (read as Wᵀ), y [m, out].
+                unsafe {
+                    self.gemm(
+                        (m, out, inp),
+                        y,
+                        false,
+                        Mat::row_major(x, inp),
+                        Mat::transposed(w, inp),
+                        1.0,
+                    )
+                };
+                Ok(())
+            }),
+        }
+    }
+
+    /// `dx[m, in] = dy · W0`.
+    fn base_product_t(&self, dy: &[f32], m: usize, dx: &mut [f32]) -> Result<()> {
+        match &self.base {
+            Base::Quantized(w) => {
+                quant_cpu::matmul_t_into(dy, m, w, dx).map_err(candle_core::Error::wrap)
+            }
+            Base::Dense(w) => with_f32(w, |w| {
+                let (inp, out) = (dx.len() / m.max(1), dy.len() / m.max(1));
+                // SAFETY: dy [m, out], W [out, inp], dx [m, inp], all row-major.
+                unsafe {
+                    self.gemm(
+                        (m, inp, out),
+                        dx,
+                        false,
+                        Mat::row_major(dy, out),
+                        Mat::row_major(w, inp),
+                        1.0,
+                    )
+                };
+                Ok(())
+            }),
+        }
+    }
+
+    /// `dst[m, n] (+)= beta · lhs[m, k] · rhs[k, n]`, `dst` row-major.
+    ///
+    /// # Safety
+    /// `lhs` and `rhs` must address `m × k` and `k × n` elements inside their slices.
+    unsafe fn gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        dst: &mut [f32],
+        accumulate: bool,
+        lhs: Mat<'_>,
+        rhs: Mat<'_>,
+        beta: f32,
+    ) {
+        debug_assert!(dst.len() >= m * n);
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs,
+            lhs.rs,
+            rhs.data.as_ptr(),
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            self.parallelism(),
+        )
+    }
+
+    /// `dropout(x)` if the op drops, else `x` itself.
+    fn dropped<'a>(&self, x: &'a [f32], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        match &self.dropout {
+            Some(d) => {
+                scratch.resize(x.len(), 0.0);
+                d.apply_par::<false>(x, scratch);
+                scratch
+            }
+            None => x,
+        }
+    }
+
+    fn forward_cpu(&self, x: &[f32], a: &[f32], b: &[f32], dims: Dims) -> Result<Vec<f32>> {
+        let Dims { m, inp, out, r } = dims;
+        let mut y = vec![0f32; m * out];
+        self.base_product(x, m, &mut y)?;
+        let mut scratch = Vec::new();
+        let xd = self.dropped(x, &mut scratch);
+        let mut u = vec![0f32; m * r];
+        // SAFETY: xd [m, inp], A [r, inp] read as Aᵀ, u [m, r]; then u [m, r], B [out, r] read
+        // as Bᵀ, y [m, out].
+        unsafe {
+            self.gemm(
+                (m, r, inp),
+                &mut u,
+                false,
+                Mat::row_major(xd, inp),
+                Mat::transposed(a, inp),
+                1.0,
+            );
+            self.gemm(
+                (m, out, r),
+                &mut y,
+                true,
+                Mat::row_major(&u, r),
+                Mat::transposed(b, r),
+                self.scale,
+            );
+        }
+        Ok(y)
+    }
+
+    /// `(dx, dA, dB)` for the upstream gradient `dy` `[m, out]`.
+    fn backward_cpu(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        dy: &[f32],
+        dims: Dims,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let Dims { m, inp, out, r } = dims;
+        let mut scratch = Vec::new();
+        let xd = self.dropped(x, &mut scratch);
+        let (mut u, mut du) = (vec![0f32; m * r], vec![0f32; m * r]);
+        let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
+        // SAFETY (all four): row-major buffers of the stated shapes; `transposed` reads a
+        // row-major matrix as its transpose.
+        unsafe {
+            // u = xd · Aᵀ
+            self.gemm(
+                (m, r, inp),
+                &mut u,
+                false,
+                Mat::row_major(xd, inp),
+                Mat::transposed(a, inp),
+                1.0,
+            );
+            // du = s · dy · B
+            self.gemm(
+                (m, r, out),
+                &mut du,
+                false,
+                Mat::row_major(dy, out),
+                Mat::row_major(b, r),
+                self.scale,
+            );
+            // dB = s · dyᵀ · u
+            self.gemm(
+                (out, r, m),
+                &mut db,
+                false,
+                Mat::transposed(dy, out),
+                Mat::row_major(&u, r),
+                self.scale,
+            );
+            // dA = duᵀ · xd
+            self.gemm(
+                (r, inp, m),
+                &mut da,
+                false,
+                Mat::transposed(&du, r),
+                Mat::row_major(xd, inp),
+                1.0,
+            );
+        }
+        let mut dx = vec![0f32; m * inp];
+        self.base_product_t(dy, m, &mut dx)?;
+        // dx += mask ∘ (du · A): straight into dx without dropout, else through the scratch.
+        match &self.dropout {
+            None => unsafe {
+                // SAFETY: du [m, r], A [r, inp], dx [m, inp].
+                self.gemm(
+                    (m, inp, r),
+                    &mut dx,
+                    true,
+                    Mat::row_major(&du, r),
+                    Mat::row_major(a, inp),
+                    1.0,
+                )
+            },
+            Some(d) => {
+                let mut t = scratch;
+                t.resize(m * inp, 0.0);
+                // SAFETY: as above, into the scratch (xd is no longer needed).
+                unsafe {
+                    self.gemm(
+                        (m, inp, r),
+                        &mut t,
+                        false,
+                        Mat::row_major(&du, r),
+                        Mat::row_major(a, inp),
+                        1.0,
+                    )
+                };
+                d.apply_par::<true>(&t, &mut dx);
+            }
+        }
+        Ok((dx, da, db))
+    }
+}
+
+/// Shapes of one call.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    m: usize,
+    inp: usize,
+    out: usize,
+    r: usize,
+}
+
+/// A matrix operand: its data and `gemm`'s column and row strides.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    cs: isize,
+    rs: isize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major with `cols` columns.
+    fn row_major(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            cs: 1,
+            rs: cols as isize,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns.
+    fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            cs: cols as isize,
+            rs: 1,
+        }
+    }
+}
+
+/// The elements of a contiguous CPU storage as f32 (borrowed when already f32).
+fn as_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused lora: operand must be contiguous")
+    };
+    Ok(match storage {
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[start..end]),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!(
+            "fused lora: adapter weights must be f32, bf16 or f16, got {:?}",
+            other.dtype()
+        ),
+    })
+}
+
+/// `as_f32` for a tensor.
+fn tensor_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("fused lora: tensor is not on the CPU")
+    };
+    f(&as_f32(cpu, layout)?)
+}
+
+impl CustomOp3 for FusedLoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, inp, out, r) = self.dims(l1.dims(), l2.dims(), l3.dims())?;
+        let x = f32_slice(s1, l1)?;
+        let (a, b) = (as_f32(s2, l2)?, as_f32(s3, l3)?);
+        let y = self.forward_cpu(x, &a, &b, Dims { m, inp, out, r })?;
+        Ok((CpuStorage::F32(y), Shape::from((m, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, inp, out, r) = self.dims(x.dims(), a.dims(), b.dims())?;
+        let dims = Dims { m, inp, out, r };
+        let dy = grad_res.contiguous()?;
+        let (dx, da, db) = with_f32(x, |x| {
+            tensor_f32(a, |a| {
+                tensor_f32(b, |b| {
+                    with_f32(&dy, |dy| self.backward_cpu(x, a, b, dy, dims))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, inp), dev)?),
+            Some(Tensor::from_vec(da, (r, inp), dev)?.to_dtype(a.dtype())?),
+            Some(Tensor::from_vec(db, (out, r), dev)?.to_dtype(b.dtype())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{DropoutSeed, LoraAdapter};
+    use candle_core::{Device, Var};
+    use qlora_quant::{QuantType, SourceDtype};
+
+    fn adapter(out: usize, inp: usize, r: usize, dropout: f32, dtype: DType) -> LoraAdapter {
+        let dev = Device::Cpu;
+        let var = |t: Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+        let seed = DropoutSeed::default();
+        seed.set(11);
+        LoraAdapter {
+            a: var(Tensor::randn(0f32, 0.3, (r, inp), &dev).unwrap()),
+            b: var(Tensor::randn(0f32, 0.3, (out, r), &dev).unwrap()),
+            scale: 1.75,
+            dropout,
+            magnitude: None,
+            dropout_key: 5,
+            dropout_seed: seed,
+        }
+    }
+
+    fn bases(out: usize, inp: usize) -> Vec<BaseWeight> {
+        let w = Tensor::randn(0f32, 0.5, (out, inp), &Device::Cpu).unwrap();
+        let flat = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q = Nf4Tensor::quantize(
+            &flat,
+            &[out, inp],
+            SourceDtype::F32,
+            QuantType::Nf4,
+            64,
+            true,
+        )
+        .unwrap();
+        vec![BaseWeight::Dense(w), BaseWeight::Quantized(Arc::new(q))]
+    }
+
+    /// Largest |a - b| over the largest |b|.
+    fn rel_gap(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.to_dtype(DType::F32).unwrap();
+        let b = b.to_dtype(DType::F32).unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let gap = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
+        gap.to_scalar::<f32>().unwrap() / scale.max(f32::MIN_POSITIVE)
+    }
+
+    /// Output and the gradients of `Σ y ⊙ g` for x, A and B.
+    fn run(
+        base: &BaseWeight,
+        ad: &LoraAdapter,
+        x: &Var,
+        g: &Tensor,
+        fused: bool,
+        train: bool,
+    ) -> [Tensor; 4] {
+        let xt = x.as_tensor();
+        let y = if fused {
+            ad.fused_output(base, xt, train)
+                .unwrap()
+                .expect("fused op applies")
+        } else {
+            (base.matmul_t(xt).unwrap() + ad.delta(xt, train).unwrap()).unwrap()
+        };
+        let grads = (y.clone() * g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let get = |t: &Tensor| grads.get(t).expect("gradient").clone();
+        [y, get(xt), get(ad.a.as_tensor()), get(ad.b.as_tensor())]
+    }
+
+    #[test]
+    fn equals_the_composite_layer_and_its_gradients() {
+        // Odd sizes, short NF4 blocks, the GEMV path (m = 3) and the panel path (m = 37).
+        let (out, inp, r) = (45, 70, 5);
+        for base in bases(out, inp) {
+            for m in [3, 37] {
+                for (dropout, train) in [(0.0, true), (0.25, true), (0.25, false)] {
+                    let ad = adapter(out, inp, r, dropout, DType::F32);
+                    let x = Var::randn(0f32, 1.0, (m, inp), &Device::Cpu).unwrap();
+                    let g = Tensor::randn(0f32, 1.0, (m, out), &Device::Cpu).unwrap();
+                    let want = run(&base, &ad, &x, &g, false, train);
+                    let got = run(&base, &ad, &x, &g, true, train);
+                    for (what, (w, h)) in ["y", "dx", "dA", "dB"].iter().zip(want.iter().zip(&got))
+                    {
+                        let gap = rel_gap(h, w);
+                        assert!(
+                            gap < 1e-5,
+                            "{what}: gap {gap} (m {m}, dropout {dropout}, train {train}, {})",
+                            matches!(base, BaseWeight::Quantized(_))
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dropout_in_training_changes_the_output_and_is_regenerated_in_the_backward() {
+        let (out, inp, r, m) = (16, 32, 4, 9);
+        let base = bases(out, inp).remove(1);
+        let ad = adapter(out, inp, r, 0.5, DType::F32);
+        let x = Var::randn(0f32, 1.0, (m, inp), &Device::Cpu).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (m, out), &Device::Cpu).unwrap();
+        let [train, ..] = run(&base, &ad, &x, &g, true, true);
+        let [eval, ..] = run(&base, &ad, &x, &g, true, false);
+        assert!(rel_gap(&train, &eval) > 1e-3);
+        // A new seed draws a new mask; the old seed the old one.
+        ad.dropout_seed.set(12);
+        let [other, ..] = run(&base, &ad, &x, &g, true, true);
+        assert!(rel_gap(&other, &train) > 1e-3);
+        ad.dropout_seed.set(11);
+        let [again, ..] = run(&base, &ad, &x, &g, true, true);
+        assert_eq!(rel_gap(&again, &train), 0.0);
+    }
+
+    #[test]
+    fn bf16_adapters_get_bf16_gradients() {
+        let (out, inp, r, m) = (24, 40, 8, 13);
+        let base = bases(out, inp).remove(1);
+        let ad = adapter(out, inp, r, 0.1, DType::BF16);
+        let x = Var::randn(0f32, 1.0, (m, inp), &Device::Cpu).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (m, out), &Device::Cpu).unwrap();
+        let want = run(&base, &ad, &x, &g, false, true);
+        let got = run(&base, &ad, &x, &g, true, true);
+        // y and dx are f32 math on the same bf16 weights: 1e-5. dA and dB are f32 sums in
+        // another order, then rounded to bf16: at most one bf16 step (2^-8) of the largest.
+        for (i, (w, h)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(h.dtype(), w.dtype());
+            let limit = if i < 2 { 1e-5 } else { 1.0 / 256.0 };
+            assert!(rel_gap(h, w) < limit, "output {i}: {}", rel_gap(h, w));
+        }
+        assert_eq!(got[2].dtype(), DType::BF16);
+    }
+
+    #[test]
+    fn refuses_shapes_that_do_not_fit_the_base() {
+        let base = bases(6, 8).remove(0);
+        let op = FusedLoraLinear::new(
+            &base,
+            &Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap(),
+            1.0,
+            None,
+        )
+        .unwrap();
+        let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();
+        let a = Tensor::zeros((3, 7), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros((6, 3), DType::F32, &Device::Cpu).unwrap();
+        let err = op.forward(&x, &a, &b).unwrap_err().to_string();
+        assert!(err.contains("do not fit a base of [6, 8]"), "{err}");
+    }
+}
