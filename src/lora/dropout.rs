@@ -31,10 +31,21 @@ impl HashDropout {
         })
     }
 
-    /// Whether element `i` is kept.
+    /// The 64-bit hash of element pair `j` (elements `2j` and `2j + 1`).
+    #[inline(always)]
+    fn pair_hash(&self, j: usize) -> u64 {
+        mix(self.seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    /// Whether element `i` is kept: one hash serves two elements, the even one compares its
+    /// high 32 bits with the threshold, the odd one its low 32 bits (SplitMix64's output bits
+    /// are all well mixed, so the two draws are independent for our purposes; half the
+    /// 64-bit multiplies, which CPUs without AVX-512 emulate).
     #[inline(always)]
     pub fn keeps(&self, i: usize) -> bool {
-        mix(self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 32 >= self.threshold
+        let h = self.pair_hash(i >> 1);
+        let bits = if i & 1 == 0 { h >> 32 } else { h & 0xFFFF_FFFF };
+        bits >= self.threshold
     }
 
     /// The mask factor of element `i`: 0 or `1 / (1 - p)`.
@@ -59,12 +70,24 @@ impl HashDropout {
 }
 
 impl HashDropout {
-    /// `yc[i] = xc[i] · factor(base + i)`, or with `ACC` `yc[i] += xc[i] · factor(base + i)`.
+    /// `yc[i] = xc[i] · factor(base + i)`, or with `ACC` `yc[i] += xc[i] · factor(base + i)`;
+    /// `base` is even, so element pairs line up with the hash pairs.
     #[inline(always)]
     fn apply<const ACC: bool>(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
-        for (i, (o, &v)) in yc.iter_mut().zip(xc).enumerate() {
-            let d = v * self.factor(base + i);
+        debug_assert!(base % 2 == 0);
+        let put = |o: &mut f32, v: f32, keep: bool| {
+            let d = if keep { v * self.keep_scale } else { 0.0 };
             *o = if ACC { *o + d } else { d };
+        };
+        let (x2, xt) = xc.split_at(xc.len() & !1);
+        let (y2, yt) = yc.split_at_mut(x2.len());
+        for (j, (o, v)) in y2.chunks_exact_mut(2).zip(x2.chunks_exact(2)).enumerate() {
+            let h = self.pair_hash(base / 2 + j);
+            put(&mut o[0], v[0], h >> 32 >= self.threshold);
+            put(&mut o[1], v[1], h & 0xFFFF_FFFF >= self.threshold);
+        }
+        if let (Some(o), Some(&v)) = (yt.first_mut(), xt.first()) {
+            put(o, v, self.keeps(base + x2.len()));
         }
     }
 
@@ -145,10 +168,19 @@ mod tests {
 
     #[test]
     fn drops_about_p_and_backward_uses_the_same_mask() {
-        let n = 200_000;
+        let n = 200_001; // odd: the last element has no pair partner
         let d = HashDropout::new(0.1, 7).unwrap();
         let dropped = (0..n).filter(|&i| !d.keeps(i)).count() as f64 / n as f64;
         assert!((dropped - 0.1).abs() < 0.005, "dropped fraction {dropped}");
+        // The two elements of a hash pair are drawn independently: both dropped ~ p².
+        let both = (0..n / 2)
+            .filter(|&j| !d.keeps(2 * j) && !d.keeps(2 * j + 1))
+            .count() as f64
+            / (n / 2) as f64;
+        assert!(
+            (both - 0.01).abs() < 0.002,
+            "both of a pair dropped: {both}"
+        );
         let x = Var::from_tensor(&Tensor::ones(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
         let y = d.forward(x.as_tensor()).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
