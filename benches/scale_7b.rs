@@ -20,7 +20,7 @@ use qlora::optim::{AdamW, AdamWConfig, StateStorage};
 use qlora::plan::presets::preset_config;
 use qlora::plan::rss::{current_rss_bytes, peak_rss_bytes};
 use qlora::plan::{format_bytes, plan_memory, PlanSettings};
-use qlora::train::layerwise::loss_and_grads_layerwise;
+use qlora::train::layerwise::{loss_and_grads_layerwise, Checkpointing};
 use qlora::train::step::Batch;
 
 fn env_usize(key: &str, default: usize) -> anyhow::Result<usize> {
@@ -83,7 +83,8 @@ fn main() -> anyhow::Result<()> {
         positions: None,
     };
     let t1 = Instant::now();
-    let (loss, grads) = loss_and_grads_layerwise(&model, &batch_t, &vars, true)?;
+    let (loss, grads) =
+        loss_and_grads_layerwise(&model, &batch_t, &vars, Checkpointing::all(true))?;
     opt.step(&grads, 2e-4)?;
     let step_s = t1.elapsed().as_secs_f64();
     let peak = peak_rss_bytes().ok_or_else(|| anyhow::anyhow!("no /proc/self/status"))?;

@@ -18,7 +18,7 @@ use qlora::model::loader::LoadOptions;
 use qlora::model::random_source::generate_model;
 use qlora::plan::estimate::fused_layer_graph_elems;
 use qlora::plan::{activation_peak, PlanSettings};
-use qlora::train::layerwise::loss_and_grads_layerwise;
+use qlora::train::layerwise::{loss_and_grads_layerwise, Checkpointing};
 use qlora::train::step::Batch;
 use serde_json::json;
 
@@ -78,7 +78,7 @@ fn config(vocab: usize, hidden: usize, inter: usize, heads: usize, kv: usize) ->
 }
 
 /// Peak live heap bytes during one layer-wise step, over what was live before it.
-fn measured_step_peak(cfg: &LlamaConfig, b: usize, t: usize, ckpt: bool) -> usize {
+fn measured_step_peak(cfg: &LlamaConfig, b: usize, t: usize, ckpt: Checkpointing) -> usize {
     let mut model = generate_model(cfg, &LoadOptions::default(), 3).unwrap();
     lora::attach_new(&mut model, &LoraConfig::default(), 5).unwrap();
     lora::share_dropout_seed(&mut model).set(9);
@@ -119,12 +119,22 @@ fn planned_activations_match_allocated_bytes() {
     let mut bad = Vec::new();
     for (v, h, i, heads, kv, b, t) in cases {
         let cfg = config(v, h, i, heads, kv);
-        for ckpt in [true, false] {
+        // All 3 layers recomputed, the top one kept, none recomputed.
+        let keep_top = Checkpointing {
+            enabled: true,
+            keep_layers: 1,
+        };
+        for ckpt in [
+            Checkpointing::all(true),
+            keep_top,
+            Checkpointing::all(false),
+        ] {
             let measured = measured_step_peak(&cfg, b, t, ckpt);
             let s = PlanSettings {
                 batch_size: b,
                 seq_len: t,
-                grad_checkpointing: ckpt,
+                grad_checkpointing: ckpt.enabled,
+                keep_layers: ckpt.keep_layers,
                 ..Default::default()
             };
             let planned = activation_peak(&cfg, &s);

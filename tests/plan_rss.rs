@@ -1,6 +1,7 @@
 //! The plan against real `qlora train` runs on SmolLM2-135M: the child's peak RSS (`VmHWM`, which
-//! it prints as "peak memory") must be within 15% of the plan it printed, checkpointing on and
-//! off; and `--memory-limit` must refuse an oversized run before writing anything.
+//! it prints as "peak memory") must be within 15% of the plan it printed, checkpointing on, on
+//! with the top 10 of 30 layers kept, and off; and `--memory-limit` must refuse an oversized run
+//! before writing anything.
 
 use std::path::Path;
 use std::process::Command;
@@ -41,8 +42,9 @@ fn train(out: &Path, extra: &[&str]) -> std::process::Output {
 fn plan_predicts_smollm2_peak_rss_within_15_percent() {
     let dir = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
-    for ckpt in ["true", "false"] {
-        let out = dir.path().join(format!("ckpt-{ckpt}"));
+    let mut losses = Vec::new();
+    for (ckpt, keep) in [("true", "0"), ("true", "10"), ("false", "0")] {
+        let out = dir.path().join(format!("ckpt-{ckpt}-{keep}"));
         let args = [
             "--batch-size",
             "2",
@@ -50,6 +52,8 @@ fn plan_predicts_smollm2_peak_rss_within_15_percent() {
             "256",
             "--grad-checkpointing",
             ckpt,
+            "--keep-layers",
+            keep,
         ];
         let o = train(&out, &args);
         let stdout = String::from_utf8_lossy(&o.stdout);
@@ -58,21 +62,32 @@ fn plan_predicts_smollm2_peak_rss_within_15_percent() {
             "{stdout}\n{}",
             String::from_utf8_lossy(&o.stderr)
         );
+        let mode = match (ckpt, keep) {
+            ("false", _) => "off".to_string(),
+            (_, "0") => "on".to_string(),
+            (_, n) => format!("on, top {n} layers kept"),
+        };
         assert!(
-            stdout.contains("memory plan: batch 2 x seq 256"),
+            stdout.contains(&format!(
+                "memory plan: batch 2 x seq 256, checkpointing {mode},"
+            )),
             "{stdout}"
         );
+        let loss = stdout.lines().find(|l| l.starts_with("done: ")).unwrap();
+        losses.push(loss.split_once("train loss").unwrap().1.to_string());
         let (measured, planned) = peaks(&stdout);
         let ratio = planned as f64 / measured as f64;
         report.push(format!(
-            "checkpointing {ckpt}: measured {measured} planned {planned} ratio {ratio:.3}"
+            "checkpointing {mode}: measured {measured} planned {planned} ratio {ratio:.3}"
         ));
         println!("{}", report.last().unwrap());
         assert!(
             (0.85..=1.15).contains(&ratio),
-            "checkpointing {ckpt}: planned {planned} vs peak RSS {measured} (ratio {ratio:.3})"
+            "checkpointing {mode}: planned {planned} vs peak RSS {measured} (ratio {ratio:.3})"
         );
     }
+    // The same arithmetic in every mode: the same loss.
+    assert!(losses.iter().all(|l| l == &losses[0]), "{losses:?}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use qlora::lora::{self, peft};
 use qlora::model::loader::{load_model, LoadOptions};
 use qlora::optim::{AdamW, AdamWConfig};
-use qlora::train::layerwise::loss_and_grads_layerwise;
+use qlora::train::layerwise::{loss_and_grads_layerwise, Checkpointing};
 use qlora::train::step::{loss_and_grads, Batch};
 
 fn fx(p: &str) -> PathBuf {
@@ -45,13 +45,24 @@ fn twenty_steps_match_peft() {
 
 #[test]
 fn twenty_steps_match_peft_layerwise_with_and_without_checkpointing() {
-    let a = run_parity(Some(false));
-    let b = run_parity(Some(true));
+    let a = run_parity(Some(Checkpointing::all(false)));
+    let b = run_parity(Some(Checkpointing::all(true)));
     assert_eq!(a, b, "checkpointing on/off give bit-identical losses");
+    // The fixture model has 2 layers: keep the top one, recompute the bottom one.
+    let keep = Checkpointing {
+        enabled: true,
+        keep_layers: 1,
+    };
+    assert!(keep.recomputes(0, 2) && !keep.recomputes(1, 2));
+    let c = run_parity(Some(keep));
+    assert_eq!(
+        a, c,
+        "keeping the top layer's graph gives bit-identical losses"
+    );
 }
 
 /// Runs the 20 steps; `layerwise`: None = one autograd graph, Some(ckpt) = layer by layer.
-fn run_parity(layerwise: Option<bool>) -> Vec<f64> {
+fn run_parity(layerwise: Option<Checkpointing>) -> Vec<f64> {
     let mut m = load_model(&fx("bnb4/model"), &LoadOptions::default())
         .unwrap()
         .model;

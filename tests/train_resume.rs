@@ -79,6 +79,7 @@ fn settings(
         lora_plus_ratio: 4.0,
         max_grad_norm: 1.0,
         grad_checkpointing: true,
+        keep_layers: 0,
         eval_every: 0,
         seed: 3,
         optim_storage: storage,

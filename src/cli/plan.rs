@@ -43,6 +43,9 @@ pub struct PlanArgs {
     /// Activation checkpointing per layer.
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub grad_checkpointing: bool,
+    /// With checkpointing: top layers whose graphs are kept instead of recomputed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_layers: usize,
     /// Optimizer state: plain (f32 m + v), paged (f32, --optim-resident-mb in memory) or 8bit.
     #[arg(long, value_name = "plain|paged|8bit", default_value = "plain")]
     pub optim: String,
@@ -119,6 +122,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         targets: parse_targets(&args.targets).map_err(anyhow::Error::msg)?,
         dropout: !args.no_dropout,
         grad_checkpointing: args.grad_checkpointing,
+        keep_layers: args.keep_layers,
         optim,
         base: args.quant,
         blocksize: args.blocksize,

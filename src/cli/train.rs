@@ -84,6 +84,11 @@ pub struct TrainOptions {
     /// Activation checkpointing per layer: true | false [default: true].
     #[arg(long)]
     pub grad_checkpointing: Option<bool>,
+    /// With checkpointing: keep the autograd graphs of this many top layers instead of
+    /// recomputing them (faster; one layer's activations of memory each, see `qlora plan`)
+    /// [default: 0].
+    #[arg(long, value_name = "N")]
+    pub keep_layers: Option<usize>,
     /// Random seed [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -196,6 +201,7 @@ impl TrainOptions {
                 rslora,
                 dora,
                 grad_checkpointing,
+                keep_layers,
                 seed,
                 no_shuffle,
                 val_split,
@@ -252,6 +258,7 @@ impl TrainOptions {
             lora_plus_ratio: o.lora_plus_ratio.unwrap_or(1.0),
             lora,
             grad_checkpointing: o.grad_checkpointing.unwrap_or(true),
+            keep_layers: o.keep_layers.unwrap_or(0),
             seed,
             shuffle: !o.no_shuffle.unwrap_or(false),
             validation: match &o.val_data {
@@ -320,6 +327,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             targets: recipe.lora.targets.clone(),
             dropout: recipe.lora.dropout > 0.0,
             grad_checkpointing: recipe.grad_checkpointing,
+            keep_layers: recipe.keep_layers,
             base: args.model.quant,
             blocksize: args.model.blocksize,
             double_quant: !args.model.no_double_quant,
@@ -391,7 +399,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         train_batches.batches_in_epoch(0),
         val_batches.len(),
         kind,
-        settings.grad_checkpointing
+        crate::train::layerwise::Checkpointing {
+            enabled: settings.grad_checkpointing,
+            keep_layers: settings.keep_layers,
+        }
     );
     let report = train(
         &mut m.model,

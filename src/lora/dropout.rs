@@ -74,7 +74,7 @@ impl HashDropout {
     /// `base` is even, so element pairs line up with the hash pairs.
     #[inline(always)]
     fn apply<const ACC: bool>(&self, base: usize, xc: &[f32], yc: &mut [f32]) {
-        debug_assert!(base % 2 == 0);
+        debug_assert!(base.is_multiple_of(2));
         let put = |o: &mut f32, v: f32, keep: bool| {
             let d = if keep { v * self.keep_scale } else { 0.0 };
             *o = if ACC { *o + d } else { d };

@@ -19,6 +19,7 @@ use candle_core::DType;
 use crate::model::config::{LlamaConfig, PROJECTIONS};
 use crate::model::loader::BaseFormat;
 use crate::quant::QuantType;
+use crate::train::layerwise::Checkpointing;
 use crate::train::loss::DEFAULT_CHUNK_ROWS;
 
 pub use budget::{plan_for_training, OverBudget};
@@ -67,6 +68,8 @@ pub struct PlanSettings {
     pub dropout: bool,
     /// Activation checkpointing per layer.
     pub grad_checkpointing: bool,
+    /// With checkpointing: top layers whose graphs are kept instead of recomputed.
+    pub keep_layers: usize,
     /// Optimizer state storage.
     pub optim: OptimPlan,
     /// How the frozen linear weights are held.
@@ -87,6 +90,16 @@ pub struct PlanSettings {
     pub threads: usize,
 }
 
+impl PlanSettings {
+    /// Which layers the planned step recomputes.
+    pub fn checkpointing(&self) -> Checkpointing {
+        Checkpointing {
+            enabled: self.grad_checkpointing,
+            keep_layers: self.keep_layers,
+        }
+    }
+}
+
 impl Default for PlanSettings {
     /// `qlora train`'s defaults: 4 × 512, r 16 on all linear layers, dropout, checkpointing,
     /// plain f32 AdamW, NF4 blocksize 64 with double quantization, f32 compute and weights.
@@ -98,6 +111,7 @@ impl Default for PlanSettings {
             targets: PROJECTIONS.iter().map(|p| p.to_string()).collect(),
             dropout: true,
             grad_checkpointing: true,
+            keep_layers: 0,
             optim: OptimPlan::Plain,
             base: BaseFormat::Quantized(QuantType::Nf4),
             blocksize: 64,
@@ -246,7 +260,8 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
         detail: "gradients in flight through one layer".to_string(),
         bytes: act.layer_backward,
     };
-    if s.grad_checkpointing {
+    let kept = s.checkpointing().kept_graphs(l);
+    if kept == 0 {
         if act.loss > act.layer_graph + act.layer_backward {
             items.push(loss_item);
         } else {
@@ -258,13 +273,22 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
             items.push(backward_item);
         }
     } else {
+        // Kept graphs are freed top-down in the backward before any recompute, so a recomputed
+        // layer never meets them.
         items.push(PlanItem {
             name: "layer activations",
-            detail: format!(
-                "{l} x {} (every layer's graph kept)",
-                format_bytes(act.layer_graph)
-            ),
-            bytes: l * act.layer_graph,
+            detail: if kept == l {
+                format!(
+                    "{l} x {} (every layer's graph kept)",
+                    format_bytes(act.layer_graph)
+                )
+            } else {
+                format!(
+                    "{kept} x {} (the top {kept} of {l} layers' graphs kept, the rest recomputed)",
+                    format_bytes(act.layer_graph)
+                )
+            },
+            bytes: kept * act.layer_graph,
         });
         items.push(if act.loss > act.layer_backward {
             loss_item
@@ -302,11 +326,10 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
 /// the backward's gradients in flight), over what the model and optimizer already hold.
 pub fn activation_peak(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
     let a = estimate::activations(cfg, s);
-    let kept = a.layer_inputs + a.mask;
-    if s.grad_checkpointing {
-        kept + a.loss.max(a.layer_graph + a.layer_backward)
-    } else {
-        kept + cfg.num_hidden_layers * a.layer_graph + a.loss.max(a.layer_backward)
+    let inputs = a.layer_inputs + a.mask;
+    match s.checkpointing().kept_graphs(cfg.num_hidden_layers) {
+        0 => inputs + a.loss.max(a.layer_graph + a.layer_backward),
+        kept => inputs + kept * a.layer_graph + a.loss.max(a.layer_backward),
     }
 }
 
@@ -375,7 +398,7 @@ impl fmt::Display for MemoryPlan {
             "memory plan: batch {} x seq {}, checkpointing {}, compute {:?}",
             s.batch_size,
             s.seq_len,
-            if s.grad_checkpointing { "on" } else { "off" },
+            s.checkpointing(),
             s.compute_dtype
         )?;
         let w = self.items.iter().map(|i| i.name.len()).max().unwrap_or(0);

@@ -189,3 +189,35 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
     );
     assert!(off.peak > p.peak + (4 << 30), "{off}");
 }
+
+#[test]
+fn each_kept_layer_adds_one_layer_graph() {
+    let cfg = preset_config("llama-2-7b").unwrap();
+    let with = |grad_checkpointing: bool, keep_layers: usize| {
+        plan_memory(
+            &cfg,
+            &PlanSettings {
+                batch_size: 1,
+                grad_checkpointing,
+                keep_layers,
+                ..Default::default()
+            },
+        )
+    };
+    let graph = estimate::activations(&cfg, &with(true, 0).settings).layer_graph;
+    assert_eq!(with(true, 4).peak - with(true, 3).peak, graph);
+    assert!(with(true, 1).peak >= with(true, 0).peak);
+    // Keeping all 32 (or more) is checkpointing off, plus the 32 layer inputs it keeps apart.
+    let inputs = 32 * 512 * 4096 * 4;
+    assert_eq!(with(true, 32).peak, with(false, 0).peak + inputs);
+    assert_eq!(with(true, 99).peak, with(true, 32).peak);
+    let text = with(true, 4).to_string();
+    assert!(
+        text.contains("checkpointing on, top 4 layers kept"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the top 4 of 32 layers' graphs kept"),
+        "{text}"
+    );
+}

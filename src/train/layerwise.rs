@@ -5,7 +5,11 @@
 //! kept otherwise), then back-propagates `Σ out ⊙ g` — whose gradient is exactly the upstream
 //! gradient `g` pushed through the layer — giving that layer's adapter gradients and the gradient
 //! of its input. Both modes run the same arithmetic, so their losses and gradients are
-//! bit-identical; checkpointing only trades compute for memory.
+//! bit-identical; checkpointing only trades compute for memory. Between the two, checkpointing
+//! can keep the graphs of the top `keep_layers` layers (torchtune's and Megatron's selective
+//! recompute, by layer count): each kept layer costs one layer graph of memory and saves its
+//! recompute. The top layers are the ones kept because the backward reaches them first, so
+//! their graphs are freed before any recompute starts.
 
 use candle_core::{Result, Tensor, Var};
 
@@ -13,13 +17,63 @@ use super::loss::{chunked_cross_entropy, DEFAULT_CHUNK_ROWS};
 use super::step::{shifted_rows, Batch};
 use crate::model::llama::{attention_mask_windowed, rms_norm, Llama};
 
-/// Loss of `batch` and the gradient of each of `vars`; `checkpointing` recomputes each layer in
-/// the backward instead of keeping its activations.
+/// Which decoder layers a training step recomputes in the backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Checkpointing {
+    /// Recompute layers instead of keeping their graphs.
+    pub enabled: bool,
+    /// With `enabled`: keep the graphs of this many top layers anyway.
+    pub keep_layers: usize,
+}
+
+impl Checkpointing {
+    /// Every layer recomputed (`true`) or every layer's graph kept (`false`).
+    pub fn all(enabled: bool) -> Self {
+        Self {
+            enabled,
+            keep_layers: 0,
+        }
+    }
+
+    /// Whether layer `i` of `n_layers` is recomputed.
+    pub fn recomputes(&self, i: usize, n_layers: usize) -> bool {
+        self.enabled && i + self.keep_layers < n_layers
+    }
+
+    /// How many of `n_layers` keep their whole graph through the forward.
+    pub fn kept_graphs(&self, n_layers: usize) -> usize {
+        if self.enabled {
+            self.keep_layers.min(n_layers)
+        } else {
+            n_layers
+        }
+    }
+}
+
+impl std::fmt::Display for Checkpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.enabled, self.keep_layers) {
+            (false, _) => write!(f, "off"),
+            (true, 0) => write!(f, "on"),
+            (true, 1) => write!(f, "on, top layer kept"),
+            (true, n) => write!(f, "on, top {n} layers kept"),
+        }
+    }
+}
+
+impl From<bool> for Checkpointing {
+    fn from(enabled: bool) -> Self {
+        Self::all(enabled)
+    }
+}
+
+/// Loss of `batch` and the gradient of each of `vars`; `checkpointing` says which layers are
+/// recomputed in the backward instead of keeping their activations.
 pub fn loss_and_grads_layerwise(
     model: &Llama,
     batch: &Batch,
     vars: &[Var],
-    checkpointing: bool,
+    checkpointing: Checkpointing,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
     let (b, t) = batch.ids.dims2()?;
     let pos = batch.positions_for(model)?;
@@ -29,18 +83,19 @@ pub fn loss_and_grads_layerwise(
     let run_layer =
         |i: usize, x: &Tensor| model.layers[i].forward(x, &model.rope, &pos, &mask, None, true);
 
-    // Forward: layer inputs always; whole graphs only without checkpointing.
+    // Forward: layer inputs always; whole graphs of the layers not recomputed.
+    let n_layers = model.layers.len();
     let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids)?.detach()];
-    let mut kept: Vec<(Var, Tensor)> = Vec::new();
-    for i in 0..model.layers.len() {
+    let mut kept: Vec<Option<(Var, Tensor)>> = vec![None; n_layers];
+    for (i, slot) in kept.iter_mut().enumerate() {
         let x = inputs[i].clone();
-        if checkpointing {
+        if checkpointing.recomputes(i, n_layers) {
             inputs.push(run_layer(i, &x)?.detach());
         } else {
             let xv = Var::from_tensor(&x)?;
             let out = run_layer(i, xv.as_tensor())?;
             inputs.push(out.detach());
-            kept.push((xv, out));
+            *slot = Some((xv, out));
         }
     }
 
@@ -60,14 +115,14 @@ pub fn loss_and_grads_layerwise(
     })?;
 
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    for i in (0..model.layers.len()).rev() {
-        let (xv, out) = if checkpointing {
-            let xv = Var::from_tensor(&inputs[i])?;
-            let out = run_layer(i, xv.as_tensor())?;
-            (xv, out)
-        } else {
-            kept.pop()
-                .ok_or_else(|| candle_core::Error::Msg("missing kept layer graph".into()))?
+    for i in (0..n_layers).rev() {
+        let (xv, out) = match kept[i].take() {
+            Some(graph) => graph,
+            None => {
+                let xv = Var::from_tensor(&inputs[i])?;
+                let out = run_layer(i, xv.as_tensor())?;
+                (xv, out)
+            }
         };
         let surrogate = (out * g.detach())?.sum_all()?;
         let mut store = surrogate.backward()?;

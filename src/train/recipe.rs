@@ -58,6 +58,8 @@ pub struct TrainRecipe {
     pub lora: LoraConfig,
     /// Activation checkpointing per layer.
     pub grad_checkpointing: bool,
+    /// With checkpointing: top layers whose graphs are kept instead of recomputed.
+    pub keep_layers: usize,
     /// Seed of adapters, dropout, shuffles and the validation split.
     pub seed: u64,
     /// Shuffle the training examples each epoch.
@@ -182,6 +184,7 @@ impl TrainRecipe {
             lora_plus_ratio: self.lora_plus_ratio,
             max_grad_norm: self.max_grad_norm,
             grad_checkpointing: self.grad_checkpointing,
+            keep_layers: self.keep_layers,
             eval_every: self.eval_every,
             seed: self.seed,
             optim_storage: self.optim_storage.clone(),

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
-use super::layerwise::loss_and_grads_layerwise;
+use super::layerwise::{loss_and_grads_layerwise, Checkpointing};
 use super::plot::{draw_loss_curves, Series};
 use super::step::Batch;
 use crate::data::batches::Batches;
@@ -41,6 +41,8 @@ pub struct TrainSettings {
     pub max_grad_norm: f64,
     /// Recompute each layer in the backward instead of keeping activations.
     pub grad_checkpointing: bool,
+    /// With checkpointing: keep the graphs of this many top layers (no recompute for them).
+    pub keep_layers: usize,
     /// Validation every this many steps (0 = only at the start and end).
     pub eval_every: usize,
     /// Seed for dropout masks.
@@ -227,8 +229,15 @@ pub fn train(
                 .ok_or_else(|| ModelError::invalid("training data", "ran out of batches"))?;
             let batch = &batch;
             dropout.set(settings.seed ^ ((step * settings.grad_accum + micro) as u64 + 1));
-            let (loss, grads) =
-                loss_and_grads_layerwise(model, batch, &vars, settings.grad_checkpointing)?;
+            let (loss, grads) = loss_and_grads_layerwise(
+                model,
+                batch,
+                &vars,
+                Checkpointing {
+                    enabled: settings.grad_checkpointing,
+                    keep_layers: settings.keep_layers,
+                },
+            )?;
             step_loss += loss / settings.grad_accum as f64;
             tokens += batch.predicted_tokens();
             for (a, g) in acc.iter_mut().zip(grads) {
