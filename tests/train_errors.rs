@@ -315,3 +315,29 @@ fn resume_refuses_another_model_and_folders_that_are_not_checkpoints() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn keep_layers_auto_needs_a_memory_limit_and_keeps_what_fits_in_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sonnets/valid.txt");
+    let run = train(
+        &tiny(),
+        &data,
+        &tmp.path().join("a"),
+        &["--keep-layers", "auto"],
+    );
+    assert_fails_with(
+        &run,
+        &["--keep-layers auto keeps as many layers as --memory-limit SIZE allows"],
+    );
+    // tiny-llama's two layers are a few KiB of activations: both fit in 1 GiB.
+    let args = ["--keep-layers", "auto", "--memory-limit", "1GiB"];
+    let run = train(&tiny(), &data, &tmp.path().join("b"), &args);
+    assert!(run.ok, "{}", run.stderr);
+    for part in [
+        "--keep-layers auto: the top 2 of 2 layers keep their activations within --memory-limit 1.00 GiB",
+        "memory plan: batch 2 x seq 32, checkpointing on, top 2 layers kept,",
+    ] {
+        assert!(run.stdout.contains(part), "{part:?} in:\n{}", run.stdout);
+    }
+}

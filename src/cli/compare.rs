@@ -54,6 +54,10 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         "--adapter: compare trains fresh adapters and takes no adapter"
     );
     let recipe = args.opts.merged_with(args.config.as_deref())?.recipe()?;
+    anyhow::ensure!(
+        recipe.keep_layers != crate::train::layerwise::KeepLayers::Auto,
+        "--keep-layers auto: compare trains two bases of different sizes; give a number of layers"
+    );
     let spec = CompareSpec {
         model: args.model.model.clone(),
         load: LoadOptions {

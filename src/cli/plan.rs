@@ -9,7 +9,8 @@ use crate::model::loader::BaseFormat;
 use crate::plan::presets::{resolve_config, PRESETS};
 use crate::plan::rss::total_memory_bytes;
 use crate::plan::{
-    format_bytes, largest_batch, largest_seq_len, parse_bytes, plan_memory, OptimPlan, PlanSettings,
+    format_bytes, largest_batch, largest_keep_layers, largest_seq_len, parse_bytes, plan_memory,
+    OptimPlan, PlanSettings,
 };
 
 /// Arguments of `qlora plan`.
@@ -173,6 +174,14 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     match largest_batch(&cfg, &s, limit, 4096) {
         Some(b) => println!("largest batch that fits at seq-len {}: {b}", args.seq_len),
         None => println!("no batch fits at seq-len {}", args.seq_len),
+    }
+    if s.grad_checkpointing {
+        if let Some(kept) = largest_keep_layers(&cfg, &s, limit) {
+            println!(
+                "most layers --keep-layers can keep (no recompute) within it: {kept} of {}",
+                cfg.num_hidden_layers
+            );
+        }
     }
     Ok(())
 }

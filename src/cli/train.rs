@@ -13,6 +13,7 @@ use crate::model::loader::BaseFormat;
 use crate::optim::schedule::ScheduleKind;
 use crate::optim::StateStorage;
 use crate::train::checkpoint::check_checkpoint_dir;
+use crate::train::layerwise::KeepLayers;
 use crate::train::recipe::{TrainRecipe, Validation};
 use crate::train::trainer::{check_output_dir, train};
 
@@ -85,10 +86,10 @@ pub struct TrainOptions {
     #[arg(long)]
     pub grad_checkpointing: Option<bool>,
     /// With checkpointing: keep the autograd graphs of this many top layers instead of
-    /// recomputing them (faster; one layer's activations of memory each, see `qlora plan`)
-    /// [default: 0].
-    #[arg(long, value_name = "N")]
-    pub keep_layers: Option<usize>,
+    /// recomputing them (faster; one layer's activations of memory each, see `qlora plan`), or
+    /// `auto`: as many as --memory-limit allows [default: 0].
+    #[arg(long, value_name = "N|auto", value_parser = KeepLayers::parse)]
+    pub keep_layers: Option<KeepLayers>,
     /// Random seed [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -258,7 +259,7 @@ impl TrainOptions {
             lora_plus_ratio: o.lora_plus_ratio.unwrap_or(1.0),
             lora,
             grad_checkpointing: o.grad_checkpointing.unwrap_or(true),
-            keep_layers: o.keep_layers.unwrap_or(0),
+            keep_layers: o.keep_layers.unwrap_or_default(),
             seed,
             shuffle: !o.no_shuffle.unwrap_or(false),
             validation: match &o.val_data {
@@ -299,7 +300,7 @@ fn interrupt_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
 /// Run `qlora train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let opts = args.opts.merged_with(args.config.as_deref())?;
-    let recipe = opts.recipe()?;
+    let mut recipe = opts.recipe()?;
     let adapter_dir = args.out.join("adapter");
     anyhow::ensure!(
         args.resume.is_some() || !adapter_dir.exists(),
@@ -318,24 +319,47 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
     // Planned from the config alone, so an oversized run is refused before anything loads.
+    let cfg = crate::plan::presets::resolve_config(&args.model.model.display().to_string())?;
+    let mut plan_settings = crate::plan::PlanSettings {
+        seq_len: recipe.seq_len,
+        batch_size: recipe.batch_size,
+        rank: recipe.lora.rank,
+        targets: recipe.lora.targets.clone(),
+        dropout: recipe.lora.dropout > 0.0,
+        grad_checkpointing: recipe.grad_checkpointing,
+        keep_layers: recipe.keep_layers.count(),
+        base: args.model.quant,
+        blocksize: args.model.blocksize,
+        double_quant: !args.model.no_double_quant,
+        adapter_dtype: recipe.lora.dtype,
+        ..Default::default()
+    };
+    let (optim_8bit, optim_resident_mb) =
+        (opts.optim_8bit.unwrap_or(false), opts.optim_resident_mb);
+    if recipe.keep_layers == KeepLayers::Auto {
+        let limit = memory_limit.context(
+            "--keep-layers auto keeps as many layers as --memory-limit SIZE allows; give the limit",
+        )?;
+        let n = crate::plan::most_kept_layers(
+            &cfg,
+            &plan_settings,
+            optim_8bit,
+            optim_resident_mb,
+            limit,
+        );
+        println!(
+            "--keep-layers auto: the top {n} of {} layers keep their activations within --memory-limit {}",
+            cfg.num_hidden_layers,
+            crate::plan::format_bytes(limit)
+        );
+        recipe.keep_layers = KeepLayers::Count(n);
+        plan_settings.keep_layers = n;
+    }
     let plan = crate::plan::plan_for_training(
-        &crate::plan::presets::resolve_config(&args.model.model.display().to_string())?,
-        &crate::plan::PlanSettings {
-            seq_len: recipe.seq_len,
-            batch_size: recipe.batch_size,
-            rank: recipe.lora.rank,
-            targets: recipe.lora.targets.clone(),
-            dropout: recipe.lora.dropout > 0.0,
-            grad_checkpointing: recipe.grad_checkpointing,
-            keep_layers: recipe.keep_layers,
-            base: args.model.quant,
-            blocksize: args.model.blocksize,
-            double_quant: !args.model.no_double_quant,
-            adapter_dtype: recipe.lora.dtype,
-            ..Default::default()
-        },
-        opts.optim_8bit.unwrap_or(false),
-        opts.optim_resident_mb,
+        &cfg,
+        &plan_settings,
+        optim_8bit,
+        optim_resident_mb,
         memory_limit,
     )?;
     println!("{plan}");

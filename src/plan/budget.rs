@@ -3,7 +3,41 @@
 
 use crate::model::config::LlamaConfig;
 
-use super::{format_bytes, largest_seq_len, plan_memory, MemoryPlan, OptimPlan, PlanSettings};
+use super::{
+    format_bytes, largest_keep_layers, largest_seq_len, plan_memory, MemoryPlan, OptimPlan,
+    PlanSettings,
+};
+
+/// The most top layers whose graphs can be kept (`--keep-layers auto`) with the run's plan
+/// still within `limit`: 0 when even full recompute does not fit (the plan then refuses the run).
+pub fn most_kept_layers(
+    cfg: &LlamaConfig,
+    settings: &PlanSettings,
+    optim_8bit: bool,
+    optim_resident_mb: Option<f64>,
+    limit: usize,
+) -> usize {
+    let s = training_settings(settings, optim_8bit, optim_resident_mb);
+    largest_keep_layers(cfg, &s, limit).unwrap_or(0)
+}
+
+/// `settings` with the optimizer state `qlora train`'s flags choose.
+fn training_settings(
+    settings: &PlanSettings,
+    optim_8bit: bool,
+    optim_resident_mb: Option<f64>,
+) -> PlanSettings {
+    PlanSettings {
+        optim: match (optim_8bit, optim_resident_mb) {
+            (true, _) => OptimPlan::EightBit,
+            (false, Some(mb)) => OptimPlan::Paged {
+                resident_bytes: (mb * 1048576.0) as usize,
+            },
+            (false, None) => OptimPlan::Plain,
+        },
+        ..settings.clone()
+    }
+}
 
 /// A run whose plan does not fit its budget.
 #[derive(Debug, thiserror::Error)]
@@ -31,16 +65,7 @@ pub fn plan_for_training(
     optim_resident_mb: Option<f64>,
     limit: Option<usize>,
 ) -> Result<MemoryPlan, OverBudget> {
-    let s = PlanSettings {
-        optim: match (optim_8bit, optim_resident_mb) {
-            (true, _) => OptimPlan::EightBit,
-            (false, Some(mb)) => OptimPlan::Paged {
-                resident_bytes: (mb * 1048576.0) as usize,
-            },
-            (false, None) => OptimPlan::Plain,
-        },
-        ..settings.clone()
-    };
+    let s = training_settings(settings, optim_8bit, optim_resident_mb);
     let plan = plan_memory(cfg, &s);
     let Some(limit) = limit else {
         return Ok(plan);

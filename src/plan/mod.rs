@@ -22,7 +22,7 @@ use crate::quant::QuantType;
 use crate::train::layerwise::Checkpointing;
 use crate::train::loss::DEFAULT_CHUNK_ROWS;
 
-pub use budget::{plan_for_training, OverBudget};
+pub use budget::{most_kept_layers, plan_for_training, OverBudget};
 pub use size::{format_bytes, parse_bytes};
 
 /// How the optimizer's moments are held.
@@ -350,6 +350,23 @@ pub fn largest_seq_len(
             },
         )
         .peak
+    })
+}
+
+/// The most top layers (`--keep-layers`) whose graphs fit `limit` with checkpointing on, if even
+/// none (every layer recomputed) fits. Each kept layer adds one layer graph to the peak, so the
+/// fit is monotone in the count.
+pub fn largest_keep_layers(cfg: &LlamaConfig, s: &PlanSettings, limit: usize) -> Option<usize> {
+    (0..=cfg.num_hidden_layers).rev().find(|&n| {
+        plan_memory(
+            cfg,
+            &PlanSettings {
+                grad_checkpointing: true,
+                keep_layers: n,
+                ..s.clone()
+            },
+        )
+        .fits(limit)
     })
 }
 

@@ -221,3 +221,34 @@ fn each_kept_layer_adds_one_layer_graph() {
         "{text}"
     );
 }
+
+#[test]
+fn largest_keep_layers_is_the_most_that_fit() {
+    let cfg = preset_config("llama-2-7b").unwrap();
+    let s = PlanSettings {
+        batch_size: 1,
+        ..Default::default()
+    };
+    let peak = |n: usize| {
+        plan_memory(
+            &cfg,
+            &PlanSettings {
+                keep_layers: n,
+                ..s.clone()
+            },
+        )
+        .peak
+    };
+    // A limit between 7 and 8 kept layers keeps 7; one below full recompute keeps none.
+    let limit = (peak(7) + peak(8)) / 2;
+    assert_eq!(largest_keep_layers(&cfg, &s, limit), Some(7));
+    assert_eq!(largest_keep_layers(&cfg, &s, peak(32)), Some(32));
+    assert_eq!(largest_keep_layers(&cfg, &s, peak(0) - 1), None);
+    assert_eq!(budget::most_kept_layers(&cfg, &s, false, None, limit), 7);
+    assert_eq!(
+        budget::most_kept_layers(&cfg, &s, false, None, peak(0) - 1),
+        0
+    );
+    // 8-bit optimizer state is smaller: the same limit keeps more layers.
+    assert!(budget::most_kept_layers(&cfg, &s, true, None, limit) > 7);
+}

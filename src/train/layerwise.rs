@@ -50,6 +50,59 @@ impl Checkpointing {
     }
 }
 
+/// The `--keep-layers` option: a count, or `auto` (as many as a memory limit allows, resolved
+/// against the memory plan by the command that has both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepLayers {
+    /// Keep this many top layers' graphs.
+    Count(usize),
+    /// The most layers whose graphs fit the memory limit.
+    Auto,
+}
+
+impl Default for KeepLayers {
+    fn default() -> Self {
+        Self::Count(0)
+    }
+}
+
+impl KeepLayers {
+    /// `auto` or a layer count.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            n => n
+                .parse()
+                .map(Self::Count)
+                .map_err(|_| format!("`{s}`: expected a number of layers or `auto`")),
+        }
+    }
+
+    /// The count, with `Auto` not yet resolved counting as 0 (every layer recomputed).
+    pub fn count(self) -> usize {
+        match self {
+            Self::Count(n) => n,
+            Self::Auto => 0,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KeepLayers {
+    /// A TOML integer or the string `"auto"`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(usize),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(Self::Count(n)),
+            Raw::Text(t) => Self::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 impl std::fmt::Display for Checkpointing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.enabled, self.keep_layers) {
@@ -136,4 +189,44 @@ pub fn loss_and_grads_layerwise(
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {i}: no input gradient")))?;
     }
     Ok((loss_value, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_layers_reads_a_count_or_auto_from_flags_and_toml() {
+        assert_eq!(KeepLayers::parse("12"), Ok(KeepLayers::Count(12)));
+        assert_eq!(KeepLayers::parse("auto"), Ok(KeepLayers::Auto));
+        let err = KeepLayers::parse("lots").unwrap_err();
+        assert!(
+            err.contains("`lots`: expected a number of layers or `auto`"),
+            "{err}"
+        );
+        #[derive(serde::Deserialize)]
+        struct Opts {
+            k: KeepLayers,
+        }
+        let read = |text: &str| toml::from_str::<Opts>(text).map(|o| o.k);
+        assert_eq!(read("k = 3").unwrap(), KeepLayers::Count(3));
+        assert_eq!(read("k = \"auto\"").unwrap(), KeepLayers::Auto);
+        assert!(read("k = \"most\"").is_err());
+        assert!(read("k = -1").is_err());
+    }
+
+    #[test]
+    fn the_top_layers_are_the_kept_ones() {
+        let c = Checkpointing {
+            enabled: true,
+            keep_layers: 2,
+        };
+        let recomputed: Vec<bool> = (0..5).map(|i| c.recomputes(i, 5)).collect();
+        assert_eq!(recomputed, [true, true, true, false, false]);
+        assert_eq!(c.kept_graphs(5), 2);
+        assert_eq!(c.kept_graphs(1), 1);
+        assert!(!(0..5).any(|i| Checkpointing::all(false).recomputes(i, 5)));
+        assert_eq!(Checkpointing::all(false).kept_graphs(5), 5);
+        assert_eq!(c.to_string(), "on, top 2 layers kept");
+    }
 }

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use super::layerwise::KeepLayers;
 use super::step::Batch;
 use super::trainer::TrainSettings;
 use crate::data::batches::{BatchOptions, Batches};
@@ -58,8 +59,9 @@ pub struct TrainRecipe {
     pub lora: LoraConfig,
     /// Activation checkpointing per layer.
     pub grad_checkpointing: bool,
-    /// With checkpointing: top layers whose graphs are kept instead of recomputed.
-    pub keep_layers: usize,
+    /// With checkpointing: top layers whose graphs are kept instead of recomputed (`Auto` is
+    /// resolved against the memory plan before training; unresolved it keeps none).
+    pub keep_layers: KeepLayers,
     /// Seed of adapters, dropout, shuffles and the validation split.
     pub seed: u64,
     /// Shuffle the training examples each epoch.
@@ -184,7 +186,7 @@ impl TrainRecipe {
             lora_plus_ratio: self.lora_plus_ratio,
             max_grad_norm: self.max_grad_norm,
             grad_checkpointing: self.grad_checkpointing,
-            keep_layers: self.keep_layers,
+            keep_layers: self.keep_layers.count(),
             eval_every: self.eval_every,
             seed: self.seed,
             optim_storage: self.optim_storage.clone(),
