@@ -8,6 +8,12 @@
 //! times and `VmHWM` on one line of stdout. `QLORA_BENCH_TRAIN_STEPS` sets the timed steps
 //! (default 3, after one warm-up step); `QLORA_BENCH_TRAIN_ONLY` (comma list of config names)
 //! runs a subset.
+//!
+//! With `QLORA_BENCH_PEFT_PYTHON` naming a python that has the reference stack
+//! (`scripts/peft-baseline.sh` builds one and prints it), PEFT + bitsandbytes run the same
+//! configurations on this machine in the same run (`scripts/peft_baseline.py`, one process per
+//! configuration, same result line), and the ratio columns compare against PEFT's NF4 run with
+//! checkpointing from this machine instead of ANCHORS.md's figure from another one.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,6 +32,7 @@ use qlora::train::layerwise::{loss_and_grads_layerwise, Checkpointing};
 const CONFIG_VAR: &str = "QLORA_BENCH_TRAIN_CONFIG";
 const STEPS_VAR: &str = "QLORA_BENCH_TRAIN_STEPS";
 const ONLY_VAR: &str = "QLORA_BENCH_TRAIN_ONLY";
+const PEFT_VAR: &str = "QLORA_BENCH_PEFT_PYTHON";
 const BATCH: usize = 4;
 const SEQ: usize = 512;
 
@@ -142,9 +149,10 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
     let exe = std::env::current_exe().context("locating the bench executable")?;
+    let peft_python = std::env::var(PEFT_VAR).ok();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let t0 = Instant::now();
-    let mut rows = Vec::new();
+    let (mut rows, mut peft_rows) = (Vec::new(), Vec::new());
     for cfg in &CONFIGS {
         if only
             .as_ref()
@@ -152,27 +160,29 @@ fn main() -> anyhow::Result<()> {
         {
             continue;
         }
-        eprintln!("train bench: {} ...", cfg.label);
-        let out = Command::new(&exe)
-            .env(CONFIG_VAR, cfg.name)
-            .env(STEPS_VAR, steps.to_string())
-            .output()
-            .with_context(|| format!("running the {} child", cfg.name))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            bail!(
-                "{} child failed ({}):\n{}\n{}",
-                cfg.name,
-                out.status,
-                stdout,
-                String::from_utf8_lossy(&out.stderr)
-            );
+        // PEFT has no selective checkpointing by layer count: no PEFT row for that one.
+        if let (Some(py), false) = (&peft_python, cfg.checkpointing.keep_layers > 0) {
+            eprintln!("train bench: PEFT + bitsandbytes, {} ...", cfg.label);
+            let gguf = qlora::model::fetch::smollm2_gguf()?;
+            let mut cmd = Command::new(py);
+            cmd.arg("scripts/peft_baseline.py")
+                .arg(&gguf)
+                .args(["data/sonnets/train.txt", "--config", cfg.name, "--steps"])
+                .arg(steps.to_string())
+                .arg("--threads")
+                .arg(rayon::current_num_threads().to_string());
+            peft_rows.push((cfg, run_measured(cmd, &format!("PEFT {}", cfg.name))?));
         }
-        rows.push((cfg, parse_child(&stdout)?));
+        eprintln!("train bench: {} ...", cfg.label);
+        let mut cmd = Command::new(&exe);
+        cmd.env(CONFIG_VAR, cfg.name)
+            .env(STEPS_VAR, steps.to_string());
+        rows.push((cfg, run_measured(cmd, cfg.name)?));
     }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     print_table(
         &rows,
+        &peft_rows,
         steps,
         &load_before,
         &load_after,
@@ -181,8 +191,26 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run one measuring child (ours or PEFT's) and read its result line.
+fn run_measured(mut cmd: Command, what: &str) -> anyhow::Result<Measured> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running the {what} child"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{what} child failed ({}):\n{}\n{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_child(&stdout)
+}
+
 fn print_table(
     rows: &[(&Config, Measured)],
+    peft_rows: &[(&Config, Measured)],
     steps: usize,
     load_before: &str,
     load_after: &str,
@@ -208,23 +236,35 @@ fn print_table(
         "| config | s/step | CPU s/step | tokens/s | peak RSS MiB | tok/s / PEFT | RSS / PEFT | loss |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    // The reference of the ratio columns: PEFT's NF4 run with checkpointing from this machine
+    // when it ran, else ANCHORS.md's.
+    let (ref_tps, ref_rss, ref_name) = match peft_rows.iter().find(|(c, _)| c.name == "nf4-ckpt") {
+        Some((_, m)) => (m.tokens_per_s(), m.rss_mib, "PEFT on this machine"),
+        None => (PEFT_TOKENS_PER_S, PEFT_RSS_MIB, "PEFT (ANCHORS.md)"),
+    };
     println!(
-        "| PEFT + bnb, NF4, checkpointing on (ANCHORS.md) | {:.1} | | {PEFT_TOKENS_PER_S:.0} | {PEFT_RSS_MIB:.0} | 1.00 | 1.00 | |",
-        (BATCH * SEQ) as f64 / PEFT_TOKENS_PER_S
+        "| PEFT + bnb, NF4, checkpointing on (ANCHORS.md, another machine) | {:.1} | | {PEFT_TOKENS_PER_S:.0} | {PEFT_RSS_MIB:.0} | {:.2} | {:.2} | |",
+        (BATCH * SEQ) as f64 / PEFT_TOKENS_PER_S,
+        PEFT_TOKENS_PER_S / ref_tps,
+        PEFT_RSS_MIB / ref_rss
     );
-    for (cfg, m) in rows {
+    let labelled = peft_rows
+        .iter()
+        .map(|(c, m)| (format!("PEFT + bnb on this machine: {}", c.label), m))
+        .chain(rows.iter().map(|(c, m)| (c.label.to_string(), m)));
+    for (label, m) in labelled {
         println!(
-            "| {} | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.2} | {:.4} |",
-            cfg.label,
+            "| {label} | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.2} | {:.4} |",
             m.median_step(),
             m.median_cpu(),
             m.tokens_per_s(),
             m.rss_mib,
-            m.tokens_per_s() / PEFT_TOKENS_PER_S,
-            m.rss_mib / PEFT_RSS_MIB,
+            m.tokens_per_s() / ref_tps,
+            m.rss_mib / ref_rss,
             m.loss
         );
     }
+    println!("ratio columns against {ref_name}, NF4, checkpointing on");
     let find = |n: &str| rows.iter().find(|(c, _)| c.name == n).map(|(_, m)| m);
     for (nf4, fp, what) in [
         ("nf4-ckpt", "fp-ckpt", "checkpointing on"),
@@ -244,9 +284,9 @@ fn print_table(
     ] {
         if let Some(m) = find(name) {
             println!(
-                "targets (NF4, {what}): tokens/s {:.2}x PEFT (>= 2), peak RSS {:.2}x PEFT (<= 0.3)",
-                m.tokens_per_s() / PEFT_TOKENS_PER_S,
-                m.rss_mib / PEFT_RSS_MIB
+                "targets (NF4, {what}): tokens/s {:.2}x {ref_name} (>= 2), peak RSS {:.2}x (<= 0.3)",
+                m.tokens_per_s() / ref_tps,
+                m.rss_mib / ref_rss
             );
         }
     }

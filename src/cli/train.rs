@@ -423,10 +423,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         train_batches.batches_in_epoch(0),
         val_batches.len(),
         kind,
-        crate::train::layerwise::Checkpointing {
-            enabled: settings.grad_checkpointing,
-            keep_layers: settings.keep_layers,
-        }
+        settings.checkpointing()
     );
     let report = train(
         &mut m.model,

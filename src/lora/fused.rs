@@ -14,8 +14,7 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use qlora_quant::{cpu as quant_cpu, Nf4Tensor};
 
@@ -70,10 +69,10 @@ impl FusedLoraLinear {
     }
 
     /// Apply to `x` `[m, in]` with the adapter's `a` `[r, in]` and `b` `[out, r]` (any float
-    /// dtype; their gradients come back in it).
+    /// dtype: cast to f32 here, so the cast's backward rounds their gradients back).
     pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        x.contiguous()?
-            .apply_op3(&a.contiguous()?, &b.contiguous()?, self.clone())
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        x.contiguous()?.apply_op3(&f32(a)?, &f32(b)?, self.clone())
     }
 
     /// `(out, in)` of the base.
@@ -360,31 +359,6 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// The elements of a contiguous CPU storage as f32 (borrowed when already f32).
-fn as_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("fused lora: operand must be contiguous")
-    };
-    Ok(match storage {
-        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[start..end]),
-        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
-        other => candle_core::bail!(
-            "fused lora: adapter weights must be f32, bf16 or f16, got {:?}",
-            other.dtype()
-        ),
-    })
-}
-
-/// `as_f32` for a tensor.
-fn tensor_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("fused lora: tensor is not on the CPU")
-    };
-    f(&as_f32(cpu, layout)?)
-}
-
 impl CustomOp3 for FusedLoraLinear {
     fn name(&self) -> &'static str {
         "fused-lora-linear"
@@ -400,9 +374,8 @@ impl CustomOp3 for FusedLoraLinear {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, inp, out, r) = self.dims(l1.dims(), l2.dims(), l3.dims())?;
-        let x = f32_slice(s1, l1)?;
-        let (a, b) = (as_f32(s2, l2)?, as_f32(s3, l3)?);
-        let y = self.forward_cpu(x, &a, &b, Dims { m, inp, out, r })?;
+        let (x, a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let y = self.forward_cpu(x, a, b, Dims { m, inp, out, r })?;
         Ok((CpuStorage::F32(y), Shape::from((m, out))))
     }
 
@@ -418,8 +391,8 @@ impl CustomOp3 for FusedLoraLinear {
         let dims = Dims { m, inp, out, r };
         let dy = grad_res.contiguous()?;
         let (dx, da, db) = with_f32(x, |x| {
-            tensor_f32(a, |a| {
-                tensor_f32(b, |b| {
+            with_f32(a, |a| {
+                with_f32(b, |b| {
                     with_f32(&dy, |dy| self.backward_cpu(x, a, b, dy, dims))
                 })
             })
@@ -427,8 +400,8 @@ impl CustomOp3 for FusedLoraLinear {
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, (m, inp), dev)?),
-            Some(Tensor::from_vec(da, (r, inp), dev)?.to_dtype(a.dtype())?),
-            Some(Tensor::from_vec(db, (out, r), dev)?.to_dtype(b.dtype())?),
+            Some(Tensor::from_vec(da, (r, inp), dev)?),
+            Some(Tensor::from_vec(db, (out, r), dev)?),
         ))
     }
 }

@@ -132,11 +132,11 @@ pub fn uses_fused_ops(s: &PlanSettings) -> bool {
 }
 
 /// Elements one projection's forward keeps in the graph (`Linear::forward`). On the fused f32
-/// path (`lora::fused`) only the output: the op regenerates the dropout mask and `x·Aᵀ` in its
+/// path (`lora::fused`) the output: the op regenerates the dropout mask and `x·Aᵀ` in its
 /// backward. On the composite path (`LoraAdapter::delta`) the base product; with an adapter the
 /// dropped-out input (the mask is a hash, never stored), `x·Aᵀ`, its scaling (on the rank-r
-/// intermediate), `·Bᵀ` and the sum, and the adapter weights cast to the compute dtype. A bias
-/// adds one more on either path.
+/// intermediate), `·Bᵀ` and the sum. On both, the adapter weights cast to the compute dtype, and
+/// a bias adds one more.
 fn projection_elems(
     cfg: &LlamaConfig,
     s: &PlanSettings,
@@ -146,13 +146,15 @@ fn projection_elems(
 ) -> usize {
     let n = s.batch_size * s.seq_len;
     let mut e = n * out;
-    if s.targets.iter().any(|t| t == proj) && !uses_fused_ops(s) {
-        e += 2 * n * s.rank + 2 * n * out;
+    if s.targets.iter().any(|t| t == proj) {
         if s.adapter_dtype != s.compute_dtype {
             e += s.rank * (inp + out);
         }
-        if s.dropout {
-            e += n * inp;
+        if !uses_fused_ops(s) {
+            e += 2 * n * s.rank + 2 * n * out;
+            if s.dropout {
+                e += n * inp;
+            }
         }
     }
     if has_bias(cfg, proj) {

@@ -59,6 +59,16 @@ pub struct TrainSettings {
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
+impl TrainSettings {
+    /// Which layers a step recomputes.
+    pub fn checkpointing(&self) -> Checkpointing {
+        Checkpointing {
+            enabled: self.grad_checkpointing,
+            keep_layers: self.keep_layers,
+        }
+    }
+}
+
 /// What a run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainReport {
@@ -229,15 +239,8 @@ pub fn train(
                 .ok_or_else(|| ModelError::invalid("training data", "ran out of batches"))?;
             let batch = &batch;
             dropout.set(settings.seed ^ ((step * settings.grad_accum + micro) as u64 + 1));
-            let (loss, grads) = loss_and_grads_layerwise(
-                model,
-                batch,
-                &vars,
-                Checkpointing {
-                    enabled: settings.grad_checkpointing,
-                    keep_layers: settings.keep_layers,
-                },
-            )?;
+            let (loss, grads) =
+                loss_and_grads_layerwise(model, batch, &vars, settings.checkpointing())?;
             step_loss += loss / settings.grad_accum as f64;
             tokens += batch.predicted_tokens();
             for (a, g) in acc.iter_mut().zip(grads) {
