@@ -39,6 +39,28 @@ const PANEL_ROWS: usize = 64;
 const PANEL_COLS: usize = 128;
 const PANEL_COL_ROWS: usize = 2048;
 
+/// Fewest activation rows a task multiplies when panels are split by rows (below this the
+/// repeated decode and `gemm` setup would outweigh the balance gained).
+const MIN_CHUNK_ROWS: usize = 32;
+
+/// Row ranges of x each panel is split into, so that `panels × chunks` tasks divide evenly over
+/// the rayon threads. A small model's projections have few panels (SmolLM2's k/v: 3, its q/o: 9)
+/// and one panel per task left a thread idle for a third or a ninth of the product on two
+/// threads; a split panel is decoded once per range (a 1/m share of the work).
+fn row_chunks(panels: usize, m: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let (mut a, mut b) = (panels.max(1), threads);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    (threads / a).min(m / MIN_CHUNK_ROWS).max(1)
+}
+
+/// Rows `[start, end)` of range `q` of `chunks` over `m` rows.
+fn chunk_rows(m: usize, chunks: usize, q: usize) -> (usize, usize) {
+    (m * q / chunks, m * (q + 1) / chunks)
+}
+
 /// `y[m, n] = x[m, k] · deq(W)ᵀ`; shapes are checked by the caller. With `round_bf16` every
 /// decoded weight is rounded to bf16 first (`deq_bf16(W)`, bitsandbytes' bf16 compute).
 #[allow(clippy::too_many_arguments)]
@@ -54,7 +76,10 @@ pub(crate) fn matmul(
 ) {
     let rows = PANEL_ROWS.min(n);
     let out = Shared(y.as_mut_ptr());
-    (0..n.div_ceil(rows)).into_par_iter().for_each(|p| {
+    let panels = n.div_ceil(rows);
+    let chunks = row_chunks(panels, m);
+    (0..panels * chunks).into_par_iter().for_each(|task| {
+        let (p, (r0, r1)) = (task / chunks, chunk_rows(m, chunks, task % chunks));
         let j0 = p * rows;
         let nb = rows.min(n - j0);
         with_scratch(nb * k, |panel| {
@@ -62,18 +87,18 @@ pub(crate) fn matmul(
             if round_bf16 {
                 round_to_bf16(panel);
             }
-            // SAFETY: y is [m, n] row-major and this task owns columns j0 .. j0 + nb; x is
-            // [m, k]; the panel holds W[j0 .. j0 + nb, ..]ᵀ as [k, nb].
+            // SAFETY: y is [m, n] row-major and this task owns rows r0 .. r1 of columns
+            // j0 .. j0 + nb; x is [m, k]; the panel holds W[j0 .. j0 + nb, ..]ᵀ as [k, nb].
             unsafe {
                 gemm::gemm(
-                    m,
+                    r1 - r0,
                     nb,
                     k,
-                    out.ptr().add(j0),
+                    out.ptr().add(r0 * n + j0),
                     1,
                     n as isize,
                     false,
-                    x.as_ptr(),
+                    x.as_ptr().add(r0 * k),
                     1,
                     k as isize,
                     panel.as_ptr(),
@@ -109,7 +134,10 @@ pub(crate) fn matmul_t(
 ) {
     let cols = PANEL_COLS.min(k);
     let out = Shared(dx.as_mut_ptr());
-    (0..k.div_ceil(cols)).into_par_iter().for_each(|t| {
+    let panels = k.div_ceil(cols);
+    let chunks = row_chunks(panels, m);
+    (0..panels * chunks).into_par_iter().for_each(|task| {
+        let (t, (r0, r1)) = (task / chunks, chunk_rows(m, chunks, task % chunks));
         let p0 = t * cols;
         let kw = cols.min(k - p0);
         let rows = PANEL_COL_ROWS.min(n);
@@ -123,19 +151,19 @@ pub(crate) fn matmul_t(
                 if round_bf16 {
                     round_to_bf16(panel);
                 }
-                // SAFETY: dx is [m, k] row-major and this task owns columns p0 .. p0 + kw; dy is
-                // [m, n], of which columns j0 .. j0 + nb meet the panel W[j0 .. j0 + nb, p0 ..
-                // p0 + kw]. Later row ranges accumulate onto the first.
+                // SAFETY: dx is [m, k] row-major and this task owns rows r0 .. r1 of columns
+                // p0 .. p0 + kw; dy is [m, n], of which columns j0 .. j0 + nb meet the panel
+                // W[j0 .. j0 + nb, p0 .. p0 + kw]. Later row ranges of W accumulate onto the first.
                 unsafe {
                     gemm::gemm(
-                        m,
+                        r1 - r0,
                         kw,
                         nb,
-                        out.ptr().add(p0),
+                        out.ptr().add(r0 * k + p0),
                         1,
                         k as isize,
                         j0 > 0,
-                        dy.as_ptr().add(j0),
+                        dy.as_ptr().add(r0 * n + j0),
                         1,
                         n as isize,
                         panel.as_ptr(),
@@ -159,6 +187,42 @@ mod tests {
     use super::*;
     use crate::codebook::QuantType;
     use crate::cpu::reference::{assert_product, assert_product_bf16, values, weight};
+
+    #[test]
+    fn panels_split_by_rows_divide_over_the_threads_and_match_the_reference() {
+        // n 150: 3 forward panels; k 300: 3 backward panels; m 160 rows to split.
+        let (m, n, k) = (160, 150, 300);
+        let w = weight(n, k, 64, QuantType::Nf4, true, 9);
+        let (x, dy) = (values(m * k, 3), values(m * n, 4));
+        for threads in [1, 2, 3, 4] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let chunks = row_chunks(3, m);
+                assert_eq!(
+                    (3 * chunks) % threads,
+                    0,
+                    "{threads} threads: {chunks} chunks"
+                );
+                assert_eq!(row_chunks(3, 40), 1, "too few rows to split");
+                assert_eq!(row_chunks(8, m), if threads == 3 { 3 } else { 1 });
+                for isa in Isa::available() {
+                    let what = format!("{isa:?} {threads} threads, {chunks} row ranges");
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul(isa, &x, m, &w, n, k, &mut y, false);
+                    assert_product(&x, m, &w, false, &y, &what);
+                    let mut dx = vec![f32::NAN; m * k];
+                    matmul_t(isa, &dy, m, &w, n, k, &mut dx, false);
+                    assert_product(&dy, m, &w, true, &dx, &what);
+                }
+            });
+        }
+        // Ranges cover every row once.
+        let covered: Vec<(usize, usize)> = (0..3).map(|q| chunk_rows(100, 3, q)).collect();
+        assert_eq!(covered, [(0, 33), (33, 66), (66, 100)]);
+    }
 
     #[test]
     fn every_isa_matches_the_reference() {
