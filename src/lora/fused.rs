@@ -105,49 +105,32 @@ impl FusedLoraLinear {
         }
     }
 
-    /// `y[m, out] = x · W0ᵀ`.
-    fn base_product(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+    /// `y[m, out] = x · W0ᵀ`, or with `transposed` `dx[m, in] = dy · W0`.
+    fn base_product(
+        &self,
+        input: &[f32],
+        m: usize,
+        output: &mut [f32],
+        transposed: bool,
+    ) -> Result<()> {
         match &self.base {
-            Base::Quantized(w) => {
-                quant_cpu::matmul_into(x, m, w, y).map_err(candle_core::Error::wrap)
+            Base::Quantized(w) => if transposed {
+                quant_cpu::matmul_t_into(input, m, w, output)
+            } else {
+                quant_cpu::matmul_into(input, m, w, output)
             }
+            .map_err(candle_core::Error::wrap),
             Base::Dense(w) => with_f32(w, |w| {
-                let (out, inp) = (y.len() / m.max(1), x.len() / m.max(1));
-                // SAFETY: x [m, inp], W [out, inp] row-major (read as Wᵀ), y [m, out].
-                unsafe {
-                    self.gemm(
-                        (m, out, inp),
-                        y,
-                        false,
-                        Mat::row_major(x, inp),
-                        Mat::transposed(w, inp),
-                        1.0,
-                    )
+                let (k, n) = (input.len() / m.max(1), output.len() / m.max(1));
+                let (_, inp) = self.base_shape()?;
+                // W is [out, in] row-major: read as Wᵀ for the forward.
+                let rhs = if transposed {
+                    Mat::row_major(w, inp)
+                } else {
+                    Mat::transposed(w, inp)
                 };
-                Ok(())
-            }),
-        }
-    }
-
-    /// `dx[m, in] = dy · W0`.
-    fn base_product_t(&self, dy: &[f32], m: usize, dx: &mut [f32]) -> Result<()> {
-        match &self.base {
-            Base::Quantized(w) => {
-                quant_cpu::matmul_t_into(dy, m, w, dx).map_err(candle_core::Error::wrap)
-            }
-            Base::Dense(w) => with_f32(w, |w| {
-                let (inp, out) = (dx.len() / m.max(1), dy.len() / m.max(1));
-                // SAFETY: dy [m, out], W [out, inp], dx [m, inp], all row-major.
-                unsafe {
-                    self.gemm(
-                        (m, inp, out),
-                        dx,
-                        false,
-                        Mat::row_major(dy, out),
-                        Mat::row_major(w, inp),
-                        1.0,
-                    )
-                };
+                // SAFETY: input [m, k], rhs [k, n] and output [m, n] as the shapes say.
+                unsafe { self.gemm((m, n, k), output, false, Mat::row_major(input, k), rhs, 1.0) };
                 Ok(())
             }),
         }
@@ -205,7 +188,7 @@ impl FusedLoraLinear {
     fn forward_cpu(&self, x: &[f32], a: &[f32], b: &[f32], dims: Dims) -> Result<Vec<f32>> {
         let Dims { m, inp, out, r } = dims;
         let mut y = vec![0f32; m * out];
-        self.base_product(x, m, &mut y)?;
+        self.base_product(x, m, &mut y, false)?;
         let mut scratch = Vec::new();
         let xd = self.dropped(x, &mut scratch);
         let mut u = vec![0f32; m * r];
@@ -287,7 +270,7 @@ impl FusedLoraLinear {
             );
         }
         let mut dx = vec![0f32; m * inp];
-        self.base_product_t(dy, m, &mut dx)?;
+        self.base_product(dy, m, &mut dx, true)?;
         // dx += mask ∘ (du · A): straight into dx without dropout, else through the scratch.
         match &self.dropout {
             None => unsafe {
