@@ -129,18 +129,16 @@ impl FusedLoraLinear {
                 } else {
                     Mat::transposed(w, inp)
                 };
-                // SAFETY: input [m, k], rhs [k, n] and output [m, n] as the shapes say.
-                unsafe { self.gemm((m, n, k), output, false, Mat::row_major(input, k), rhs, 1.0) };
+                self.gemm((m, n, k), output, false, Mat::row_major(input, k), rhs, 1.0);
                 Ok(())
             }),
         }
     }
 
-    /// `dst[m, n] (+)= beta · lhs[m, k] · rhs[k, n]`, `dst` row-major.
-    ///
-    /// # Safety
-    /// `lhs` and `rhs` must address `m × k` and `k × n` elements inside their slices.
-    unsafe fn gemm(
+    /// `dst[m, n] (+)= beta · lhs[m, k] · rhs[k, n]`, `dst` row-major. Panics if an operand's
+    /// slice is too short for its shape and strides (a bug in this file, not bad input: every
+    /// shape was checked against the base by [`Self::dims`]).
+    fn gemm(
         &self,
         (m, n, k): (usize, usize, usize),
         dst: &mut [f32],
@@ -149,28 +147,34 @@ impl FusedLoraLinear {
         rhs: Mat<'_>,
         beta: f32,
     ) {
-        debug_assert!(dst.len() >= m * n);
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs,
-            lhs.rs,
-            rhs.data.as_ptr(),
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            self.parallelism(),
-        )
+        assert!(
+            dst.len() >= m * n && lhs.holds(m, k) && rhs.holds(k, n),
+            "fused lora: gemm operands too short for {m} x {k} x {n}"
+        );
+        // SAFETY: the assertion above: every element the strides address lies in its slice.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                lhs.data.as_ptr(),
+                lhs.cs,
+                lhs.rs,
+                rhs.data.as_ptr(),
+                rhs.cs,
+                rhs.rs,
+                1.0,
+                beta,
+                false,
+                false,
+                false,
+                self.parallelism(),
+            )
+        }
     }
 
     /// `dropout(x)` if the op drops, else `x` itself.
@@ -185,33 +189,24 @@ impl FusedLoraLinear {
         }
     }
 
+    /// `u = dropout(x) · Aᵀ` (`[m, r]`) from the dropped-out input `xd`.
+    fn down(&self, xd: &[f32], a: &[f32], dims: Dims) -> Vec<f32> {
+        let Dims { m, inp, r, .. } = dims;
+        let mut u = vec![0f32; m * r];
+        let (lhs, rhs) = (Mat::row_major(xd, inp), Mat::transposed(a, inp));
+        self.gemm((m, r, inp), &mut u, false, lhs, rhs, 1.0);
+        u
+    }
+
     fn forward_cpu(&self, x: &[f32], a: &[f32], b: &[f32], dims: Dims) -> Result<Vec<f32>> {
-        let Dims { m, inp, out, r } = dims;
+        let Dims { m, out, r, .. } = dims;
         let mut y = vec![0f32; m * out];
         self.base_product(x, m, &mut y, false)?;
         let mut scratch = Vec::new();
-        let xd = self.dropped(x, &mut scratch);
-        let mut u = vec![0f32; m * r];
-        // SAFETY: xd [m, inp], A [r, inp] read as Aᵀ, u [m, r]; then u [m, r], B [out, r] read
-        // as Bᵀ, y [m, out].
-        unsafe {
-            self.gemm(
-                (m, r, inp),
-                &mut u,
-                false,
-                Mat::row_major(xd, inp),
-                Mat::transposed(a, inp),
-                1.0,
-            );
-            self.gemm(
-                (m, out, r),
-                &mut y,
-                true,
-                Mat::row_major(&u, r),
-                Mat::transposed(b, r),
-                self.scale,
-            );
-        }
+        let u = self.down(self.dropped(x, &mut scratch), a, dims);
+        // y += s · u · Bᵀ
+        let (lhs, rhs) = (Mat::row_major(&u, r), Mat::transposed(b, r));
+        self.gemm((m, out, r), &mut y, true, lhs, rhs, self.scale);
         Ok(y)
     }
 
@@ -227,77 +222,30 @@ impl FusedLoraLinear {
         let Dims { m, inp, out, r } = dims;
         let mut scratch = Vec::new();
         let xd = self.dropped(x, &mut scratch);
-        let (mut u, mut du) = (vec![0f32; m * r], vec![0f32; m * r]);
-        let (mut da, mut db) = (vec![0f32; r * inp], vec![0f32; out * r]);
-        // SAFETY (all four): row-major buffers of the stated shapes; `transposed` reads a
-        // row-major matrix as its transpose.
-        unsafe {
-            // u = xd · Aᵀ
-            self.gemm(
-                (m, r, inp),
-                &mut u,
-                false,
-                Mat::row_major(xd, inp),
-                Mat::transposed(a, inp),
-                1.0,
-            );
-            // du = s · dy · B
-            self.gemm(
-                (m, r, out),
-                &mut du,
-                false,
-                Mat::row_major(dy, out),
-                Mat::row_major(b, r),
-                self.scale,
-            );
-            // dB = s · dyᵀ · u
-            self.gemm(
-                (out, r, m),
-                &mut db,
-                false,
-                Mat::transposed(dy, out),
-                Mat::row_major(&u, r),
-                self.scale,
-            );
-            // dA = duᵀ · xd
-            self.gemm(
-                (r, inp, m),
-                &mut da,
-                false,
-                Mat::transposed(&du, r),
-                Mat::row_major(xd, inp),
-                1.0,
-            );
-        }
+        let u = self.down(xd, a, dims);
+        let (mut du, mut da, mut db) =
+            (vec![0f32; m * r], vec![0f32; r * inp], vec![0f32; out * r]);
+        // du = s · dy · B
+        let (dy_m, b_m) = (Mat::row_major(dy, out), Mat::row_major(b, r));
+        self.gemm((m, r, out), &mut du, false, dy_m, b_m, self.scale);
+        // dB = s · dyᵀ · u
+        let (dyt, u_m) = (Mat::transposed(dy, out), Mat::row_major(&u, r));
+        self.gemm((out, r, m), &mut db, false, dyt, u_m, self.scale);
+        // dA = duᵀ · xd
+        let (dut, xd_m) = (Mat::transposed(&du, r), Mat::row_major(xd, inp));
+        self.gemm((r, inp, m), &mut da, false, dut, xd_m, 1.0);
+
         let mut dx = vec![0f32; m * inp];
         self.base_product(dy, m, &mut dx, true)?;
-        // dx += mask ∘ (du · A): straight into dx without dropout, else through the scratch.
+        // dx += mask ∘ (du · A): straight into dx without dropout, else through the scratch
+        // (xd is no longer needed) and the mask.
+        let (du_m, a_m) = (Mat::row_major(&du, r), Mat::row_major(a, inp));
         match &self.dropout {
-            None => unsafe {
-                // SAFETY: du [m, r], A [r, inp], dx [m, inp].
-                self.gemm(
-                    (m, inp, r),
-                    &mut dx,
-                    true,
-                    Mat::row_major(&du, r),
-                    Mat::row_major(a, inp),
-                    1.0,
-                )
-            },
+            None => self.gemm((m, inp, r), &mut dx, true, du_m, a_m, 1.0),
             Some(d) => {
                 let mut t = scratch;
                 t.resize(m * inp, 0.0);
-                // SAFETY: as above, into the scratch (xd is no longer needed).
-                unsafe {
-                    self.gemm(
-                        (m, inp, r),
-                        &mut t,
-                        false,
-                        Mat::row_major(&du, r),
-                        Mat::row_major(a, inp),
-                        1.0,
-                    )
-                };
+                self.gemm((m, inp, r), &mut t, false, du_m, a_m, 1.0);
                 d.apply_par::<true>(&t, &mut dx);
             }
         }
@@ -339,6 +287,13 @@ impl<'a> Mat<'a> {
             cs: cols as isize,
             rs: 1,
         }
+    }
+
+    /// Whether the slice holds every element of a `rows × cols` view with these strides.
+    fn holds(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * (self.rs as usize) + (cols - 1) * (self.cs as usize) < self.data.len()
     }
 }
 
