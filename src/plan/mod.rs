@@ -243,9 +243,10 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
             bytes: act.layer_inputs + act.mask,
         },
     ];
-    // The step's transient top. With checkpointing: the loss head (no layer graph alive), or one
-    // recomputed layer graph plus the gradients flowing through it. Without: every layer's graph
-    // is alive through the loss and the first layer backward.
+    // The step's transient top. With checkpointing on every layer: the loss head (no layer graph
+    // alive), or one recomputed layer graph plus the gradients flowing through it. Otherwise the
+    // kept graphs (every layer's without checkpointing, the top N with `--keep-layers N`) are
+    // alive through the loss and the first layer backward.
     let loss_item = PlanItem {
         name: "loss head",
         detail: format!(
