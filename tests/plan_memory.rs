@@ -163,19 +163,24 @@ fn fused_layer_graph_count_is_exact() {
     let mask = attention_mask(b, t, 0, &AttentionSpan::Causal, &Device::Cpu).unwrap();
     let x = Tensor::randn(0f32, 1.0, (b, t, cfg.hidden_size), &Device::Cpu).unwrap();
     let layer = &model.layers[0];
-    drop(
-        layer
-            .forward(&x, &model.rope, &pos, &mask, None, true)
-            .unwrap(),
-    );
-    let before = LIVE.load(Ordering::Relaxed);
-    // As the layer-wise step does: the input becomes a variable (a copy), then the forward.
-    let xv = Var::from_tensor(&x).unwrap();
-    let out = layer
-        .forward(xv.as_tensor(), &model.rope, &pos, &mask, None, true)
-        .unwrap();
-    let kept = LIVE.load(Ordering::Relaxed) - before;
-    drop((out, xv));
+    // The matmul crate's per-thread packing buffers grow on first use, and which rayon worker
+    // first meets which shape varies from run to run; those one-time allocations are not part of
+    // the graph. The graph's bytes are the same every time, so the smallest of a few forwards is
+    // the graph alone.
+    let kept = (0..4)
+        .map(|_| {
+            let before = LIVE.load(Ordering::Relaxed);
+            // As the layer-wise step does: the input becomes a variable (a copy), then the forward.
+            let xv = Var::from_tensor(&x).unwrap();
+            let out = layer
+                .forward(xv.as_tensor(), &model.rope, &pos, &mask, None, true)
+                .unwrap();
+            let kept = LIVE.load(Ordering::Relaxed) - before;
+            drop((out, xv));
+            kept
+        })
+        .min()
+        .unwrap_or(0);
     let s = PlanSettings {
         batch_size: b,
         seq_len: t,
