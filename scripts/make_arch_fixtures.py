@@ -32,7 +32,11 @@ from transformers import (
 
 torch.set_num_threads(1)
 SEQ = 24
-VOCAB = 128
+VOCAB = 512
+# tiny-llama's byte-level BPE tokenizer (vocab 512: <unk>, <s>, </s>, bytes, merges), copied into
+# every folder so the models can be exported to GGUF with a vocabulary.
+TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny-llama")
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
 
 
 def init_weights(model, seed):
@@ -74,6 +78,42 @@ def save_reference(path, ids, logits, hidden, extra):
     save_file(tensors, path)
 
 
+def add_adapter(cls, cfg, seed, d, ids):
+    """A PEFT LoRA adapter (r 4, alpha 8, all seven projections) saved to `d/adapter`; B is
+    drawn too (PEFT's init leaves it zero). Returns the PeftModel's logits on `ids`."""
+    lcfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    pm = peft.get_peft_model(build(cls, cfg, seed), lcfg).eval()
+    g = torch.Generator().manual_seed(seed + 10)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    out = os.path.join(d, "adapter")
+    pm.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))  # PEFT's generated model card
+    cfg_path = os.path.join(out, "adapter_config.json")
+    with open(cfg_path) as f:
+        acfg = json.load(f)
+    acfg["base_model_name_or_path"] = ".."
+    with open(cfg_path, "w") as f:
+        json.dump(acfg, f, indent=2, sort_keys=True)
+    with torch.no_grad():
+        return pm(input_ids=ids).logits.float()
+
+
+def save_model(model, d):
+    model.save_pretrained(d)
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(TOKENIZER, name), os.path.join(d, name))
+
+
 def common(**kw):
     base = dict(
         vocab_size=VOCAB,
@@ -99,7 +139,7 @@ def qwen2(out):
     )
     model = build(Qwen2ForCausalLM, cfg, 11)
     d = os.path.join(out, "qwen2")
-    model.save_pretrained(d)
+    save_model(model, d)
     ids = input_ids(1)
     logits, hidden = run(model, ids)
 
@@ -111,31 +151,7 @@ def qwen2(out):
                 p.zero_()
     logits_nobias, _ = run(nobias, ids)
 
-    # PEFT LoRA on all seven projections; B drawn too (PEFT's init leaves it zero).
-    lcfg = peft.LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    pm = peft.get_peft_model(build(Qwen2ForCausalLM, cfg, 11), lcfg).eval()
-    g = torch.Generator().manual_seed(21)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.save_pretrained(os.path.join(d, "adapter"))
-    os.remove(os.path.join(d, "adapter", "README.md"))  # PEFT's generated model card
-    with torch.no_grad():
-        logits_adapter = pm(input_ids=ids).logits.float()
-    cfg_path = os.path.join(d, "adapter", "adapter_config.json")
-    with open(cfg_path) as f:
-        acfg = json.load(f)
-    acfg["base_model_name_or_path"] = ".."
-    with open(cfg_path, "w") as f:
-        json.dump(acfg, f, indent=2, sort_keys=True)
+    logits_adapter = add_adapter(Qwen2ForCausalLM, cfg, 11, d, ids)
 
     # bitsandbytes NF4 + double quantization through transformers, f32 compute; the plain f32
     # path (see ../bnb4/README.md for the AVX512-BF16 note).
@@ -179,7 +195,7 @@ def mistral(out):
     )
     model = build(MistralForCausalLM, cfg, 9)
     d = os.path.join(out, "mistral")
-    model.save_pretrained(d)
+    save_model(model, d)
     ids = input_ids(2)
     logits, hidden = run(model, ids)
     full = MistralConfig(
@@ -187,12 +203,13 @@ def mistral(out):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     logits_full, _ = run(build(MistralForCausalLM, full, 9), ids)
+    logits_adapter = add_adapter(MistralForCausalLM, cfg, 9, d, ids)
     save_reference(
         os.path.join(d, "reference.safetensors"),
         ids,
         logits,
         hidden,
-        {"logits_no_window": logits_full},
+        {"logits_no_window": logits_full, "logits_adapter": logits_adapter},
     )
 
 
@@ -209,7 +226,7 @@ def llama3(out):
     cfg = LlamaConfig(**common(tie_word_embeddings=False), rope_parameters=scaled)
     model = build(LlamaForCausalLM, cfg, 5)
     d = os.path.join(out, "llama3")
-    model.save_pretrained(d)
+    save_model(model, d)
     ids = input_ids(3)
     logits, hidden = run(model, ids)
     plain = LlamaConfig(
@@ -217,12 +234,13 @@ def llama3(out):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     logits_plain, _ = run(build(LlamaForCausalLM, plain, 5), ids)
+    logits_adapter = add_adapter(LlamaForCausalLM, cfg, 5, d, ids)
     save_reference(
         os.path.join(d, "reference.safetensors"),
         ids,
         logits,
         hidden,
-        {"logits_default_rope": logits_plain},
+        {"logits_default_rope": logits_plain, "logits_adapter": logits_adapter},
     )
 
 

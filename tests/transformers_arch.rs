@@ -92,15 +92,17 @@ fn qwen2_with_biases_and_tied_head_matches_transformers() {
 }
 
 #[test]
-fn qwen2_peft_adapter_matches_peft() {
-    let r = reference("qwen2");
-    let mut m = load(&arch("qwen2"), BaseFormat::Dense);
-    let cfg = peft::load_adapter(&mut m.model, &arch("qwen2/adapter"), None).unwrap();
-    assert_eq!((cfg.rank, cfg.alpha), (4, 8.0));
-    let d = max_abs(&m.model.forward(&ids_of(&r)).unwrap(), &r["logits_adapter"]);
-    println!("qwen2 + PEFT adapter: logits within {d:.2e}");
-    assert!(d <= TOL, "adapter logits differ by {d}");
-    assert!(max_abs(&r["logits"], &r["logits_adapter"]) > 0.5);
+fn peft_adapters_match_peft() {
+    for name in ["qwen2", "mistral", "llama3"] {
+        let r = reference(name);
+        let mut m = load(&arch(name), BaseFormat::Dense);
+        let cfg = peft::load_adapter(&mut m.model, &arch(name).join("adapter"), None).unwrap();
+        assert_eq!((cfg.rank, cfg.alpha), (4, 8.0));
+        let d = max_abs(&m.model.forward(&ids_of(&r)).unwrap(), &r["logits_adapter"]);
+        println!("{name} + PEFT adapter: logits within {d:.2e}");
+        assert!(d <= TOL, "{name}: adapter logits differ by {d}");
+        assert!(max_abs(&r["logits"], &r["logits_adapter"]) > 0.5);
+    }
 }
 
 #[test]
