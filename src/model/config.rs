@@ -281,8 +281,9 @@ pub fn llama3_rope_factors(
 /// The Llama 3 scaling whose [`llama3_rope_factors`] are `factors` (a GGUF's
 /// `rope_freqs.weight`), `Ok(None)` if every factor is 1. The blend is linear in
 /// 1/wavelength, so two blended entries pin it (written with `low_freq_factor` 1; any equivalent
-/// triple gives the same factors); with fewer, Llama 3.1's 1 / 4 / 8192 are tried. The result
-/// must reproduce every factor within 1e-5, else this is an error.
+/// triple gives the same factors); one blended entry pins it with `high_freq_factor` 4; Llama
+/// 3.1's 1 / 4 / 8192 are tried next, and with no blended entry any context between the bands.
+/// The result must reproduce every factor within 1e-5, else this is an error.
 pub fn llama3_scaling_from_factors(
     head_dim: usize,
     theta: f64,
@@ -316,25 +317,53 @@ pub fn llama3_scaling_from_factors(
             (u, s)
         })
         .collect();
-    let (low, high, old) = match (blended.first(), blended.last()) {
-        (Some(&(u0, s0)), Some(&(u1, s1))) if blended.len() >= 2 && u0 != u1 => {
+    // Candidate (low, high, original context) triples, tried in order; the first that
+    // reproduces every factor is taken.
+    let mut candidates = Vec::new();
+    match blended[..] {
+        [(u0, s0), .., (u1, s1)] if u0 != u1 => {
             // s = (old·u − low) / (high − low) = a·u + b; with low = 1: high = 1 − 1/b, old = −a/b.
             let a = (s1 - s0) / (u1 - u0);
             let b = s0 - a * u0;
-            let old = (-a / b).round();
             let high = ((1.0 - 1.0 / b) * 1e4).round() / 1e4;
-            (1.0, high, old)
+            candidates.push((1.0, high, (-a / b).round()));
         }
-        _ => (1.0, 4.0, 8192.0),
-    };
-    let again = llama3_rope_factors(head_dim, theta, factor, low, high, old);
-    let close = again
-        .iter()
-        .zip(factors)
-        .all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0));
-    if !close {
-        return Err("holds per-frequency factors that do not follow Llama 3's RoPE scaling".into());
+        // One blended entry leaves one free parameter: Llama 3's high_freq_factor 4 fixes it.
+        [(u0, s0)] => candidates.push((1.0, 4.0, ((3.0 * s0 + 1.0) / u0).round())),
+        _ => {}
     }
+    candidates.push((1.0, 4.0, 8192.0));
+    if blended.is_empty() {
+        // Only unscaled and fully scaled entries: any context between the bands fits, i.e.
+        // scaled entries below 1/old and unscaled ones above 4/old (low 1, high 4).
+        let u = |keep: bool| {
+            factors.iter().zip(&inv).filter_map(move |(f, freq)| {
+                let unscaled = (f64::from(*f) - 1.0).abs() < 1e-6;
+                (unscaled == keep).then(|| f64::from(*freq) / (2.0 * std::f64::consts::PI))
+            })
+        };
+        let lo = u(true).fold(f64::INFINITY, f64::min);
+        let hi = u(false).fold(0.0, f64::max);
+        // old ∈ (4/lo, 1/hi); the geometric middle, rounded.
+        let (a, b) = (4.0 / lo, 1.0 / hi.max(f64::MIN_POSITIVE));
+        if a.is_finite() && a < b {
+            candidates.push((1.0, 4.0, (a * b).sqrt().round()));
+        } else if !a.is_finite() && b.is_finite() {
+            candidates.push((1.0, 4.0, (b / 2.0).round().max(1.0)));
+        }
+    }
+    let reproduces = |&(low, high, old): &(f64, f64, f64)| {
+        old >= 1.0 && high > low && {
+            let again = llama3_rope_factors(head_dim, theta, factor, low, high, old);
+            again
+                .iter()
+                .zip(factors)
+                .all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0))
+        }
+    };
+    let Some((low, high, old)) = candidates.into_iter().find(reproduces) else {
+        return Err("holds per-frequency factors that do not follow Llama 3's RoPE scaling".into());
+    };
     Ok(Some(RopeScaling::Llama3 {
         factor,
         low_freq_factor: low,
@@ -411,6 +440,31 @@ mod tests {
                     original_max_position_embeddings: old,
                 })
             );
+        }
+        // One blended entry (original context 16 at head_dim 16) and none (θ 10⁶ puts no
+        // wavelength inside 7.5..30): a scaling with the same factors comes back.
+        for (d, theta, old, blended) in [(16, 1e4, 16.0, 1), (16, 1e6, 30.0, 0)] {
+            let factors = llama3_rope_factors(d, theta, 8.0, 1.0, 4.0, old);
+            let n = factors.iter().filter(|f| **f > 1.0 && **f < 8.0).count();
+            assert_eq!(n, blended);
+            let Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) = llama3_scaling_from_factors(d, theta, &factors).unwrap()
+            else {
+                panic!("no scaling for {factors:?}");
+            };
+            let again = llama3_rope_factors(
+                d,
+                theta,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            );
+            assert_eq!(again, factors, "context {old}");
         }
         assert_eq!(
             llama3_scaling_from_factors(8, 1e4, &[1.0; 4]).unwrap(),
