@@ -132,6 +132,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             args.adapter.display()
         )
     })?;
+    for caveat in crate::export::caveats(&loaded.model.cfg, &opts) {
+        eprintln!("warning: {caveat}");
+    }
     if args.requantize {
         eprintln!(
             "warning: --requantize rounds the merged weights to 4 bits again; the result's outputs \

@@ -162,6 +162,26 @@ pub struct ExportReport {
     pub requantized: usize,
 }
 
+/// What a consumer of the export will not reproduce, one sentence each, for the CLI to print as
+/// warnings before it writes anything.
+pub fn caveats(cfg: &crate::model::config::LlamaConfig, opts: &ExportOptions) -> Vec<String> {
+    let mut out = Vec::new();
+    if opts.format == ExportFormat::Gguf {
+        if let Some(w) = cfg
+            .sliding_window
+            .filter(|&w| w < cfg.max_position_embeddings)
+        {
+            out.push(format!(
+                "the model attends to a sliding window of {w} keys; llama.cpp's `llama` \
+                 architecture, which GGUF has for `{}`, attends to every key, so llama.cpp's \
+                 outputs match this model's only up to {w} tokens",
+                cfg.model_type
+            ));
+        }
+    }
+    out
+}
+
 /// Load `model` as `opts` says (4-bit for a dequantized merge, dense for an original one) and
 /// put the adapter in `adapter` on it; every adapter shape is checked against the model.
 pub fn load_for_merge(
@@ -307,4 +327,37 @@ pub fn compare_requantized(
     )?;
     let requant = evaluate(&requantized.model, seqs, seq_len, |_, _| {})?;
     Ok((dense, requant))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::LlamaConfig;
+
+    fn config(extra: serde_json::Value) -> LlamaConfig {
+        let mut v = serde_json::json!({"model_type": "mistral", "vocab_size": 32, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-6});
+        for (k, x) in extra.as_object().into_iter().flatten() {
+            v[k] = x.clone();
+        }
+        LlamaConfig::from_json(&v).unwrap()
+    }
+
+    #[test]
+    fn a_sliding_window_is_a_gguf_caveat_only_when_it_binds() {
+        let gguf = ExportOptions {
+            format: ExportFormat::Gguf,
+            ..Default::default()
+        };
+        let windowed = config(serde_json::json!({"sliding_window": 6}));
+        let notes = caveats(&windowed, &gguf);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("window of 6 keys") && notes[0].contains("`mistral`"));
+        // Safetensors keeps `sliding_window` in config.json: nothing lost.
+        assert!(caveats(&windowed, &ExportOptions::default()).is_empty());
+        // A window as long as the context never binds (Qwen2's usual config), nor does none.
+        assert!(caveats(&config(serde_json::json!({"sliding_window": 64})), &gguf).is_empty());
+        assert!(caveats(&config(serde_json::json!({})), &gguf).is_empty());
+    }
 }
