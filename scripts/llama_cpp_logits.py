@@ -24,24 +24,20 @@ from safetensors.numpy import load_file, save_file
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 
-# name: (model folder, adapter folder, reference file holding `input_ids`, extra merge args)
+# name: (model folder, adapter folder, reference file holding `input_ids`, extra merge args,
+#        reference logits of the adapted model, logits of the model without the adapter)
 CASES = {
-    "tiny-llama-f32": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--dtype", "f32"]),
-    "tiny-llama-f16": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--dtype", "f16"]),
-    "tiny-llama-q8_0": (
-        "tiny-llama",
-        "lora/adapter",
-        "lora/reference.safetensors",
-        ["--gguf-type", "q8_0"],
-    ),
-    "qwen2-f32": ("arch/qwen2", "arch/qwen2/adapter", "arch/qwen2/reference.safetensors", ["--dtype", "f32"]),
-    "llama3-f32": ("arch/llama3", "arch/llama3/adapter", "arch/llama3/reference.safetensors", ["--dtype", "f32"]),
-    "mistral-f32": (
-        "arch/mistral",
-        "arch/mistral/adapter",
-        "arch/mistral/reference.safetensors",
-        ["--dtype", "f32"],
-    ),
+    "tiny-llama-f32": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--base", "original", "--dtype", "f32"], "logits_adapter", "logits_base"),
+    "tiny-llama-f16": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--base", "original", "--dtype", "f16"], "logits_adapter", "logits_base"),
+    "tiny-llama-bf16": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--base", "original", "--dtype", "bf16"], "logits_adapter", "logits_base"),
+    "tiny-llama-q8_0": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--base", "original", "--gguf-type", "q8_0"], "logits_adapter", "logits_base"),
+    # The QLoRA packaging path: the adapter merged into the dequantized NF4 weights (the default
+    # --base; quantizing tiny-llama on load is bit-exact with bnb4/model), against PEFT on
+    # bitsandbytes' 4-bit model.
+    "tiny-llama-nf4-f32": ("tiny-llama", "lora/adapter", "bnb4/reference.safetensors", ["--dtype", "f32"], "logits_4bit_lora", "logits_4bit"),
+    "qwen2-f32": ("arch/qwen2", "arch/qwen2/adapter", "arch/qwen2/reference.safetensors", ["--base", "original", "--dtype", "f32"], "logits_adapter", "logits"),
+    "llama3-f32": ("arch/llama3", "arch/llama3/adapter", "arch/llama3/reference.safetensors", ["--base", "original", "--dtype", "f32"], "logits_adapter", "logits"),
+    "mistral-f32": ("arch/mistral", "arch/mistral/adapter", "arch/mistral/reference.safetensors", ["--base", "original", "--dtype", "f32"], "logits_adapter", "logits"),
 }
 
 
@@ -52,8 +48,6 @@ def merge_args(model, adapter, extra, out):
         os.path.join(FIXTURES, model),
         "--adapter",
         os.path.join(FIXTURES, adapter),
-        "--base",
-        "original",
         "--format",
         "gguf",
         "--out",
@@ -91,7 +85,7 @@ def main():
         "system_info": llama_cpp.llama_print_system_info().decode(),
         "cases": {},
     }
-    for name, (model, adapter, ref, extra) in CASES.items():
+    for name, (model, adapter, ref, extra, adapted, base) in CASES.items():
         ids = load_file(os.path.join(FIXTURES, ref))["input_ids"]
         with tempfile.TemporaryDirectory() as tmp:
             dest = os.path.join(tmp, "out")
@@ -107,7 +101,9 @@ def main():
             "model": model,
             "adapter": adapter,
             "input_ids": ref,
-            "merge_args": ["--base", "original", "--format", "gguf"] + extra,
+            "merge_args": ["--format", "gguf"] + extra,
+            "reference": adapted,
+            "reference_base": base,
             "gguf_sha256": digest,
         }
         print(name, digest, logits.shape)
