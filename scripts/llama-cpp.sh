@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Python with llama-cpp-python 0.3.36 (which compiles the llama.cpp it vendors; ~15 min on two
+# A Python with llama-cpp-python 0.3.36 (which compiles the llama.cpp it vendors; 6 min on two
 # cores) and numpy + safetensors, in a virtualenv cached outside git, from PyPI only. Prints the
 # virtualenv's python, for scripts/llama_cpp_logits.py:
 #
