@@ -344,12 +344,12 @@ pub fn llama3_scaling_from_factors(
         };
         let lo = u(true).fold(f64::INFINITY, f64::min);
         let hi = u(false).fold(0.0, f64::max);
-        // old ∈ (4/lo, 1/hi); the geometric middle, rounded.
-        let (a, b) = (4.0 / lo, 1.0 / hi.max(f64::MIN_POSITIVE));
-        if a.is_finite() && a < b {
-            candidates.push((1.0, 4.0, (a * b).sqrt().round()));
-        } else if !a.is_finite() && b.is_finite() {
-            candidates.push((1.0, 4.0, (b / 2.0).round().max(1.0)));
+        // old ∈ (4/lo, 1/hi): the geometric middle, or half the upper end when every entry is
+        // scaled (no lower end); rounded, and checked below like every candidate.
+        let (a, b) = (4.0 / lo, 1.0 / hi);
+        if a < b && b.is_finite() {
+            let old = if a > 0.0 { (a * b).sqrt() } else { b / 2.0 };
+            candidates.push((1.0, 4.0, old.round()));
         }
     }
     let reproduces = |&(low, high, old): &(f64, f64, f64)| {
@@ -441,9 +441,11 @@ mod tests {
                 })
             );
         }
-        // One blended entry (original context 16 at head_dim 16) and none (θ 10⁶ puts no
-        // wavelength inside 7.5..30): a scaling with the same factors comes back.
-        for (d, theta, old, blended) in [(16, 1e4, 16.0, 1), (16, 1e6, 30.0, 0)] {
+        // One blended entry (original context 16 at head_dim 16), none (θ 10⁶ puts no
+        // wavelength inside 7.5..30), none and every entry scaled (context 5, below the shortest
+        // wavelength): a scaling with the same factors comes back.
+        for (d, theta, old, blended) in [(16, 1e4, 16.0, 1), (16, 1e6, 30.0, 0), (16, 1e6, 5.0, 0)]
+        {
             let factors = llama3_rope_factors(d, theta, 8.0, 1.0, 4.0, old);
             let n = factors.iter().filter(|f| **f > 1.0 && **f < 8.0).count();
             assert_eq!(n, blended);
