@@ -102,6 +102,8 @@ def add_adapter(cls, cfg, seed, d, ids):
     with open(cfg_path) as f:
         acfg = json.load(f)
     acfg["base_model_name_or_path"] = ".."
+    # PEFT writes a set's order, which changes with Python's string hashing: sort it.
+    acfg["target_modules"] = sorted(acfg["target_modules"])
     with open(cfg_path, "w") as f:
         json.dump(acfg, f, indent=2, sort_keys=True)
     with torch.no_grad():
@@ -187,34 +189,41 @@ def qwen2(out):
     )
 
 
-def mistral(out):
-    """Mistral with a sliding window of 6 keys over 24 positions."""
-    cfg = MistralConfig(
-        **common(tie_word_embeddings=False, sliding_window=6, head_dim=16),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-    model = build(MistralForCausalLM, cfg, 9)
-    d = os.path.join(out, "mistral")
+def with_variant(out, name, cls, cfg, variant_cfg, variant_key, seed, ids_seed):
+    """Save the model `cls(cfg)` to `out/name` with an adapter and a reference file that also
+    holds `variant_key`: the logits of `cls(variant_cfg)` with the same weights and ids."""
+    model = build(cls, cfg, seed)
+    d = os.path.join(out, name)
     save_model(model, d)
-    ids = input_ids(2)
+    ids = input_ids(ids_seed)
     logits, hidden = run(model, ids)
-    full = MistralConfig(
-        **common(tie_word_embeddings=False, sliding_window=None, head_dim=16),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-    logits_full, _ = run(build(MistralForCausalLM, full, 9), ids)
-    logits_adapter = add_adapter(MistralForCausalLM, cfg, 9, d, ids)
+    logits_variant, _ = run(build(cls, variant_cfg, seed), ids)
+    logits_adapter = add_adapter(cls, cfg, seed, d, ids)
     save_reference(
         os.path.join(d, "reference.safetensors"),
         ids,
         logits,
         hidden,
-        {"logits_no_window": logits_full, "logits_adapter": logits_adapter},
+        {variant_key: logits_variant, "logits_adapter": logits_adapter},
     )
 
 
+def mistral(out):
+    """Mistral with a sliding window of 6 keys over 24 positions (variant: no window)."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    windowed, full = (
+        MistralConfig(
+            **common(tie_word_embeddings=False, sliding_window=w, head_dim=16),
+            rope_parameters=rope,
+        )
+        for w in (6, None)
+    )
+    with_variant(out, "mistral", MistralForCausalLM, windowed, full, "logits_no_window", 9, 2)
+
+
 def llama3(out):
-    """Llama 3.1 RoPE scaling with bands that fall inside 24 positions (original context 16)."""
+    """Llama 3.1 RoPE scaling with bands that fall inside 24 positions (original context 16;
+    variant: plain RoPE)."""
     scaled = {
         "rope_type": "llama3",
         "rope_theta": 10000.0,
@@ -223,25 +232,11 @@ def llama3(out):
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16,
     }
-    cfg = LlamaConfig(**common(tie_word_embeddings=False), rope_parameters=scaled)
-    model = build(LlamaForCausalLM, cfg, 5)
-    d = os.path.join(out, "llama3")
-    save_model(model, d)
-    ids = input_ids(3)
-    logits, hidden = run(model, ids)
-    plain = LlamaConfig(
-        **common(tie_word_embeddings=False),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    plain = {"rope_type": "default", "rope_theta": 10000.0}
+    cfg, plain_cfg = (
+        LlamaConfig(**common(tie_word_embeddings=False), rope_parameters=r) for r in (scaled, plain)
     )
-    logits_plain, _ = run(build(LlamaForCausalLM, plain, 5), ids)
-    logits_adapter = add_adapter(LlamaForCausalLM, cfg, 5, d, ids)
-    save_reference(
-        os.path.join(d, "reference.safetensors"),
-        ids,
-        logits,
-        hidden,
-        {"logits_default_rope": logits_plain, "logits_adapter": logits_adapter},
-    )
+    with_variant(out, "llama3", LlamaForCausalLM, cfg, plain_cfg, "logits_default_rope", 5, 3)
 
 
 def main():

@@ -58,7 +58,7 @@ fn manifest() -> Manifest {
 /// Export `case` with the CLI into `dir`; the GGUF file's path.
 fn export(case: &Case, dir: &Path) -> PathBuf {
     let out = dir.join("out");
-    let status = Command::new(env!("CARGO_BIN_EXE_qlora"))
+    let run = Command::new(env!("CARGO_BIN_EXE_qlora"))
         .arg("merge")
         .arg("--model")
         .arg(fixtures().join(&case.model))
@@ -70,9 +70,9 @@ fn export(case: &Case, dir: &Path) -> PathBuf {
         .output()
         .unwrap();
     assert!(
-        status.status.success(),
+        run.status.success(),
         "qlora merge failed: {}",
-        String::from_utf8_lossy(&status.stderr)
+        String::from_utf8_lossy(&run.stderr)
     );
     let gguf: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
