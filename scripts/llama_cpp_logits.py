@@ -26,18 +26,32 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests
 
 # name: (model folder, adapter folder, reference file holding `input_ids`, extra merge args,
 #        reference logits of the adapted model, logits of the model without the adapter)
+ORIGINAL = ["--base", "original"]
+
+
+def tiny_llama(args):
+    return ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ORIGINAL + args,
+            "logits_adapter", "logits_base")
+
+
+def arch(name):
+    return (f"arch/{name}", f"arch/{name}/adapter", f"arch/{name}/reference.safetensors",
+            ORIGINAL + ["--dtype", "f32"], "logits_adapter", "logits")
+
+
 CASES = {
-    "tiny-llama-f32": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--base", "original", "--dtype", "f32"], "logits_adapter", "logits_base"),
-    "tiny-llama-f16": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--base", "original", "--dtype", "f16"], "logits_adapter", "logits_base"),
-    "tiny-llama-bf16": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--base", "original", "--dtype", "bf16"], "logits_adapter", "logits_base"),
-    "tiny-llama-q8_0": ("tiny-llama", "lora/adapter", "lora/reference.safetensors", ["--base", "original", "--gguf-type", "q8_0"], "logits_adapter", "logits_base"),
+    "tiny-llama-f32": tiny_llama(["--dtype", "f32"]),
+    "tiny-llama-f16": tiny_llama(["--dtype", "f16"]),
+    "tiny-llama-bf16": tiny_llama(["--dtype", "bf16"]),
+    "tiny-llama-q8_0": tiny_llama(["--gguf-type", "q8_0"]),
     # The QLoRA packaging path: the adapter merged into the dequantized NF4 weights (the default
     # --base; quantizing tiny-llama on load is bit-exact with bnb4/model), against PEFT on
     # bitsandbytes' 4-bit model.
-    "tiny-llama-nf4-f32": ("tiny-llama", "lora/adapter", "bnb4/reference.safetensors", ["--dtype", "f32"], "logits_4bit_lora", "logits_4bit"),
-    "qwen2-f32": ("arch/qwen2", "arch/qwen2/adapter", "arch/qwen2/reference.safetensors", ["--base", "original", "--dtype", "f32"], "logits_adapter", "logits"),
-    "llama3-f32": ("arch/llama3", "arch/llama3/adapter", "arch/llama3/reference.safetensors", ["--base", "original", "--dtype", "f32"], "logits_adapter", "logits"),
-    "mistral-f32": ("arch/mistral", "arch/mistral/adapter", "arch/mistral/reference.safetensors", ["--base", "original", "--dtype", "f32"], "logits_adapter", "logits"),
+    "tiny-llama-nf4-f32": ("tiny-llama", "lora/adapter", "bnb4/reference.safetensors",
+                           ["--dtype", "f32"], "logits_4bit_lora", "logits_4bit"),
+    "qwen2-f32": arch("qwen2"),
+    "llama3-f32": arch("llama3"),
+    "mistral-f32": arch("mistral"),
 }
 
 

@@ -12,13 +12,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
-use common::max_abs;
-use qlora::model::loader::{load_model, BaseFormat, LoadOptions};
+use candle_core::Tensor;
+use common::{fixtures, input_ids, load_as, max_abs, safetensors as tensors};
+use qlora::model::loader::BaseFormat;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -38,15 +38,6 @@ struct Case {
 #[derive(Deserialize)]
 struct Manifest {
     cases: BTreeMap<String, Case>,
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn manifest() -> Manifest {
@@ -93,12 +84,7 @@ fn sha256(path: &Path) -> String {
 
 /// Our logits `[sequences, tokens, vocab]` on the GGUF file, every row its own sequence.
 fn ours(gguf: &Path, ids: &Tensor) -> Tensor {
-    let opts = LoadOptions {
-        base: BaseFormat::Dense,
-        ..Default::default()
-    };
-    let m = load_model(gguf, &opts).unwrap_or_else(|e| panic!("{}: {e}", gguf.display()));
-    m.model.forward(ids).unwrap()
+    load_as(gguf, BaseFormat::Dense).model.forward(ids).unwrap()
 }
 
 /// Bounds for (llama.cpp vs PEFT, ours vs llama.cpp), and how many leading positions the PEFT
@@ -138,7 +124,7 @@ fn llama_cpp_runs_our_gguf_exports_like_peft() {
              if the change is intended"
         );
         let reference = tensors(&fixtures().join(&case.input_ids));
-        let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
+        let ids = input_ids(&reference);
         let llama_cpp = tensors(&fixtures().join(format!("llama_cpp/{name}.safetensors")))
             .remove("logits")
             .unwrap();

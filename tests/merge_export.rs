@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::max_abs;
+use common::{fixtures, max_abs};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -20,10 +20,6 @@ use qlora::model::checkpoint::SafetensorsDir;
 use qlora::model::error::ModelError;
 use qlora::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
 use qlora::quant::QuantType;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn tiny() -> PathBuf {
     fixtures().join("tiny-llama")

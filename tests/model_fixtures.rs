@@ -2,32 +2,14 @@
 
 mod common;
 
-use common::max_abs;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use common::{fixtures, input_ids as ids_of, load_as, max_abs, safetensors as reference};
 
 use candle_core::{DType, Device, Tensor};
 use qlora::lora::peft;
 use qlora::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn reference(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).expect("reference file")
-}
-
 fn load(dir: &str, base: BaseFormat) -> LoadedModel {
-    let opts = LoadOptions {
-        base,
-        ..Default::default()
-    };
-    load_model(&fixtures().join(dir), &opts).expect("model loads")
-}
-
-fn ids_of(r: &HashMap<String, Tensor>) -> Tensor {
-    r["input_ids"].to_dtype(DType::U32).unwrap()
+    load_as(&fixtures().join(dir), base)
 }
 
 #[test]

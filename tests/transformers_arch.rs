@@ -8,40 +8,24 @@
 
 mod common;
 
-use common::max_abs;
+use common::{fixtures, input_ids as ids_of, load_as as load, max_abs, safetensors};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use qlora::lora::peft;
 use qlora::model::llama::KvCache;
-use qlora::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel, SourceKind};
+use qlora::model::loader::{BaseFormat, LoadedModel, SourceKind};
 use qlora::quant::QuantType;
 
 const TOL: f32 = 1e-4;
 
 fn arch(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/arch")
-        .join(name)
+    fixtures().join("arch").join(name)
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    let path = arch(name).join("reference.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn load(dir: &Path, base: BaseFormat) -> LoadedModel {
-    let opts = LoadOptions {
-        base,
-        ..Default::default()
-    };
-    load_model(dir, &opts).unwrap_or_else(|e| panic!("{} loads: {e}", dir.display()))
-}
-
-fn ids_of(r: &HashMap<String, Tensor>) -> Tensor {
-    r["input_ids"].to_dtype(DType::U32).unwrap()
+    safetensors(&arch(name).join("reference.safetensors"))
 }
 
 /// Logits and every hidden state (embeddings, each layer's output, the final norm) within
