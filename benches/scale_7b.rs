@@ -13,10 +13,11 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use qlora::lora::{self, LoraConfig};
+use qlora::lora::LoraConfig;
 use qlora::model::loader::LoadOptions;
 use qlora::model::random_source::generate_model;
 use qlora::optim::{AdamW, AdamWConfig, StateStorage};
+use qlora::peft;
 use qlora::plan::presets::preset_config;
 use qlora::plan::rss::{current_rss_bytes, peak_rss_bytes};
 use qlora::plan::{format_bytes, plan_memory, PlanSettings};
@@ -68,9 +69,9 @@ fn main() -> anyhow::Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let rss_loaded = current_rss_bytes().unwrap_or(0);
     let peak_loading = peak_rss_bytes().unwrap_or(0);
-    lora::attach_new(&mut model, &LoraConfig::default(), 42)?;
-    lora::share_dropout_seed(&mut model).set(1);
-    let named = lora::trainable_vars(&model);
+    peft::attach_new(&mut model, &LoraConfig::default(), 42)?;
+    peft::share_dropout_seed(&mut model).set(1);
+    let named = peft::trainable_vars(&model);
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::with_storage(named, AdamWConfig::default(), |_| 1.0, StateStorage::Plain)?;
     let ids: Vec<u32> = (0..batch * seq)

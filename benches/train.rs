@@ -23,9 +23,10 @@ use anyhow::{bail, Context};
 use candle_core::Var;
 use qlora::data::batches::{BatchOptions, Batches};
 use qlora::data::corpus::{Corpus, DataOptions};
-use qlora::lora::{self, LoraConfig};
+use qlora::lora::LoraConfig;
 use qlora::model::loader::{load_model, BaseFormat, LoadOptions};
 use qlora::optim::{AdamW, AdamWConfig};
+use qlora::peft;
 use qlora::quant::QuantType;
 use qlora::train::layerwise::{loss_and_grads_layerwise, Checkpointing};
 
@@ -363,9 +364,17 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
     };
     let mut m = load_model(&gguf, &opts)?;
     let tok = m.tokenizer.clone();
-    let dopts = DataOptions::new(SEQ, m.model.cfg.vocab_size);
+    let dopts = DataOptions::new(SEQ, m.model.as_llama().unwrap().cfg.vocab_size);
     let corpus = Corpus::load(Path::new("data/sonnets/train.txt"), tok.as_ref(), &dopts)?;
-    let pad = m.model.cfg.eos_token_ids.first().copied().unwrap_or(0);
+    let pad = m
+        .model
+        .as_llama()
+        .unwrap()
+        .cfg
+        .eos_token_ids
+        .first()
+        .copied()
+        .unwrap_or(0);
     let device = m.model.device().clone();
     let mut batches = Batches::new(
         corpus.examples,
@@ -373,9 +382,9 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
         &device,
     )?;
     let lcfg = LoraConfig::default();
-    lora::attach_new(&mut m.model, &lcfg, 42)?;
-    let seed = lora::share_dropout_seed(&mut m.model);
-    let named = lora::trainable_vars(&m.model);
+    peft::attach_new(&mut m.model, &lcfg, 42)?;
+    let seed = peft::share_dropout_seed(&mut m.model);
+    let named = peft::trainable_vars(&m.model);
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(named, AdamWConfig::default(), |_| 1.0)?;
     let mut times = Vec::with_capacity(steps);

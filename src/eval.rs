@@ -6,7 +6,7 @@ use crate::train::loss::summed_nll;
 use serde::Serialize;
 
 use crate::model::error::ModelError;
-use crate::model::llama::Llama;
+use crate::model::transformer::Model;
 
 /// Result of an evaluation.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -35,22 +35,22 @@ pub fn windows(seqs: &[Vec<u32>], seq_len: usize) -> Vec<Vec<u32>> {
 }
 
 /// Summed NLL and count of the next-token predictions in `ids` (`[1, t]`), logits in chunks.
-pub fn sequence_nll(model: &Llama, ids: &[u32]) -> Result<(f64, usize), ModelError> {
+pub fn sequence_nll(model: &Model, ids: &[u32]) -> Result<(f64, usize), ModelError> {
     let t = ids.len();
     let x = Tensor::from_vec(ids.to_vec(), (1, t), model.device())?;
     let pos = model.positions(1, t, 0)?;
     let hidden =
-        model.forward_hidden_eval(&x, &pos, &crate::model::llama::AttentionSpan::Causal)?;
+        model.forward_hidden_eval(&x, &pos, &crate::model::attention::AttentionSpan::Causal)?;
     let hidden = hidden.squeeze(0)?.narrow(0, 0, t - 1)?;
     let targets: Vec<i64> = ids[1..].iter().map(|&i| i as i64).collect();
-    let total = summed_nll(&hidden, model.head(), &targets, LOGIT_ROWS)?;
+    let total = summed_nll(&hidden, model.lm_head(), &targets, LOGIT_ROWS)?;
     Ok((total, t - 1))
 }
 
 /// Mean NLL and perplexity of `model` over `seqs`, cut into `seq_len` windows; `progress` is
 /// called after each window with (done, total).
 pub fn evaluate(
-    model: &Llama,
+    model: &Model,
     seqs: &[Vec<u32>],
     seq_len: usize,
     mut progress: impl FnMut(usize, usize),

@@ -383,8 +383,11 @@ fn qwen2_gguf_export_matches_candles_quantized_qwen2_and_reads_back() {
     assert!(gap <= 1e-4, "candle's qwen2: {gap} of the largest logit");
 
     let back = load_model(path, &dense()).unwrap();
-    assert_eq!(back.model.cfg.model_type, "qwen2");
-    assert!(back.model.cfg.attention_bias && !back.model.cfg.o_proj_bias);
+    assert_eq!(back.model.as_llama().unwrap().cfg.model_type, "qwen2");
+    assert!(
+        back.model.as_llama().unwrap().cfg.attention_bias
+            && !back.model.as_llama().unwrap().cfg.o_proj_bias
+    );
     let gap = rel_gap(&forward_all(&back), reference);
     assert!(gap <= 1e-4, "our GGUF reader: {gap} of the largest logit");
     assert_encodes_like_transformers(&back, vocab, "qwen2");
@@ -420,9 +423,12 @@ fn llama3_gguf_export_carries_rope_scaling_as_rope_freqs() {
     assert_eq!(metadata_string(path, "tokenizer.ggml.pre"), "llama-bpe");
 
     let back = load_model(path, &dense()).unwrap();
-    assert_eq!(back.model.cfg.rope_scaling, loaded.model.cfg.rope_scaling);
+    assert_eq!(
+        back.model.as_llama().unwrap().cfg.rope_scaling,
+        loaded.model.as_llama().unwrap().cfg.rope_scaling
+    );
     assert!(matches!(
-        back.model.cfg.rope_scaling,
+        back.model.as_llama().unwrap().cfg.rope_scaling,
         RopeScaling::Llama3 { .. }
     ));
     let gap = rel_gap(&forward_all(&back), reference);
@@ -493,7 +499,7 @@ fn candle_mistral(dir: &Path, cfg: &Value) -> Tensor {
 /// full forward and for decoding one token at a time with the KV cache.
 #[test]
 fn mistral_sliding_window_matches_candle_transformers_mistral() {
-    use qlora::model::llama::KvCache;
+    use qlora::model::transformer::KvCache;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
         "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -503,12 +509,12 @@ fn mistral_sliding_window_matches_candle_transformers_mistral() {
     write_checkpoint(tmp.path(), &cfg, false, 9);
     let theirs = candle_mistral(tmp.path(), &cfg);
     let loaded = load_model(tmp.path(), &dense()).unwrap();
-    assert_eq!(loaded.model.cfg.sliding_window, Some(6));
+    assert_eq!(loaded.model.as_llama().unwrap().cfg.sliding_window, Some(6));
     let mine = forward_all(&loaded);
     let gap = rel_gap(&mine, &theirs);
     assert!(gap <= 1e-4, "full forward: {gap} of the largest logit");
 
-    let mut cache = KvCache::new(loaded.model.cfg.num_hidden_layers);
+    let mut cache = KvCache::new(loaded.model.as_llama().unwrap().cfg.num_hidden_layers);
     let steps: Vec<Tensor> = ids()
         .iter()
         .map(|&id| {

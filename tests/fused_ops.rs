@@ -3,10 +3,9 @@
 //! (query blocks cut mid-way, grouped heads, causal / packed-segment / sliding-window masks).
 
 use candle_core::{Device, Tensor, Var};
+use qlora::model::attention::{attention_composite, attention_mask_windowed, AttentionSpan, Rope};
 use qlora::model::config::LlamaConfig;
-use qlora::model::llama::{
-    attention_composite, attention_mask_windowed, rms_norm_composite, AttentionSpan, Rope,
-};
+use qlora::model::llama::{rms_norm_composite, rope_inv_freq};
 use qlora::model::ops::attention::FusedAttention;
 use qlora::model::ops::rms_norm::rms_norm_fused;
 use qlora::model::ops::swiglu::silu_mul;
@@ -69,7 +68,7 @@ fn fused_attention_matches_composite_values_and_gradients() {
     .enumerate()
     {
         let cfg = config(h, kvh, d);
-        let rope = Rope::new(&cfg, 256, &dev).unwrap();
+        let rope = Rope::from_inv_freq(&rope_inv_freq(&cfg), 256, &dev).unwrap();
         // Packed rows: documents of uneven lengths, positions restarting per document.
         let mut seg = Vec::new();
         let mut pos = Vec::new();

@@ -6,11 +6,12 @@ use common::max_abs;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use qlora::lora::{self, LoraConfig, LoraInit};
+use qlora::lora::{LoraConfig, LoraInit};
 use qlora::model::loader::{load_model, BaseFormat, LoadOptions};
+use qlora::peft;
 use qlora::quant::QuantType;
 
-fn tiny(base: BaseFormat) -> qlora::model::llama::Llama {
+fn tiny(base: BaseFormat) -> qlora::model::transformer::Model {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
     load_model(
         &dir,
@@ -45,8 +46,8 @@ fn cfg(init: LoraInit, dora: bool) -> LoraConfig {
 }
 
 /// Give every B a non-zero value so adapters change the output.
-fn perturb_b(model: &qlora::model::llama::Llama) {
-    for (i, (_, v)) in lora::trainable_vars(model).iter().enumerate() {
+fn perturb_b(model: &qlora::model::transformer::Model) {
+    for (i, (_, v)) in peft::trainable_vars(model).iter().enumerate() {
         let t = v.as_tensor();
         if t.dims().len() == 2 && t.dims()[1] == 4 {
             let r = Tensor::randn(0f32, 0.05, t.dims(), &Device::Cpu).unwrap();
@@ -65,7 +66,7 @@ fn new_adapters_leave_the_output_unchanged() {
         ] {
             let mut m = tiny(base);
             let before = m.forward(&ids()).unwrap();
-            lora::attach_new(&mut m, &cfg(init, dora), 1).unwrap();
+            peft::attach_new(&mut m, &cfg(init, dora), 1).unwrap();
             let after = m.forward(&ids()).unwrap();
             let d = max_abs(&before, &after);
             assert!(d < 1e-4, "{base:?} {init:?} dora={dora}: {d}");
@@ -77,14 +78,14 @@ fn new_adapters_leave_the_output_unchanged() {
 fn pissa_base_residual_plus_adapter_reproduces_the_model() {
     let mut m = tiny(BaseFormat::Dense);
     let before = m.forward(&ids()).unwrap();
-    let w0 = m.layers[0]
+    let w0 = m.as_llama().unwrap().layers[0]
         .self_attn
         .q_proj
         .base
         .to_dense_f32(&Device::Cpu)
         .unwrap();
-    lora::attach_new(&mut m, &cfg(LoraInit::Pissa, false), 1).unwrap();
-    let lin = &m.layers[0].self_attn.q_proj;
+    peft::attach_new(&mut m, &cfg(LoraInit::Pissa, false), 1).unwrap();
+    let lin = &m.as_llama().unwrap().layers[0].self_attn.q_proj;
     let residual = lin.base.to_dense_f32(&Device::Cpu).unwrap();
     let delta = lin.adapter.as_ref().unwrap().delta_weight().unwrap();
     // W = residual + s·B·A, and the adapter holds the principal part (it is not small).
@@ -110,9 +111,9 @@ fn pissa_base_residual_plus_adapter_reproduces_the_model() {
 fn dora_forward_equals_its_definition() {
     // y = x · (m ⊙ (W0 + sBA) / ‖W0 + sBA‖_row)ᵀ
     let mut m = tiny(BaseFormat::Dense);
-    lora::attach_new(&mut m, &cfg(LoraInit::Kaiming, true), 3).unwrap();
+    peft::attach_new(&mut m, &cfg(LoraInit::Kaiming, true), 3).unwrap();
     perturb_b(&m);
-    let lin = &mut m.layers[1].mlp.down_proj;
+    let lin = &mut m.as_llama_mut().unwrap().layers[1].mlp.down_proj;
     let a = lin.adapter.clone().unwrap();
     let mag = a.magnitude.clone().unwrap();
     mag.set(&(mag.as_tensor() * 1.3).unwrap()).unwrap();
@@ -140,9 +141,9 @@ fn dora_forward_equals_its_definition() {
 #[test]
 fn dora_on_nf4_base_matches_dense_dequantized_definition_and_has_gradients() {
     let mut m = tiny(BaseFormat::Quantized(QuantType::Nf4));
-    lora::attach_new(&mut m, &cfg(LoraInit::Kaiming, true), 3).unwrap();
+    peft::attach_new(&mut m, &cfg(LoraInit::Kaiming, true), 3).unwrap();
     perturb_b(&m);
-    let lin = &m.layers[0].self_attn.v_proj;
+    let lin = &m.as_llama().unwrap().layers[0].self_attn.v_proj;
     let a = lin.adapter.clone().unwrap();
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap()).unwrap();
     let y = lin.forward(x.as_tensor(), false).unwrap();
@@ -198,7 +199,12 @@ fn rslora_scale_is_alpha_over_sqrt_rank_in_the_layer() {
         use_rslora: true,
         ..cfg(LoraInit::Kaiming, false)
     };
-    lora::attach_new(&mut m, &c, 0).unwrap();
-    let a = m.layers[0].self_attn.q_proj.adapter.as_ref().unwrap();
+    peft::attach_new(&mut m, &c, 0).unwrap();
+    let a = m.as_llama().unwrap().layers[0]
+        .self_attn
+        .q_proj
+        .adapter
+        .as_ref()
+        .unwrap();
     assert_eq!(a.scale, 4.0);
 }

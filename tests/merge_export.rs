@@ -15,10 +15,11 @@ use qlora::export::{
     export_loaded, export_merged, load_for_merge, ExportFormat, ExportOptions, ExportProgress,
     GgufType, MergeBase, GGUF_FILE,
 };
-use qlora::lora::{self, merge, peft, LoraConfig};
+use qlora::lora::LoraConfig;
 use qlora::model::checkpoint::SafetensorsDir;
 use qlora::model::error::ModelError;
 use qlora::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
+use qlora::peft::{self, merge};
 use qlora::quant::QuantType;
 
 fn tiny() -> PathBuf {
@@ -257,8 +258,15 @@ fn gguf_export_reads_back_in_our_loader_and_candles_llama() {
         .unwrap();
         let mut m = m;
         if let Some(f32_model) = &norms {
-            m.model.norm = f32_model.model.norm.clone();
-            for (l, src) in m.model.layers.iter_mut().zip(&f32_model.model.layers) {
+            m.model.as_llama_mut().unwrap().norm = f32_model.model.as_llama().unwrap().norm.clone();
+            for (l, src) in m
+                .model
+                .as_llama_mut()
+                .unwrap()
+                .layers
+                .iter_mut()
+                .zip(&f32_model.model.as_llama().unwrap().layers)
+            {
                 l.input_layernorm = src.input_layernorm.clone();
                 l.post_attention_layernorm = src.post_attention_layernorm.clone();
             }
@@ -355,8 +363,8 @@ fn dora_adapter(dir: &Path) {
         dtype: DType::F32,
         ..Default::default()
     };
-    lora::attach_new(&mut m.model, &cfg, 7).unwrap();
-    for (key, var) in lora::trainable_vars(&m.model) {
+    peft::attach_new(&mut m.model, &cfg, 7).unwrap();
+    for (key, var) in peft::trainable_vars(&m.model) {
         let t = var.as_tensor();
         let noise = Tensor::randn(0f32, 0.05, t.dims(), &Device::Cpu).unwrap();
         if key.ends_with("lora_B.weight") {
@@ -418,7 +426,7 @@ fn merge_unmerge_and_switch_adapters_in_memory() {
     dora_adapter(&dora);
     for base in [BaseFormat::Dense, BaseFormat::Quantized(QuantType::Nf4)] {
         let mut m = with_adapter(&tiny(), base, &adapter());
-        let w0 = m.model.layers[0]
+        let w0 = m.model.as_llama().unwrap().layers[0]
             .self_attn
             .k_proj
             .base
@@ -426,7 +434,11 @@ fn merge_unmerge_and_switch_adapters_in_memory() {
             .unwrap();
         let with_lora = m.model.forward(&ids()).unwrap();
         let merged = merge::merge_model(&mut m.model).unwrap();
-        assert!(m.model.layers[0].self_attn.k_proj.adapter.is_none());
+        assert!(m.model.as_llama().unwrap().layers[0]
+            .self_attn
+            .k_proj
+            .adapter
+            .is_none());
         let d = max_abs(&m.model.forward(&ids()).unwrap(), &with_lora);
         assert!(d < 1e-4, "{base:?}: merged forward differs by {d}");
 
@@ -442,7 +454,7 @@ fn merge_unmerge_and_switch_adapters_in_memory() {
 
         // And out again: the base weights come back.
         merge::unmerge_model(&mut m.model, merged, false).unwrap();
-        let back = m.model.layers[0]
+        let back = m.model.as_llama().unwrap().layers[0]
             .self_attn
             .k_proj
             .base
@@ -483,13 +495,13 @@ fn requantized_export_loads_as_bnb_4bit_and_stays_close() {
     // The re-quantized weight is the NF4 rounding of the merged one: within half a code step
     // of its block's absmax (NF4's widest gap is 0.28 of the absmax).
     let merged_dense = load(&tmp_export_f32(&tmp), BaseFormat::Dense);
-    let w = merged_dense.model.layers[1]
+    let w = merged_dense.model.as_llama().unwrap().layers[1]
         .mlp
         .up_proj
         .base
         .to_dense_f32(&Device::Cpu)
         .unwrap();
-    let q = back.model.layers[1]
+    let q = back.model.as_llama().unwrap().layers[1]
         .mlp
         .up_proj
         .base

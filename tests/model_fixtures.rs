@@ -5,8 +5,8 @@ mod common;
 use common::{fixtures, input_ids as ids_of, load_as, max_abs, safetensors as reference};
 
 use candle_core::{DType, Device, Tensor};
-use qlora::lora::peft;
 use qlora::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
+use qlora::peft;
 
 fn load(dir: &str, base: BaseFormat) -> LoadedModel {
     load_as(&fixtures().join(dir), base)
@@ -204,7 +204,7 @@ fn kv_cache_generation_equals_full_forward() {
     let r = reference(&fixtures().join("tiny-llama/reference.safetensors"));
     let ids = ids_of(&r).narrow(0, 0, 1).unwrap();
     let full = m.model.forward(&ids).unwrap();
-    let mut cache = qlora::model::llama::KvCache::new(m.model.layers.len());
+    let mut cache = qlora::model::transformer::KvCache::new(m.model.num_layers());
     let first = m
         .model
         .forward_cached(&ids.narrow(1, 0, 10).unwrap(), &mut cache)

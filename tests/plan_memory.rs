@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{Device, Tensor, Var};
-use qlora::lora::{self, LoraConfig};
+use qlora::lora::LoraConfig;
+use qlora::model::attention::{attention_mask, AttentionSpan};
 use qlora::model::config::LlamaConfig;
-use qlora::model::llama::{attention_mask, AttentionSpan};
 use qlora::model::loader::LoadOptions;
 use qlora::model::random_source::generate_model;
+use qlora::peft;
 use qlora::plan::estimate::fused_layer_graph_elems;
 use qlora::plan::{activation_peak, PlanSettings};
 use qlora::train::layerwise::{loss_and_grads_layerwise, Checkpointing};
@@ -80,9 +81,9 @@ fn config(vocab: usize, hidden: usize, inter: usize, heads: usize, kv: usize) ->
 /// Peak live heap bytes during one layer-wise step, over what was live before it.
 fn measured_step_peak(cfg: &LlamaConfig, b: usize, t: usize, ckpt: Checkpointing) -> usize {
     let mut model = generate_model(cfg, &LoadOptions::default(), 3).unwrap();
-    lora::attach_new(&mut model, &LoraConfig::default(), 5).unwrap();
-    lora::share_dropout_seed(&mut model).set(9);
-    let vars: Vec<_> = lora::trainable_vars(&model)
+    peft::attach_new(&mut model, &LoraConfig::default(), 5).unwrap();
+    peft::share_dropout_seed(&mut model).set(9);
+    let vars: Vec<_> = peft::trainable_vars(&model)
         .into_iter()
         .map(|(_, v)| v)
         .collect();
@@ -158,11 +159,11 @@ fn fused_layer_graph_count_is_exact() {
     let (b, t) = (2, 96);
     let cfg = config(512, 128, 352, 8, 2);
     let mut model = generate_model(&cfg, &LoadOptions::default(), 3).unwrap();
-    lora::attach_new(&mut model, &LoraConfig::default(), 5).unwrap();
+    peft::attach_new(&mut model, &LoraConfig::default(), 5).unwrap();
     let pos = model.positions(b, t, 0).unwrap();
     let mask = attention_mask(b, t, 0, &AttentionSpan::Causal, &Device::Cpu).unwrap();
     let x = Tensor::randn(0f32, 1.0, (b, t, cfg.hidden_size), &Device::Cpu).unwrap();
-    let layer = &model.layers[0];
+    let layer = &model.as_llama().unwrap().layers[0];
     // The matmul crate's per-thread packing buffers grow on first use, and which rayon worker
     // first meets which shape varies from run to run; those one-time allocations are not part of
     // the graph. The graph's bytes are the same every time, so the smallest of a few forwards is
@@ -173,7 +174,14 @@ fn fused_layer_graph_count_is_exact() {
             // As the layer-wise step does: the input becomes a variable (a copy), then the forward.
             let xv = Var::from_tensor(&x).unwrap();
             let out = layer
-                .forward(xv.as_tensor(), &model.rope, &pos, &mask, None, true)
+                .forward(
+                    xv.as_tensor(),
+                    &model.as_llama().unwrap().rope,
+                    &pos,
+                    &mask,
+                    None,
+                    true,
+                )
                 .unwrap();
             let kept = LIVE.load(Ordering::Relaxed) - before;
             drop((out, xv));

@@ -45,13 +45,13 @@ fn plan_predicts_smollm2_peak_rss_within_15_percent() {
     let mut losses = Vec::new();
     for (ckpt, keep) in [("true", "0"), ("true", "10"), ("false", "0")] {
         let out = dir.path().join(format!("ckpt-{ckpt}-{keep}"));
+        let ckpt_flag = format!("--grad-checkpointing={ckpt}");
         let args = [
             "--batch-size",
             "2",
             "--seq-len",
             "256",
-            "--grad-checkpointing",
-            ckpt,
+            &ckpt_flag,
             "--keep-layers",
             keep,
         ];

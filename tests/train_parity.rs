@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use qlora::lora::{self, peft};
 use qlora::model::loader::{load_model, LoadOptions};
 use qlora::optim::{AdamW, AdamWConfig};
+use qlora::peft;
 use qlora::train::layerwise::{loss_and_grads_layerwise, Checkpointing};
 use qlora::train::step::{loss_and_grads, Batch};
 
@@ -76,7 +76,7 @@ fn run_parity(layerwise: Option<Checkpointing>) -> Vec<f64> {
         positions: None,
     };
     let want: Vec<f64> = r["losses"].to_vec1::<f64>().unwrap();
-    let named = lora::trainable_vars(&m);
+    let named = peft::trainable_vars(&m);
     let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
     let cfg = AdamWConfig {
         lr: 1e-3,

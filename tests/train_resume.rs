@@ -10,11 +10,12 @@ use candle_core::{DType, Device};
 use qlora::data::batches::{BatchOptions, Batches};
 use qlora::data::corpus::{Corpus, DataOptions};
 use qlora::data::tokenizer::TextTokenizer;
-use qlora::lora::{self, peft, LoraConfig};
-use qlora::model::llama::Llama;
+use qlora::lora::LoraConfig;
 use qlora::model::loader::{load_model, LoadOptions};
+use qlora::model::transformer::Model;
 use qlora::optim::schedule::{Schedule, ScheduleKind};
 use qlora::optim::{AdamWConfig, StateStorage};
+use qlora::peft;
 use qlora::train::trainer::{train, TrainReport, TrainSettings};
 
 fn tiny_dir() -> PathBuf {
@@ -32,7 +33,7 @@ fn lora_cfg() -> LoraConfig {
 }
 
 /// A fresh model with adapters: new ones (seeded) or those of a checkpoint.
-fn model(resume: Option<&Path>) -> Llama {
+fn model(resume: Option<&Path>) -> Model {
     let mut m = load_model(&tiny_dir(), &LoadOptions::default())
         .unwrap()
         .model;
@@ -40,7 +41,7 @@ fn model(resume: Option<&Path>) -> Llama {
         Some(dir) => {
             peft::load_adapter(&mut m, &dir.join("adapter"), Some(DType::F32)).unwrap();
         }
-        None => lora::attach_new(&mut m, &lora_cfg(), 7).unwrap(),
+        None => peft::attach_new(&mut m, &lora_cfg(), 7).unwrap(),
     }
     m
 }
@@ -182,7 +183,7 @@ fn checkpoint_from_another_adapter_layout_is_refused() {
         targets: vec!["q_proj".into(), "v_proj".into()],
         ..lora_cfg()
     };
-    lora::attach_new(&mut other, &cfg, 1).unwrap();
+    peft::attach_new(&mut other, &cfg, 1).unwrap();
     let mut s2 = settings(
         Some(out.join("checkpoint-1")),
         0,

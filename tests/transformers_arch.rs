@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::Tensor;
-use qlora::lora::peft;
-use qlora::model::llama::KvCache;
 use qlora::model::loader::{BaseFormat, LoadedModel, SourceKind};
+use qlora::model::transformer::KvCache;
+use qlora::peft;
 use qlora::quant::QuantType;
 
 const TOL: f32 = 1e-4;
@@ -36,7 +36,7 @@ fn assert_matches_transformers(m: &LoadedModel, r: &HashMap<String, Tensor>, wha
     println!("{what}: logits within {d:.2e} of transformers'");
     assert!(d <= TOL, "{what}: logits differ by {d}");
     let hs = m.model.hidden_states(&ids).unwrap();
-    assert_eq!(hs.len(), m.model.layers.len() + 1, "{what}: hidden states");
+    assert_eq!(hs.len(), m.model.num_layers() + 1, "{what}: hidden states");
     for (i, h) in hs.iter().enumerate() {
         let d = max_abs(h, &r[&format!("hidden_states.{i}")]);
         assert!(d <= TOL, "{what}: hidden_states.{i} differs by {d}");
@@ -48,7 +48,7 @@ fn assert_matches_transformers(m: &LoadedModel, r: &HashMap<String, Tensor>, wha
 fn assert_cached_decode_matches(m: &LoadedModel, r: &HashMap<String, Tensor>, what: &str) {
     let ids = ids_of(r).narrow(0, 0, 1).unwrap();
     let want = r["logits"].narrow(0, 0, 1).unwrap().squeeze(0).unwrap();
-    let mut cache = KvCache::new(m.model.layers.len());
+    let mut cache = KvCache::new(m.model.num_layers());
     for t in 0..ids.dim(1).unwrap() {
         let y = m
             .model
@@ -68,7 +68,7 @@ fn assert_cached_decode_matches(m: &LoadedModel, r: &HashMap<String, Tensor>, wh
 fn qwen2_with_biases_and_tied_head_matches_transformers() {
     let r = reference("qwen2");
     let m = load(&arch("qwen2"), BaseFormat::Dense);
-    assert!(m.model.cfg.tie_word_embeddings);
+    assert!(m.model.as_llama().unwrap().cfg.tie_word_embeddings);
     assert_matches_transformers(&m, &r, "qwen2");
     assert_cached_decode_matches(&m, &r, "qwen2");
     // The q/k/v biases matter: transformers' logits with them zeroed are far away.
@@ -109,7 +109,7 @@ fn qwen2_bnb_4bit_checkpoint_matches_bitsandbytes() {
 fn mistral_sliding_window_matches_transformers() {
     let r = reference("mistral");
     let m = load(&arch("mistral"), BaseFormat::Dense);
-    assert_eq!(m.model.cfg.sliding_window, Some(6));
+    assert_eq!(m.model.as_llama().unwrap().cfg.sliding_window, Some(6));
     assert_matches_transformers(&m, &r, "mistral");
     assert_cached_decode_matches(&m, &r, "mistral");
     assert!(max_abs(&r["logits"], &r["logits_no_window"]) > 0.5);

@@ -73,7 +73,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let ids = tok.encode(&text, true)?;
     let mut stop = tok.eos_token_ids().to_vec();
-    stop.extend(m.model.cfg.eos_token_ids.iter().copied());
+    stop.extend(m.model.info().eos_token_ids.iter().copied());
     let opts = SamplingOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

@@ -132,7 +132,12 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             args.adapter.display()
         )
     })?;
-    for caveat in crate::export::caveats(&loaded.model.cfg, &opts) {
+    for caveat in loaded
+        .model
+        .as_llama()
+        .map(|l| crate::export::caveats(&l.cfg, &opts))
+        .unwrap_or_default()
+    {
         eprintln!("warning: {caveat}");
     }
     if args.requantize {

@@ -50,3 +50,67 @@ pub enum Command {
     /// Merge an adapter into its base model and export it (safetensors or GGUF).
     Merge(merge::MergeArgs),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every boolean option of every subcommand is a switch: `--flag` alone parses (a value,
+    /// where one is accepted at all, only as `--flag=false`).
+    #[test]
+    fn boolean_options_are_switches() {
+        let cli = Cli::command();
+        let mut checked = 0;
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                let is_bool = arg.get_value_parser().type_id()
+                    == clap::builder::ValueParser::bool().type_id();
+                let takes_none = matches!(
+                    arg.get_action(),
+                    clap::ArgAction::SetTrue | clap::ArgAction::SetFalse
+                );
+                if !(is_bool || takes_none) {
+                    continue;
+                }
+                checked += 1;
+                let min_values = arg.get_num_args().map_or(0, |n| n.min_values());
+                assert!(
+                    takes_none || min_values == 0,
+                    "`qlora {} --{long}` demands a value",
+                    sub.get_name()
+                );
+            }
+        }
+        assert!(checked >= 10, "only {checked} boolean options found");
+        let parsed = Cli::try_parse_from([
+            "qlora",
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--no-shuffle",
+            "--dora",
+            "--rslora",
+            "--optim-8bit",
+            "--no-grad-checkpointing",
+        ]);
+        assert!(parsed.is_ok(), "{parsed:?}");
+        let parsed = Cli::try_parse_from([
+            "qlora",
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--dora=false",
+        ]);
+        assert!(parsed.is_ok(), "{parsed:?}");
+    }
+}

@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::device::{parse_compute_dtype, DeviceSpec};
-use crate::lora::peft;
 use crate::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel};
+use crate::peft;
 
 /// Which model to load and how.
 #[derive(Args, Debug, Clone)]

@@ -41,9 +41,13 @@ pub struct PlanArgs {
     /// all-linear or a comma list of projections.
     #[arg(long, default_value = "all-linear")]
     pub targets: String,
-    /// Activation checkpointing per layer.
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
-    pub grad_checkpointing: bool,
+    /// Activation checkpointing per layer [default: on; `--grad-checkpointing=false` or
+    /// `--no-grad-checkpointing` turns it off], as `qlora train` has it.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub grad_checkpointing: Option<bool>,
+    /// Turn activation checkpointing off.
+    #[arg(long, conflicts_with = "grad_checkpointing")]
+    pub no_grad_checkpointing: bool,
     /// With checkpointing: top layers whose graphs are kept instead of recomputed.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub keep_layers: usize,
@@ -77,14 +81,6 @@ pub struct PlanArgs {
     /// No LoRA dropout (saves a mask and a masked copy of each adapter input).
     #[arg(long)]
     pub no_dropout: bool,
-}
-
-fn parse_on_off(s: &str) -> Result<bool, String> {
-    match s {
-        "on" | "true" => Ok(true),
-        "off" | "false" => Ok(false),
-        other => Err(format!("`{other}`: expected on or off")),
-    }
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -122,7 +118,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         rank: args.rank,
         targets: parse_targets(&args.targets).map_err(anyhow::Error::msg)?,
         dropout: !args.no_dropout,
-        grad_checkpointing: args.grad_checkpointing,
+        grad_checkpointing: args.grad_checkpointing.unwrap_or(true) && !args.no_grad_checkpointing,
         keep_layers: args.keep_layers,
         optim,
         base: args.quant,

@@ -8,10 +8,11 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::model_args::ModelArgs;
-use crate::lora::{self, parse_targets, peft, LoraConfig, LoraInit};
+use crate::lora::{parse_targets, LoraConfig, LoraInit};
 use crate::model::loader::BaseFormat;
 use crate::optim::schedule::ScheduleKind;
 use crate::optim::StateStorage;
+use crate::peft;
 use crate::train::checkpoint::check_checkpoint_dir;
 use crate::train::layerwise::KeepLayers;
 use crate::train::recipe::{TrainRecipe, Validation};
@@ -77,14 +78,19 @@ pub struct TrainOptions {
     #[arg(long)]
     pub init: Option<String>,
     /// Scale by alpha/sqrt(r) (rsLoRA).
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub rslora: Option<bool>,
     /// DoRA adapters.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub dora: Option<bool>,
-    /// Activation checkpointing per layer: true | false [default: true].
-    #[arg(long)]
+    /// Activation checkpointing per layer [default: on; `--grad-checkpointing=false` or
+    /// `--no-grad-checkpointing` turns it off].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub grad_checkpointing: Option<bool>,
+    /// Turn activation checkpointing off (the same as `--grad-checkpointing=false`).
+    #[arg(long, conflicts_with = "grad_checkpointing")]
+    #[serde(skip)]
+    pub no_grad_checkpointing: bool,
     /// With checkpointing: keep the autograd graphs of this many top layers instead of
     /// recomputing them (faster; one layer's activations of memory each, see `qlora plan`), or
     /// `auto`: as many as --memory-limit allows [default: 0].
@@ -94,7 +100,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Keep the data order.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub no_shuffle: Option<bool>,
     /// Fraction of sequences held out for validation [default: 0.05].
     #[arg(long)]
@@ -110,7 +116,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub optim_resident_mb: Option<f64>,
     /// 8-bit blockwise optimizer state (as bitsandbytes' 8-bit AdamW).
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub optim_8bit: Option<bool>,
     /// Write a checkpoint (adapter, optimizer, data position) every N steps [default: 0 = only
     /// on Ctrl-C].
@@ -159,7 +165,7 @@ pub struct TrainArgs {
 
 macro_rules! merge {
     ($cli:expr, $file:expr, [$($f:ident),*]) => {
-        TrainOptions { $($f: $cli.$f.take().or($file.$f.take()),)* }
+        TrainOptions { $($f: $cli.$f.take().or($file.$f.take()),)* no_grad_checkpointing: false }
     };
 }
 
@@ -173,6 +179,9 @@ fn read_config(path: &Path) -> anyhow::Result<TrainOptions> {
 impl TrainOptions {
     /// These options (flags) over those of the `config` TOML file: a flag wins over the file.
     pub fn merged_with(mut self, config: Option<&Path>) -> anyhow::Result<TrainOptions> {
+        if self.no_grad_checkpointing {
+            self.grad_checkpointing = Some(false);
+        }
         let mut file = match config {
             Some(p) => read_config(p)?,
             None => TrainOptions::default(),
@@ -258,7 +267,7 @@ impl TrainOptions {
             max_grad_norm: o.max_grad_norm.unwrap_or(1.0),
             lora_plus_ratio: o.lora_plus_ratio.unwrap_or(1.0),
             lora,
-            grad_checkpointing: o.grad_checkpointing.unwrap_or(true),
+            grad_checkpointing: o.grad_checkpointing.unwrap_or(true) && !o.no_grad_checkpointing,
             keep_layers: o.keep_layers.unwrap_or_default(),
             seed,
             shuffle: !o.no_shuffle.unwrap_or(false),
@@ -319,50 +328,64 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
     // Planned from the config alone, so an oversized run is refused before anything loads.
-    let cfg = crate::plan::presets::resolve_config(&args.model.model.display().to_string())?;
-    let mut plan_settings = crate::plan::PlanSettings {
-        seq_len: recipe.seq_len,
-        batch_size: recipe.batch_size,
-        rank: recipe.lora.rank,
-        targets: recipe.lora.targets.clone(),
-        dropout: recipe.lora.dropout > 0.0,
-        grad_checkpointing: recipe.grad_checkpointing,
-        keep_layers: recipe.keep_layers.count(),
-        base: args.model.quant,
-        blocksize: args.model.blocksize,
-        double_quant: !args.model.no_double_quant,
-        adapter_dtype: recipe.lora.dtype,
-        ..Default::default()
-    };
-    let (optim_8bit, optim_resident_mb) =
-        (opts.optim_8bit.unwrap_or(false), opts.optim_resident_mb);
-    if recipe.keep_layers == KeepLayers::Auto {
-        let limit = memory_limit.context(
+    // The plan models Llama-family decoders; other families train without one, and the options
+    // that need it are refused rather than ignored.
+    let model_type = crate::plan::presets::model_type(&args.model.model);
+    let plan = if model_type.as_deref() == Some("gpt2") {
+        anyhow::ensure!(
+            memory_limit.is_none() && recipe.keep_layers != KeepLayers::Auto,
+            "--memory-limit and --keep-layers auto need the memory plan, which does not cover \
+             `gpt2` models yet"
+        );
+        println!("memory plan: not available for `gpt2` models");
+        None
+    } else {
+        let cfg = crate::plan::presets::resolve_config(&args.model.model.display().to_string())?;
+        let mut plan_settings = crate::plan::PlanSettings {
+            seq_len: recipe.seq_len,
+            batch_size: recipe.batch_size,
+            rank: recipe.lora.rank,
+            targets: recipe.lora.targets.clone(),
+            dropout: recipe.lora.dropout > 0.0,
+            grad_checkpointing: recipe.grad_checkpointing,
+            keep_layers: recipe.keep_layers.count(),
+            base: args.model.quant,
+            blocksize: args.model.blocksize,
+            double_quant: !args.model.no_double_quant,
+            adapter_dtype: recipe.lora.dtype,
+            ..Default::default()
+        };
+        let (optim_8bit, optim_resident_mb) =
+            (opts.optim_8bit.unwrap_or(false), opts.optim_resident_mb);
+        if recipe.keep_layers == KeepLayers::Auto {
+            let limit = memory_limit.context(
             "--keep-layers auto keeps as many layers as --memory-limit SIZE allows; give the limit",
         )?;
-        let n = crate::plan::most_kept_layers(
-            &cfg,
-            &plan_settings,
-            optim_8bit,
-            optim_resident_mb,
-            limit,
-        );
-        println!(
+            let n = crate::plan::most_kept_layers(
+                &cfg,
+                &plan_settings,
+                optim_8bit,
+                optim_resident_mb,
+                limit,
+            );
+            println!(
             "--keep-layers auto: the top {n} of {} layers keep their activations within --memory-limit {}",
             cfg.num_hidden_layers,
             crate::plan::format_bytes(limit)
         );
-        recipe.keep_layers = KeepLayers::Count(n);
-        plan_settings.keep_layers = n;
-    }
-    let plan = crate::plan::plan_for_training(
-        &cfg,
-        &plan_settings,
-        optim_8bit,
-        optim_resident_mb,
-        memory_limit,
-    )?;
-    println!("{plan}");
+            recipe.keep_layers = KeepLayers::Count(n);
+            plan_settings.keep_layers = n;
+        }
+        let plan = crate::plan::plan_for_training(
+            &cfg,
+            &plan_settings,
+            optim_8bit,
+            optim_resident_mb,
+            memory_limit,
+        )?;
+        println!("{plan}");
+        Some(plan)
+    };
     let (seq_len, batch_size) = (recipe.seq_len, recipe.batch_size);
 
     let mut m = args.model.load(Some(seq_len))?;
@@ -390,7 +413,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             },
         )?,
         None => {
-            lora::attach_new(&mut m.model, &recipe.lora, recipe.seed)?;
+            peft::attach_new(&mut m.model, &recipe.lora, recipe.seed)?;
             recipe.lora.clone()
         }
     };
@@ -403,7 +426,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         recipe.schedule,
         settings.schedule.warmup,
     );
-    let trainable: usize = lora::trainable_vars(&m.model)
+    let trainable: usize = peft::trainable_vars(&m.model)
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
@@ -411,7 +434,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "model {} | base {} | {} layers | adapters r {} alpha {} on {} ({} trainable parameters, {})",
         args.model.model.display(),
         if args.model.quant == BaseFormat::Dense { "full precision".to_string() } else { args.model.quant.name().to_string() },
-        m.model.layers.len(),
+        m.model.num_layers(),
         lora_cfg.rank,
         lora_cfg.alpha,
         lora_cfg.targets.join(","),
@@ -435,11 +458,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &args.out,
     )?;
     if let Some(peak) = crate::plan::rss::peak_rss_bytes() {
-        println!(
-            "peak memory {} (planned {})",
-            crate::plan::format_bytes(peak),
-            crate::plan::format_bytes(plan.peak)
-        );
+        match &plan {
+            Some(plan) => println!(
+                "peak memory {} (planned {})",
+                crate::plan::format_bytes(peak),
+                crate::plan::format_bytes(plan.peak)
+            ),
+            None => println!("peak memory {}", crate::plan::format_bytes(peak)),
+        }
     }
     let first = report.losses.first().copied().unwrap_or(f64::NAN);
     let last = report.losses.last().copied().unwrap_or(f64::NAN);

@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use self::peak_memory::PeakMemory;
 use self::quant_error::{measure_quant_error, QuantError};
-use crate::lora::{self, peft};
 use crate::model::error::ModelError;
 use crate::model::loader::{load_model, BaseFormat, LoadOptions};
+use crate::peft;
 use crate::train::plot::{draw_loss_curves, Series};
 use crate::train::recipe::{RunData, TrainRecipe};
 use crate::train::trainer::{check_output_dir, train, validation_loss, TrainReport};
@@ -213,7 +213,7 @@ pub fn compare(spec: &CompareSpec, log: &mut dyn FnMut(&str)) -> Result<CompareR
     ));
     let mut settings = spec.recipe.settings(&data.train);
     settings.progress = spec.progress;
-    lora::attach_new(&mut m.model, &spec.recipe.lora, spec.recipe.seed)?;
+    peft::attach_new(&mut m.model, &spec.recipe.lora, spec.recipe.seed)?;
     let mut batches = data.train.clone();
     let quant_report = train(
         &mut m.model,
@@ -242,7 +242,7 @@ pub fn compare(spec: &CompareSpec, log: &mut dyn FnMut(&str)) -> Result<CompareR
         "full-precision base alone: val loss {:.4}",
         full_base.val_loss
     ));
-    lora::attach_new(&mut full.model, &spec.recipe.lora, spec.recipe.seed)?;
+    peft::attach_new(&mut full.model, &spec.recipe.lora, spec.recipe.seed)?;
     let mut batches = data.train.clone();
     let full_report = train(
         &mut full.model,

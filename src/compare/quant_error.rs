@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::error::ModelError;
 use crate::model::linear::BaseWeight;
-use crate::model::llama::Llama;
+use crate::model::transformer::Model;
 
 /// Error of the dequantized 4-bit weights against the full-precision ones, over every
 /// quantized linear weight of the model.
@@ -24,22 +24,24 @@ pub struct QuantError {
 
 /// Compare every projection's base of `quantized` (4-bit) with that of `full` (dense); both
 /// must be the same model. Sums are taken in f64.
-pub fn measure_quant_error(full: &Llama, quantized: &Llama) -> Result<QuantError, ModelError> {
-    if full.layers.len() != quantized.layers.len() {
+pub fn measure_quant_error(full: &Model, quantized: &Model) -> Result<QuantError, ModelError> {
+    let (fl, ql) = (full.linears(), quantized.linears());
+    if fl.len() != ql.len() {
         return Err(ModelError::invalid(
             "quantization error",
             format!(
-                "the models differ: {} layers vs {}",
-                full.layers.len(),
-                quantized.layers.len()
+                "the models differ: {} linear layers vs {}",
+                fl.len(),
+                ql.len()
             ),
         ));
     }
     let (mut weights, mut elements) = (0usize, 0usize);
     let (mut abs_sum, mut max_abs, mut diff_sq, mut ref_sq) = (0f64, 0f64, 0f64, 0f64);
-    for (li, (fl, ql)) in full.layers.iter().zip(&quantized.layers).enumerate() {
-        for ((proj, f), (_, q)) in fl.projections().into_iter().zip(ql.projections()) {
-            let name = format!("layers.{li}.{proj}");
+    {
+        for (fm, qm) in fl.iter().zip(&ql) {
+            let (f, q) = (fm.linear, qm.linear);
+            let name = fm.path.clone();
             let (BaseWeight::Dense(_), BaseWeight::Quantized(_)) = (&f.base, &q.base) else {
                 return Err(ModelError::invalid(
                     name,

@@ -204,19 +204,15 @@ pub fn tokenize_record(
             labels: labels.clone(),
             fit: Fit::Truncate,
         }),
+        // Pre-tokenized records are trained exactly as written: no EOS is added.
         Record::Tokens {
             input_ids,
             labels: None,
-        } => {
-            let mut ids = input_ids.clone();
-            let mut labels = ids.clone();
-            eos.finish(&mut ids, &mut labels);
-            Ok(TokenizedRecord {
-                ids,
-                labels,
-                fit: Fit::Window,
-            })
-        }
+        } => Ok(TokenizedRecord {
+            ids: input_ids.clone(),
+            labels: input_ids.clone(),
+            fit: Fit::Window,
+        }),
     }
 }
 

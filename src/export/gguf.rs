@@ -16,7 +16,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::gguf_metadata::{gguf_architecture, model_metadata};
-use super::tensors::{adapted_projections, read_merged, tensor_specs, Slot, TensorSpec};
+use super::tensors::{adapted_projections, read_merged, tensor_specs, TensorSpec};
 use super::{ExportProgress, ExportReport};
 use crate::model::config::{llama3_rope_factors, RopeScaling};
 use crate::model::error::ModelError;
@@ -117,8 +117,21 @@ struct Planned {
     bytes: u64,
 }
 
+/// The Llama-family decoder of `loaded`: the one family the GGUF writer knows.
+fn llama_of(loaded: &LoadedModel) -> Result<&crate::model::llama::Llama, ModelError> {
+    loaded.model.as_llama().ok_or_else(|| {
+        ModelError::invalid(
+            loaded.path.display().to_string(),
+            format!(
+                "GGUF export of a `{}` model is not supported (llama, mistral, qwen2)",
+                loaded.model.info().model_type
+            ),
+        )
+    })
+}
+
 fn plan(loaded: &LoadedModel, ty: GgufType) -> Result<Vec<Planned>, ModelError> {
-    let cfg = &loaded.model.cfg;
+    let cfg = &llama_of(loaded)?.cfg;
     // llama.cpp's llama architecture rotates interleaved pairs, so q/k rows are permuted for it;
     // qwen2 uses its NEOX rotation, which is HF's rotate-half layout as is.
     let permuted = gguf_architecture(cfg)? == "llama";
@@ -135,10 +148,11 @@ fn plan(loaded: &LoadedModel, ty: GgufType) -> Result<Vec<Planned>, ModelError> 
             GgmlDType::Q8_0 if inner % GgmlDType::Q8_0.block_size() != 0 => GgmlDType::F16,
             t => t,
         };
-        let permute_heads = match spec.slot {
+        let module = spec.name.rsplit('.').nth(1).unwrap_or("");
+        let permute_heads = match module {
             _ if !permuted => None,
-            Slot::Weight(_, 0) | Slot::Bias(_, 0) => Some(cfg.num_attention_heads),
-            Slot::Weight(_, 1) | Slot::Bias(_, 1) => Some(cfg.num_key_value_heads),
+            "q_proj" => Some(cfg.num_attention_heads),
+            "k_proj" => Some(cfg.num_key_value_heads),
             _ => None,
         };
         let n: usize = spec.shape.iter().product();

@@ -29,7 +29,11 @@ pub fn model_metadata(
     loaded: &LoadedModel,
     ty: GgufType,
 ) -> Result<Vec<(String, Value)>, ModelError> {
-    let cfg = &loaded.model.cfg;
+    let cfg = &loaded
+        .model
+        .as_llama()
+        .ok_or_else(|| ModelError::invalid("GGUF export", "only Llama-family models"))?
+        .cfg;
     let mut md = hyperparameters(cfg, ty, &model_name(loaded))?;
     md.extend(tokenizer_metadata(loaded)?);
     Ok(md)
@@ -150,7 +154,11 @@ pub fn tokenizer_metadata(loaded: &LoadedModel) -> Result<Vec<(String, Value)>, 
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         return Ok(keys);
     }
-    hf_tokenizer_metadata(&loaded.path, &loaded.model.cfg, &loaded.config_json)
+    let llama = loaded
+        .model
+        .as_llama()
+        .ok_or_else(|| ModelError::invalid("GGUF export", "only Llama-family models"))?;
+    hf_tokenizer_metadata(&loaded.path, &llama.cfg, &loaded.config_json)
 }
 
 fn read_json(path: &Path) -> Result<Json, ModelError> {

@@ -18,10 +18,10 @@ use serde_json::Value;
 
 use crate::atomic_dir::AtomicDir;
 use crate::eval::{evaluate, EvalReport};
-use crate::lora::peft;
 use crate::model::error::ModelError;
 use crate::model::loader::{load_model, BaseFormat, LoadOptions, LoadedModel, SourceKind};
 use crate::model::shard_writer::DEFAULT_MAX_SHARD_BYTES;
+use crate::peft;
 use crate::quant::QuantType;
 
 pub use gguf::GgufType;
@@ -312,7 +312,7 @@ pub fn compare_requantized(
     seqs: &[Vec<u32>],
     seq_len: usize,
 ) -> Result<(EvalReport, EvalReport), ModelError> {
-    crate::lora::merge::merge_model(&mut loaded.model)?;
+    crate::peft::merge::merge_model(&mut loaded.model)?;
     let dense = evaluate(&loaded.model, seqs, seq_len, |_, _| {})?;
     drop(loaded);
     let requantized = load_model(

@@ -14,6 +14,7 @@ use crate::model::error::ModelError;
 use crate::model::loader::{LoadedModel, SourceKind};
 use crate::model::quantize::{copy_side_files, quantized_config, QuantizeOptions};
 use crate::model::shard_writer::{ShardTensor, ShardWriter};
+use crate::model::transformer::WeightLayout;
 use crate::quant::{Nf4Tensor, StoredTensor};
 
 /// Little-endian bytes of `t` converted to `dtype`, as a safetensors tensor.
@@ -56,8 +57,14 @@ pub fn write_folder(
     for spec in &specs {
         let merged = read_merged(model, spec)?;
         if opts.requantize && spec.is_linear_weight() {
+            // bitsandbytes quantizes the `[out, in]` form, also of weights a checkpoint stores
+            // `[in, out]` (transformers transposes GPT-2's Conv1D before quantizing).
+            let out_in = match spec.layout {
+                WeightLayout::OutIn => merged,
+                WeightLayout::InOut => merged.t()?.contiguous()?,
+            };
             let nf4 = Nf4Tensor::from_tensor(
-                &merged.to_dtype(opts.dtype)?,
+                &out_in.to_dtype(opts.dtype)?,
                 opts.quant,
                 opts.blocksize,
                 opts.double_quant,

@@ -7,7 +7,7 @@ use candle_core::{DType, Result, Tensor, Var, D};
 
 use super::dropout::HashDropout;
 use super::fused::FusedLoraLinear;
-use crate::model::linear::BaseWeight;
+use crate::frozen::BaseWeight;
 
 /// The seed of the current dropout draw, shared by all adapters of a model.
 ///

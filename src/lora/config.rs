@@ -2,8 +2,6 @@
 
 use candle_core::DType;
 
-use crate::model::config::PROJECTIONS;
-
 /// How a new adapter's A and B start.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LoraInit {
@@ -66,7 +64,7 @@ impl Default for LoraConfig {
             rank: 16,
             alpha: 32.0,
             dropout: 0.05,
-            targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            targets: vec![ALL_LINEAR.to_string()],
             use_rslora: false,
             use_dora: false,
             init: LoraInit::Kaiming,
@@ -85,31 +83,39 @@ impl LoraConfig {
         }
     }
 
-    /// True when adapters go on projection `proj`.
-    pub fn targets_projection(&self, proj: &str) -> bool {
-        self.targets.iter().any(|t| t == proj)
+    /// True when adapters go on the linear layer at checkpoint path `path`
+    /// (`model.layers.0.self_attn.q_proj`): PEFT's rule, a target names the whole path or its
+    /// last dotted components, and `all-linear` names every layer but the output head.
+    pub fn targets_module(&self, path: &str) -> bool {
+        self.targets.iter().any(|t| target_matches(t, path))
     }
 }
 
-/// Parse a target list: `all-linear`, or comma-separated projection names (`q_proj,v_proj`).
+/// PEFT's `target_modules` value for every linear layer except the output head.
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// Whether target `t` names the module at `path` (see [`LoraConfig::targets_module`]).
+pub fn target_matches(t: &str, path: &str) -> bool {
+    t == ALL_LINEAR || path == t || path.strip_suffix(t).is_some_and(|rest| rest.ends_with('.'))
+}
+
+/// Parse a target list: `all-linear`, or comma-separated module names (`q_proj,v_proj`,
+/// `c_attn`); whether each names a layer of the model is checked when adapters are attached.
 pub fn parse_targets(s: &str) -> Result<Vec<String>, String> {
-    if s.trim() == "all-linear" {
-        return Ok(PROJECTIONS.iter().map(|p| p.to_string()).collect());
+    if s.trim() == ALL_LINEAR {
+        return Ok(vec![ALL_LINEAR.to_string()]);
     }
-    let mut out = Vec::new();
+    let mut out: Vec<String> = Vec::new();
     for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        if !PROJECTIONS.contains(&t) {
-            return Err(format!(
-                "unknown target module `{t}` (all-linear, or any of {})",
-                PROJECTIONS.join(", ")
-            ));
+        if t == ALL_LINEAR {
+            return Err("`all-linear` cannot be combined with module names".into());
         }
         if !out.iter().any(|o| o == t) {
             out.push(t.to_string());
         }
     }
     if out.is_empty() {
-        return Err("no target modules given".into());
+        return Err("no target module given".into());
     }
     Ok(out)
 }
@@ -119,15 +125,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_parse_and_reject_unknown_names() {
-        assert_eq!(parse_targets("all-linear").unwrap().len(), 7);
+    fn targets_parse_and_match_like_peft() {
+        assert_eq!(parse_targets("all-linear").unwrap(), vec![ALL_LINEAR]);
         assert_eq!(
             parse_targets("q_proj, v_proj").unwrap(),
             vec!["q_proj", "v_proj"]
         );
-        assert!(parse_targets("qkv")
-            .unwrap_err()
-            .contains("unknown target module `qkv`"));
+        assert!(parse_targets(" , ").is_err());
+        assert!(parse_targets("q_proj,all-linear").is_err());
+        let c = LoraConfig {
+            targets: vec!["c_proj".into(), "mlp.up_proj".into()],
+            ..Default::default()
+        };
+        assert!(c.targets_module("transformer.h.0.attn.c_proj"));
+        assert!(c.targets_module("transformer.h.3.mlp.c_proj"));
+        assert!(c.targets_module("model.layers.0.mlp.up_proj"));
+        assert!(!c.targets_module("model.layers.0.mlp.gate_proj"));
+        // A suffix must end at a dot: `proj` does not name `c_proj`.
+        assert!(!target_matches("proj", "transformer.h.0.attn.c_proj"));
     }
 
     #[test]

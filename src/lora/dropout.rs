@@ -205,7 +205,7 @@ impl CustomOp1 for HashDropout {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = crate::model::ops::f32_slice(storage, layout)?;
+        let x = crate::cpu_tensor::f32_slice(storage, layout)?;
         let mut y = vec![0f32; x.len()];
         self.apply_par::<false>(x, &mut y);
         Ok((CpuStorage::F32(y), layout.shape().clone()))

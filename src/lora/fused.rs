@@ -19,8 +19,8 @@ use gemm::Parallelism;
 use qlora_quant::{cpu as quant_cpu, Nf4Tensor};
 
 use super::dropout::HashDropout;
-use crate::model::linear::BaseWeight;
-use crate::model::ops::{f32_slice, with_f32};
+use crate::cpu_tensor::{f32_slice, with_f32};
+use crate::frozen::BaseWeight;
 
 /// The frozen weight as the op multiplies it.
 #[derive(Clone, Debug)]

@@ -11,20 +11,21 @@ use rand_distr::{Distribution, Normal};
 
 use super::adapter::LoraAdapter;
 use super::config::{LoraConfig, LoraInit};
-use crate::model::error::ModelError;
-use crate::model::linear::{BaseWeight, Linear};
+use super::LoraError;
+use crate::frozen::BaseWeight;
 
-/// Create a new adapter for `layer` (and, for PiSSA, replace its base by the residual).
+/// Create a new adapter for a layer whose frozen weight is `base` (for PiSSA, `base` is
+/// replaced by the residual).
 pub fn init_adapter(
     cfg: &LoraConfig,
-    layer: &mut Linear,
+    base: &mut BaseWeight,
     rng: &mut StdRng,
     device: &Device,
-) -> Result<LoraAdapter, ModelError> {
-    let (out, inp) = layer.base.shape();
+) -> Result<LoraAdapter, LoraError> {
+    let (out, inp) = base.shape();
     let r = cfg.rank;
     if r > out.min(inp) {
-        return Err(ModelError::invalid(
+        return Err(LoraError::invalid(
             "rank",
             format!("rank {r} is larger than the layer ({out} x {inp})"),
         ));
@@ -40,13 +41,13 @@ pub fn init_adapter(
         }
         LoraInit::Gaussian => {
             let normal = Normal::new(0.0f32, 1.0 / r as f32)
-                .map_err(|e| ModelError::invalid("gaussian init", e.to_string()))?;
+                .map_err(|e| LoraError::invalid("gaussian init", e.to_string()))?;
             let a: Vec<f32> = (0..r * inp).map(|_| normal.sample(rng)).collect();
             (a, vec![0f32; out * r])
         }
-        LoraInit::Pissa => pissa(cfg, layer, device)?,
+        LoraInit::Pissa => pissa(cfg, base, device)?,
     };
-    let to_var = |v: Vec<f32>, shape: (usize, usize)| -> Result<Var, ModelError> {
+    let to_var = |v: Vec<f32>, shape: (usize, usize)| -> Result<Var, LoraError> {
         Ok(Var::from_tensor(
             &Tensor::from_vec(v, shape, device)?.to_dtype(cfg.dtype)?,
         )?)
@@ -62,10 +63,8 @@ pub fn init_adapter(
     };
     if cfg.use_dora {
         // m starts at ‖W0 + sBA‖ per row, so the layer's output is unchanged at step 0.
-        let row_sq = layer.base_row_sq_norms()?;
-        let a_w0t = layer
-            .base
-            .matmul_t(&adapter.a.as_tensor().to_dtype(DType::F32)?)?;
+        let row_sq = base.row_sq_norms()?;
+        let a_w0t = base.matmul_t(&adapter.a.as_tensor().to_dtype(DType::F32)?)?;
         let norms = adapter.weight_row_norms(&row_sq, &a_w0t)?;
         adapter.magnitude = Some(Var::from_tensor(&norms.to_dtype(cfg.dtype)?)?);
     }
@@ -76,20 +75,19 @@ pub fn init_adapter(
 /// `W - s·B·A` (re-quantized with the same format when the base is 4-bit).
 fn pissa(
     cfg: &LoraConfig,
-    layer: &mut Linear,
+    base: &mut BaseWeight,
     device: &Device,
-) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
-    let (out, inp) = layer.base.shape();
+) -> Result<(Vec<f32>, Vec<f32>), LoraError> {
+    let (out, inp) = base.shape();
     let r = cfg.rank;
-    let w = layer
-        .base
+    let w = base
         .to_dense_f32(&Device::Cpu)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let m = Mat::<f32>::from_fn(out, inp, |i, j| w[i * inp + j]);
     let svd = m
         .thin_svd()
-        .map_err(|e| ModelError::invalid("PiSSA", format!("SVD did not converge: {e:?}")))?;
+        .map_err(|e| LoraError::invalid("PiSSA", format!("SVD did not converge: {e:?}")))?;
     let (u, s, v) = (svd.U(), svd.S(), svd.V());
     let scale = cfg.scale() as f32;
     let root: Vec<f32> = (0..r).map(|k| (s[k] / scale).max(0.0).sqrt()).collect();
@@ -111,7 +109,7 @@ fn pissa(
             }
         }
     }
-    layer.base = match &layer.base {
+    *base = match &*base {
         BaseWeight::Quantized(q) => BaseWeight::Quantized(Arc::new(
             Nf4Tensor::quantize(
                 &residual,
@@ -121,7 +119,7 @@ fn pissa(
                 q.blocksize(),
                 matches!(q.absmax(), qlora_quant::Absmax::Double(_)),
             )
-            .map_err(ModelError::Settings)?,
+            .map_err(LoraError::Quant)?,
         )),
         BaseWeight::Dense(t) => {
             BaseWeight::Dense(Tensor::from_vec(residual, (out, inp), device)?.to_dtype(t.dtype())?)

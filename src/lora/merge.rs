@@ -8,10 +8,6 @@
 use candle_core::{DType, Tensor, D};
 
 use super::adapter::LoraAdapter;
-use crate::model::config::projection_path;
-use crate::model::error::ModelError;
-use crate::model::linear::{BaseWeight, Linear};
-use crate::model::llama::Llama;
 
 /// An adapter that has been folded into its layer, kept so it can be subtracted again.
 #[derive(Clone, Debug)]
@@ -19,14 +15,7 @@ pub struct MergedAdapter {
     /// The adapter that was merged.
     pub adapter: LoraAdapter,
     /// DoRA only: the per-row factor `m / ‖W0 + sBA‖` that was applied, `[out]`, f32.
-    row_scale: Option<Tensor>,
-}
-
-/// The adapters of a whole model after [`merge_model`], one slot per (layer, projection).
-#[derive(Clone, Debug, Default)]
-pub struct MergedModel {
-    /// `slots[layer][projection]` in [`crate::model::config::PROJECTIONS`] order.
-    pub slots: Vec<Vec<Option<MergedAdapter>>>,
+    pub row_scale: Option<Tensor>,
 }
 
 /// `W0 + s·B·A` (LoRA) or DoRA's rescaled version, in f32, for a dense `w0` of shape `[out, in]`.
@@ -69,116 +58,6 @@ pub fn unmerge_weight(
     };
     let delta = adapter.delta_weight()?.to_device(w.device())?;
     w - delta
-}
-
-/// Fold `lin`'s adapter into its weight. The base becomes dense (a 4-bit base is dequantized
-/// first; a dense base keeps its dtype) and the adapter is detached and returned. `None` if the
-/// layer had no adapter.
-pub fn merge_linear(lin: &mut Linear) -> candle_core::Result<Option<MergedAdapter>> {
-    let Some(adapter) = lin.adapter.clone() else {
-        return Ok(None);
-    };
-    let (device, dtype) = match &lin.base {
-        BaseWeight::Dense(t) => (t.device().clone(), t.dtype()),
-        BaseWeight::Quantized(_) => (adapter.a.device().clone(), DType::F32),
-    };
-    let w0 = lin.base.to_dense_f32(&device)?;
-    let (w, row_scale) = merged_weight(&w0, &adapter)?;
-    lin.base = BaseWeight::Dense(w.to_dtype(dtype)?);
-    lin.set_adapter(None)?;
-    Ok(Some(MergedAdapter { adapter, row_scale }))
-}
-
-/// Take a merged adapter out of `lin`'s (dense) weight again; with `reattach` it is put back as a
-/// separate adapter, otherwise the layer is left bare.
-pub fn unmerge_linear(
-    lin: &mut Linear,
-    merged: MergedAdapter,
-    reattach: bool,
-) -> candle_core::Result<()> {
-    let BaseWeight::Dense(w) = &lin.base else {
-        candle_core::bail!("cannot unmerge from a 4-bit base: merging leaves the base dense")
-    };
-    let dtype = w.dtype();
-    let w0 = unmerge_weight(w, &merged.adapter, merged.row_scale.as_ref())?;
-    lin.base = BaseWeight::Dense(w0.to_dtype(dtype)?);
-    lin.set_adapter(reattach.then_some(merged.adapter))
-}
-
-/// Merge every adapter of `model` into its weights (see [`merge_linear`]).
-pub fn merge_model(model: &mut Llama) -> Result<MergedModel, ModelError> {
-    let mut slots = Vec::with_capacity(model.layers.len());
-    for (li, layer) in model.layers.iter_mut().enumerate() {
-        let mut row = Vec::with_capacity(7);
-        for (proj, lin) in layer.projections_mut() {
-            row.push(merge_linear(lin).map_err(|e| {
-                ModelError::invalid(
-                    format!("{}.weight", projection_path(li, proj)),
-                    format!("cannot merge the adapter: {e}"),
-                )
-            })?);
-        }
-        slots.push(row);
-    }
-    Ok(MergedModel { slots })
-}
-
-/// Subtract the adapters [`merge_model`] folded in; with `reattach` they become separate
-/// adapters again, otherwise the model is left with its original (dense) weights only.
-pub fn unmerge_model(
-    model: &mut Llama,
-    merged: MergedModel,
-    reattach: bool,
-) -> Result<(), ModelError> {
-    if merged.slots.len() != model.layers.len() {
-        return Err(ModelError::invalid(
-            "merged adapters",
-            format!(
-                "recorded for {} layers, the model has {}",
-                merged.slots.len(),
-                model.layers.len()
-            ),
-        ));
-    }
-    for (li, (layer, row)) in model.layers.iter_mut().zip(merged.slots).enumerate() {
-        for ((proj, lin), slot) in layer.projections_mut().into_iter().zip(row) {
-            if let Some(m) = slot {
-                unmerge_linear(lin, m, reattach).map_err(|e| {
-                    ModelError::invalid(
-                        format!("{}.weight", projection_path(li, proj)),
-                        format!("cannot unmerge the adapter: {e}"),
-                    )
-                })?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Task switching: take the merged adapters out of `model`, attach the adapters `next` carries
-/// (a model with the same architecture whose layers hold the new adapters), and merge those.
-pub fn switch_adapters(
-    model: &mut Llama,
-    merged: MergedModel,
-    next: &Llama,
-) -> Result<MergedModel, ModelError> {
-    unmerge_model(model, merged, false)?;
-    if next.layers.len() != model.layers.len() {
-        return Err(ModelError::invalid(
-            "adapter model",
-            format!(
-                "has {} layers, the model has {}",
-                next.layers.len(),
-                model.layers.len()
-            ),
-        ));
-    }
-    for (layer, src) in model.layers.iter_mut().zip(&next.layers) {
-        for ((_, lin), (_, from)) in layer.projections_mut().into_iter().zip(src.projections()) {
-            lin.set_adapter(from.adapter.clone())?;
-        }
-    }
-    merge_model(model)
 }
 
 #[cfg(test)]

@@ -113,6 +113,9 @@ pub enum ModelError {
     /// An error from candle while building a tensor.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// An adapter could not be created for a layer.
+    #[error(transparent)]
+    Lora(#[from] crate::lora::LoraError),
     /// An I/O error on a path, whatever the operation.
     #[error("I/O error on {}", path.display())]
     Io {

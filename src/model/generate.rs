@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::error::ModelError;
-use super::llama::{KvCache, Llama};
+use super::transformer::{KvCache, Model};
 
 /// Sampling settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,7 +38,7 @@ impl Default for SamplingOptions {
 /// Generate after `prompt`; `on_token` sees each new id (return `false` to stop early).
 /// Returns the new ids (without the stop token).
 pub fn generate(
-    model: &Llama,
+    model: &Model,
     prompt: &[u32],
     opts: &SamplingOptions,
     mut on_token: impl FnMut(u32) -> bool,
@@ -46,7 +46,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(ModelError::invalid("prompt", "the prompt has no tokens"));
     }
-    let limit = model.rope.max_positions();
+    let limit = model.max_positions();
     if prompt.len() >= limit {
         return Err(ModelError::invalid(
             "prompt",
@@ -54,7 +54,7 @@ pub fn generate(
         ));
     }
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let mut cache = KvCache::new(model.layers.len());
+    let mut cache = KvCache::new(model.num_layers());
     let mut input = prompt.to_vec();
     let mut out = Vec::new();
     while out.len() < opts.max_new_tokens && cache.len() + input.len() < limit {

@@ -127,8 +127,8 @@ pub fn inspect(path: &Path) -> Result<Inspection, ModelError> {
         return Ok(out);
     }
     if path.is_dir() && path.join("adapter_config.json").is_file() {
-        let cfg = crate::lora::peft::read_config(path)?;
-        let w = path.join(crate::lora::peft::WEIGHTS_FILE);
+        let cfg = crate::peft::read_config(path)?;
+        let w = path.join(crate::peft::WEIGHTS_FILE);
         let st = SafetensorsDir::open_file(&w)?;
         out.kind = "PEFT LoRA adapter".into();
         out.notes.push(format!(

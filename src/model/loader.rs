@@ -1,4 +1,4 @@
-//! Build a [`Llama`] from an HF folder (16/32-bit or bitsandbytes 4-bit) or a GGUF file.
+//! Build a [`Model`] from an HF folder (16/32-bit or bitsandbytes 4-bit) or a GGUF file.
 //!
 //! Weights come in one tensor at a time from a memory map (or the GGUF reader); linear weights are
 //! quantized to NF4/FP4 as they arrive, so the 16-bit model is never whole in memory.
@@ -14,8 +14,10 @@ use super::checkpoint::SafetensorsDir;
 use super::config::{projection_path, LlamaConfig, PROJECTIONS};
 use super::error::ModelError;
 use super::gguf::GgufFile;
+use super::gpt2::{Gpt2, Gpt2Config};
 use super::linear::{BaseWeight, Linear};
-use super::llama::{Attention, DecoderLayer, Llama, Mlp, Rope};
+use super::llama::{Attention, DecoderLayer, Llama, Mlp};
+use super::transformer::{Model, WeightLayout};
 use crate::data::tokenizer::TextTokenizer;
 
 /// How the frozen base is held.
@@ -94,8 +96,8 @@ pub enum SourceKind {
 
 /// A loaded model with what came along with it.
 pub struct LoadedModel {
-    /// The decoder.
-    pub model: Llama,
+    /// The model.
+    pub model: Model,
     /// Its tokenizer, when the source has one.
     pub tokenizer: Option<TextTokenizer>,
     /// The kind of source.
@@ -195,7 +197,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
             .map(|e| e.hf_name)
             .collect();
         let mut src = Gguf { file, names };
-        let model = build(&cfg, &mut src, opts)?;
+        let model = Model::Llama(build(&cfg, &mut src, opts)?);
         return Ok(LoadedModel {
             model,
             tokenizer: Some(tokenizer),
@@ -216,17 +218,26 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
         path: cfg_path.clone(),
         source,
     })?;
-    let cfg = LlamaConfig::from_json(&config_json).map_err(|what| ModelError::Config {
+    let config_error = |what| ModelError::Config {
         path: cfg_path.display().to_string(),
         what,
-    })?;
+    };
     let bnb = config_json
         .get("quantization_config")
         .is_some_and(|q| q.get("quant_method").and_then(Value::as_str) == Some("bitsandbytes"));
     let dir = SafetensorsDir::open(path)?;
     let tokenizer = TextTokenizer::from_dir(path)?;
     let mut src = StDir { dir, bnb };
-    let model = build(&cfg, &mut src, opts)?;
+    let model = match config_json.get("model_type").and_then(Value::as_str) {
+        Some("gpt2") => {
+            let cfg = Gpt2Config::from_json(&config_json).map_err(config_error)?;
+            Model::Gpt2(Gpt2::load(&cfg, &mut src, opts)?)
+        }
+        _ => {
+            let cfg = LlamaConfig::from_json(&config_json).map_err(config_error)?;
+            Model::Llama(build(&cfg, &mut src, opts)?)
+        }
+    };
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -240,7 +251,8 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
     })
 }
 
-fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<(), ModelError> {
+/// Refuse a tensor whose shape is not `expected`, naming it.
+pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<(), ModelError> {
     if t.dims() != expected {
         return Err(ModelError::Shape {
             name: name.to_string(),
@@ -277,8 +289,21 @@ pub(crate) fn build(
         let mut lin = Vec::with_capacity(7);
         for proj in PROJECTIONS {
             let path = projection_path(li, proj);
-            let (out, inp) = cfg.projection_shape(proj).unwrap_or((0, 0));
-            lin.push(load_linear(cfg, src, &path, proj, out, inp, opts)?);
+            let shape = cfg.projection_shape(proj).unwrap_or((0, 0));
+            let has_bias = match proj {
+                "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
+                "o_proj" => cfg.o_proj_bias,
+                _ => cfg.mlp_bias,
+            };
+            let bias_stored = src.has(&format!("{path}.bias"));
+            lin.push(load_linear(
+                src,
+                &path,
+                shape,
+                has_bias || bias_stored,
+                WeightLayout::OutIn,
+                opts,
+            )?);
         }
         let mut it = lin.into_iter();
         let mut next = || {
@@ -306,28 +331,31 @@ pub(crate) fn build(
     let max_pos = opts
         .max_positions
         .unwrap_or(cfg.max_position_embeddings.min(8192));
-    Ok(Llama {
-        cfg: cfg.clone(),
+    Ok(Llama::new(
+        cfg.clone(),
         embed_tokens,
         layers,
         norm,
         lm_head,
-        rope: Rope::new(cfg, max_pos, dev)?,
-        compute_dtype: opts.compute_dtype,
-    })
+        max_pos,
+        opts.compute_dtype,
+    )?)
 }
 
-fn load_linear(
-    cfg: &LlamaConfig,
+/// The linear layer at checkpoint `path` with HF shape `(out, inp)`: a weight already stored in
+/// 4-bit is taken as it is; a dense one (transposed first when the checkpoint stores it
+/// `[in, out]`) is quantized or kept dense as `opts` says; the bias is read when `bias`.
+pub(crate) fn load_linear(
     src: &mut dyn TensorSource,
     path: &str,
-    proj: &str,
-    out: usize,
-    inp: usize,
+    (out, inp): (usize, usize),
+    bias: bool,
+    layout: WeightLayout,
     opts: &LoadOptions,
 ) -> Result<Linear, ModelError> {
     let wname = format!("{path}.weight");
     let stored = src.quantized(&wname)?;
+    let dense_dtype = opts.weight_dtype.unwrap_or(opts.compute_dtype);
     let base = match (stored, opts.base) {
         (Some(q), BaseFormat::Quantized(_)) => {
             if q.shape() != [out, inp] {
@@ -344,13 +372,22 @@ fn load_linear(
             BaseWeight::Dense(
                 q.dequantize(DType::F32, &Device::Cpu)
                     .map_err(ModelError::Settings)?
-                    .to_dtype(opts.weight_dtype.unwrap_or(opts.compute_dtype))?
+                    .to_dtype(dense_dtype)?
                     .to_device(&opts.device)?,
             )
         }
         (None, format) => {
             let w = src.dense(&wname)?;
-            check_shape(&wname, &w, &[out, inp])?;
+            let w = match layout {
+                WeightLayout::OutIn => {
+                    check_shape(&wname, &w, &[out, inp])?;
+                    w
+                }
+                WeightLayout::InOut => {
+                    check_shape(&wname, &w, &[inp, out])?;
+                    w.t()?.contiguous()?
+                }
+            };
             match format {
                 BaseFormat::Quantized(qt) => {
                     let q = Nf4Tensor::from_tensor(&w, qt, opts.blocksize, opts.double_quant)
@@ -360,20 +397,14 @@ fn load_linear(
                         })?;
                     BaseWeight::Quantized(Arc::new(q))
                 }
-                BaseFormat::Dense => BaseWeight::Dense(
-                    w.to_dtype(opts.weight_dtype.unwrap_or(opts.compute_dtype))?
-                        .to_device(&opts.device)?,
-                ),
+                BaseFormat::Dense => {
+                    BaseWeight::Dense(w.to_dtype(dense_dtype)?.to_device(&opts.device)?)
+                }
             }
         }
     };
-    let has_bias = match proj {
-        "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
-        "o_proj" => cfg.o_proj_bias,
-        _ => cfg.mlp_bias,
-    };
     let bias_name = format!("{path}.bias");
-    let bias = if has_bias || src.has(&bias_name) {
+    let bias = if bias {
         let b = src.dense(&bias_name)?;
         check_shape(&bias_name, &b, &[out])?;
         Some(b.to_dtype(opts.compute_dtype)?.to_device(&opts.device)?)

@@ -1,4 +1,6 @@
-//! Models: configs, loaders, the decoder, and linear layers over 4-bit or dense bases.
+//! Models: configs, loaders, the families (one file each) over one interface
+//! ([`transformer::Family`]), and linear layers over 4-bit or dense bases.
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -7,7 +9,9 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_config;
 pub mod gguf_tokenizer;
+pub mod gpt2;
 pub mod inspect;
+pub mod layer_norm;
 pub mod linear;
 pub mod llama;
 pub mod loader;
@@ -15,3 +19,4 @@ pub mod ops;
 pub mod quantize;
 pub mod random_source;
 pub mod shard_writer;
+pub mod transformer;

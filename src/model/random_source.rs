@@ -13,8 +13,8 @@ use rayon::prelude::*;
 
 use super::config::{LlamaConfig, PROJECTIONS};
 use super::error::ModelError;
-use super::llama::Llama;
 use super::loader::{build, LoadOptions, TensorSource};
+use super::transformer::Model;
 
 /// Standard deviation of generated weights (a common initialiser's, so activations stay tame).
 const WEIGHT_STD: f32 = 0.02;
@@ -107,19 +107,19 @@ impl TensorSource for GeneratedWeights<'_> {
     }
 }
 
-/// A [`Llama`] of shape `cfg` with seeded random weights, loaded as `opts` says (NF4 by
+/// A Llama-family model of shape `cfg` with seeded random weights, loaded as `opts` says (NF4 by
 /// default: each linear weight is generated, quantized and dropped before the next).
 pub fn generate_model(
     cfg: &LlamaConfig,
     opts: &LoadOptions,
     seed: u64,
-) -> Result<Llama, ModelError> {
+) -> Result<Model, ModelError> {
     let mut src = GeneratedWeights {
         cfg,
         seed,
         counter: 0,
     };
-    build(cfg, &mut src, opts)
+    Ok(Model::Llama(build(cfg, &mut src, opts)?))
 }
 
 #[cfg(test)]
@@ -142,15 +142,22 @@ mod tests {
         let cfg = tiny();
         let m = generate_model(&cfg, &LoadOptions::default(), 7).unwrap();
         let again = generate_model(&cfg, &LoadOptions::default(), 7).unwrap();
-        assert_eq!(m.layers.len(), 2);
-        assert!(m.lm_head.is_some(), "untied head expected");
-        let q = &m.layers[1].self_attn.q_proj;
+        assert_eq!(m.num_layers(), 2);
+        assert!(
+            m.as_llama().unwrap().lm_head.is_some(),
+            "untied head expected"
+        );
+        let q = &m.as_llama().unwrap().layers[1].self_attn.q_proj;
         assert!(matches!(q.base, BaseWeight::Quantized(_)));
         assert_eq!(q.base.shape(), (64, 64));
         assert_eq!(q.bias.as_ref().map(|b| b.dims().to_vec()), Some(vec![64]));
-        assert!(m.layers[1].self_attn.o_proj.bias.is_none());
+        assert!(m.as_llama().unwrap().layers[1]
+            .self_attn
+            .o_proj
+            .bias
+            .is_none());
         let w = q.base.to_dense_f32(&Device::Cpu).unwrap();
-        let w2 = again.layers[1]
+        let w2 = again.as_llama().unwrap().layers[1]
             .self_attn
             .q_proj
             .base
@@ -169,7 +176,7 @@ mod tests {
         assert!((std - WEIGHT_STD).abs() < 0.004, "std {std}");
         // Different seeds, different weights.
         let other = generate_model(&cfg, &LoadOptions::default(), 8).unwrap();
-        let w3 = other.layers[1]
+        let w3 = other.as_llama().unwrap().layers[1]
             .self_attn
             .q_proj
             .base

@@ -79,7 +79,7 @@ pub fn adapter_params(cfg: &LlamaConfig, s: &PlanSettings) -> Vec<usize> {
     let mut out = Vec::new();
     for _ in 0..cfg.num_hidden_layers {
         for proj in PROJECTIONS {
-            if !s.targets.iter().any(|t| t == proj) {
+            if !s.targets_projection(proj) {
                 continue;
             }
             if let Some((o, i)) = cfg.projection_shape(proj) {
@@ -146,7 +146,7 @@ fn projection_elems(
 ) -> usize {
     let n = s.batch_size * s.seq_len;
     let mut e = n * out;
-    if s.targets.iter().any(|t| t == proj) {
+    if s.targets_projection(proj) {
         if s.adapter_dtype != s.compute_dtype {
             e += s.rank * (inp + out);
         }
@@ -194,7 +194,7 @@ pub fn composite_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> (usiz
     let scores = s.batch_size * cfg.num_attention_heads * s.seq_len * s.seq_len;
     let linear = |proj: &str, out: usize, inp: usize| {
         // The composite dropout multiplies by a stored mask: one more input-sized tensor.
-        let dropout_mask = if s.dropout && s.targets.iter().any(|t| t == proj) {
+        let dropout_mask = if s.dropout && s.targets_projection(proj) {
             n * inp
         } else {
             0

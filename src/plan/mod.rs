@@ -91,6 +91,15 @@ pub struct PlanSettings {
 }
 
 impl PlanSettings {
+    /// Whether the run puts an adapter on decoder projection `proj` (`q_proj`), by PEFT's
+    /// target rule.
+    pub fn targets_projection(&self, proj: &str) -> bool {
+        let path = crate::model::config::projection_path(0, proj);
+        self.targets
+            .iter()
+            .any(|t| crate::lora::config::target_matches(t, &path))
+    }
+
     /// Which layers the planned step recomputes.
     pub fn checkpointing(&self) -> Checkpointing {
         Checkpointing {

@@ -50,6 +50,14 @@ pub fn preset_config(name: &str) -> Option<LlamaConfig> {
     preset_json(name).and_then(|v| LlamaConfig::from_json(&v).ok())
 }
 
+/// `model_type` of the config.json in the model folder `path` (`None` for a GGUF file, a
+/// preset name, or an unreadable config: [`resolve_config`] reports those).
+pub fn model_type(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("model_type")?.as_str().map(str::to_string)
+}
+
 /// A config from a preset name, a `.gguf` file, an HF folder or a `config.json` path.
 pub fn resolve_config(model: &str) -> Result<LlamaConfig, ModelError> {
     if let Some(cfg) = preset_config(model) {

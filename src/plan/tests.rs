@@ -49,15 +49,21 @@ fn base_bytes_equal_what_the_loader_builds() {
         .unwrap();
         let m = generate_model(&cfg, &LoadOptions::default(), 1).unwrap();
         let mut linear = 0;
-        for layer in &m.layers {
+        for layer in &m.as_llama().unwrap().layers {
             for (_, lin) in layer.projections() {
                 linear += lin.base.storage_bytes();
                 linear += lin.bias.as_ref().map_or(0, |b| b.elem_count() * 4);
             }
         }
-        let mut dense = m.embed_tokens.elem_count() + m.norm.elem_count();
-        dense += m.lm_head.as_ref().map_or(0, |h| h.elem_count());
-        for layer in &m.layers {
+        let mut dense = m.as_llama().unwrap().embed_tokens.elem_count()
+            + m.as_llama().unwrap().norm.elem_count();
+        dense += m
+            .as_llama()
+            .unwrap()
+            .lm_head
+            .as_ref()
+            .map_or(0, |h| h.elem_count());
+        for layer in &m.as_llama().unwrap().layers {
             dense +=
                 layer.input_layernorm.elem_count() + layer.post_attention_layernorm.elem_count();
         }

@@ -15,10 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic_dir::AtomicDir;
 use crate::data::batches::BatchPosition;
-use crate::lora::{peft, LoraConfig};
+use crate::lora::LoraConfig;
 use crate::model::error::ModelError;
-use crate::model::llama::Llama;
+use crate::model::transformer::Model;
 use crate::optim::AdamW;
+use crate::peft;
 
 /// File of the optimizer state inside a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -45,9 +46,9 @@ pub struct TrainerState {
 }
 
 /// A short description of the model shape and adapter layout that must match on resume.
-pub fn fingerprint(model: &Llama) -> String {
-    let c = &model.cfg;
-    let shapes: Vec<String> = crate::lora::trainable_vars(model)
+pub fn fingerprint(model: &Model) -> String {
+    let c = model.info();
+    let shapes: Vec<String> = crate::peft::trainable_vars(model)
         .iter()
         .map(|(n, v)| format!("{n}:{:?}", v.dims()))
         .collect();
@@ -58,12 +59,12 @@ pub fn fingerprint(model: &Llama) -> String {
     format!(
         "{} L{} H{} I{} V{} heads{}/{} adapters{}:{h:016x}",
         c.model_type,
-        c.num_hidden_layers,
+        c.num_layers,
         c.hidden_size,
         c.intermediate_size,
         c.vocab_size,
-        c.num_attention_heads,
-        c.num_key_value_heads,
+        c.num_heads,
+        c.num_kv_heads,
         shapes.len()
     )
 }
@@ -71,7 +72,7 @@ pub fn fingerprint(model: &Llama) -> String {
 /// Write a checkpoint of `model`'s adapters, `opt` and `state` to `out/checkpoint-<step>`.
 pub fn save_checkpoint(
     out: &Path,
-    model: &Llama,
+    model: &Model,
     lora_cfg: &LoraConfig,
     base_name: &str,
     opt: &AdamW,
@@ -144,7 +145,7 @@ pub fn check_checkpoint_dir(dir: &Path) -> Result<(), ModelError> {
 }
 
 /// Read a checkpoint's trainer state, refusing one from another model or adapter layout.
-pub fn read_trainer_state(dir: &Path, model: &Llama) -> Result<TrainerState, ModelError> {
+pub fn read_trainer_state(dir: &Path, model: &Model) -> Result<TrainerState, ModelError> {
     check_checkpoint_dir(dir)?;
     let path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;

@@ -15,7 +15,7 @@ use candle_core::{Result, Tensor, Var};
 
 use super::loss::{chunked_cross_entropy, DEFAULT_CHUNK_ROWS};
 use super::step::{shifted_rows, Batch};
-use crate::model::llama::{attention_mask_windowed, rms_norm, Llama};
+use crate::model::transformer::Model;
 
 /// Which decoder layers a training step recomputes in the backward.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -123,22 +123,18 @@ impl From<bool> for Checkpointing {
 /// Loss of `batch` and the gradient of each of `vars`; `checkpointing` says which layers are
 /// recomputed in the backward instead of keeping their activations.
 pub fn loss_and_grads_layerwise(
-    model: &Llama,
+    model: &Model,
     batch: &Batch,
     vars: &[Var],
     checkpointing: Checkpointing,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
-    let (b, t) = batch.ids.dims2()?;
     let pos = batch.positions_for(model)?;
-    let span = batch.span();
-    let mask = attention_mask_windowed(b, t, 0, &span, model.cfg.sliding_window, model.device())?
-        .to_dtype(model.compute_dtype)?;
-    let run_layer =
-        |i: usize, x: &Tensor| model.layers[i].forward(x, &model.rope, &pos, &mask, None, true);
+    let ctx = model.context(&batch.ids, &pos, &batch.span(), 0)?;
+    let run_layer = |i: usize, x: &Tensor| model.layer(i, x, &ctx, None, true);
 
     // Forward: layer inputs always; whole graphs of the layers not recomputed.
-    let n_layers = model.layers.len();
-    let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids)?.detach()];
+    let n_layers = model.num_layers();
+    let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids, &pos)?.detach()];
     let mut kept: Vec<Option<(Var, Tensor)>> = vec![None; n_layers];
     for (i, slot) in kept.iter_mut().enumerate() {
         let x = inputs[i].clone();
@@ -153,12 +149,12 @@ pub fn loss_and_grads_layerwise(
     }
 
     // Head: final norm and chunked cross-entropy, differentiated at the last hidden state.
-    let top = Var::from_tensor(&inputs[model.layers.len()])?;
-    let h = rms_norm(top.as_tensor(), &model.norm, model.cfg.rms_norm_eps)?;
+    let top = Var::from_tensor(&inputs[n_layers])?;
+    let h = model.finish(top.as_tensor())?;
     let targets = batch.shifted_targets()?;
     let loss = chunked_cross_entropy(
         &shifted_rows(&h)?,
-        model.head(),
+        model.lm_head(),
         &targets,
         DEFAULT_CHUNK_ROWS,
     )?;

@@ -96,7 +96,7 @@ impl TrainRecipe {
     /// validation off, and build the batches.
     pub fn load_data(&self, model: &LoadedModel, data: &Path) -> Result<RunData, ModelError> {
         let tok = model.tokenizer.as_ref();
-        let dopts = DataOptions::new(self.seq_len, model.model.cfg.vocab_size);
+        let dopts = DataOptions::new(self.seq_len, model.model.info().vocab_size);
         let corpus = Corpus::load(data, tok, &dopts)?;
         let train_report = corpus.report.clone();
         let mut note = None;
@@ -128,9 +128,9 @@ impl TrainRecipe {
         };
         let pad_id = model
             .model
-            .cfg
+            .info()
             .pad_token_id
-            .or(model.model.cfg.eos_token_ids.first().copied())
+            .or(model.model.info().eos_token_ids.first().copied())
             .unwrap_or(0);
         let device = model.model.device().clone();
         let mut bopts = BatchOptions::new(self.batch_size, self.seq_len, pad_id, self.seed);

@@ -3,7 +3,8 @@
 use candle_core::{Tensor, Var};
 
 use super::loss::{chunked_cross_entropy, DEFAULT_CHUNK_ROWS, IGNORE_INDEX};
-use crate::model::llama::{AttentionSpan, Llama};
+use crate::model::attention::AttentionSpan;
+use crate::model::transformer::Model;
 
 /// A batch: token ids `[b, t]` (u32) and labels (`b * t`, [`IGNORE_INDEX`] = not predicted),
 /// optionally with packed-document segments `[b, t]` and per-document positions `[b, t]`.
@@ -30,7 +31,7 @@ impl Batch {
     }
 
     /// RoPE positions `[b, t]`: the batch's own (packed documents), else `0..t` per row.
-    pub fn positions_for(&self, model: &Llama) -> candle_core::Result<Tensor> {
+    pub fn positions_for(&self, model: &Model) -> candle_core::Result<Tensor> {
         let (b, t) = self.ids.dims2()?;
         match &self.positions {
             Some(p) => Ok(p.clone()),
@@ -65,13 +66,13 @@ pub fn shifted_rows(h: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Mean next-token cross-entropy of `batch` (transformers' causal-LM loss: position `i`
 /// predicts label `i + 1`).
-pub fn batch_loss(model: &Llama, batch: &Batch, train: bool) -> candle_core::Result<Tensor> {
+pub fn batch_loss(model: &Model, batch: &Batch, train: bool) -> candle_core::Result<Tensor> {
     let pos = batch.positions_for(model)?;
     let h = model.forward_hidden(&batch.ids, &pos, &batch.span(), None, train)?;
     let targets = batch.shifted_targets()?;
     chunked_cross_entropy(
         &shifted_rows(&h)?,
-        model.head(),
+        model.lm_head(),
         &targets,
         DEFAULT_CHUNK_ROWS,
     )
@@ -79,13 +80,13 @@ pub fn batch_loss(model: &Llama, batch: &Batch, train: bool) -> candle_core::Res
 
 /// Mean loss of a batch for validation: no dropout and no autograd graph kept (see
 /// [`Llama::forward_hidden_eval`]), so it costs one layer's activations.
-pub fn eval_loss(model: &Llama, batch: &Batch) -> candle_core::Result<Tensor> {
+pub fn eval_loss(model: &Model, batch: &Batch) -> candle_core::Result<Tensor> {
     let pos = batch.positions_for(model)?;
     let h = model.forward_hidden_eval(&batch.ids, &pos, &batch.span())?;
     let targets = batch.shifted_targets()?;
     chunked_cross_entropy(
         &shifted_rows(&h)?,
-        model.head(),
+        model.lm_head(),
         &targets,
         DEFAULT_CHUNK_ROWS,
     )
@@ -93,7 +94,7 @@ pub fn eval_loss(model: &Llama, batch: &Batch) -> candle_core::Result<Tensor> {
 
 /// Loss and the gradient of each of `vars` (`None` where the loss does not depend on it).
 pub fn loss_and_grads(
-    model: &Llama,
+    model: &Model,
     batch: &Batch,
     vars: &[Var],
     train: bool,

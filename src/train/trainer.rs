@@ -18,11 +18,12 @@ use super::layerwise::{loss_and_grads_layerwise, Checkpointing};
 use super::plot::{draw_loss_curves, Series};
 use super::step::Batch;
 use crate::data::batches::Batches;
-use crate::lora::{self, peft, LoraConfig};
+use crate::lora::LoraConfig;
 use crate::model::error::ModelError;
-use crate::model::llama::Llama;
+use crate::model::transformer::Model;
 use crate::optim::schedule::Schedule;
 use crate::optim::{AdamW, AdamWConfig};
+use crate::peft;
 
 /// Settings of a run (everything but the data and the model).
 #[derive(Clone, Debug)]
@@ -99,7 +100,7 @@ fn write_jsonl(
 }
 
 /// Mean loss over `batches` (no dropout, no gradients kept).
-pub fn validation_loss(model: &Llama, batches: &[Batch]) -> Result<f64, ModelError> {
+pub fn validation_loss(model: &Model, batches: &[Batch]) -> Result<f64, ModelError> {
     let (mut sum, mut n) = (0f64, 0usize);
     for b in batches {
         let k = b.predicted_tokens();
@@ -153,7 +154,7 @@ fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
 /// `settings.steps` optimizer steps, validating on `val`; writes `metrics.jsonl`, `loss.svg`
 /// and the PEFT adapter under `out`.
 pub fn train(
-    model: &mut Llama,
+    model: &mut Model,
     lora_cfg: &LoraConfig,
     base_name: &str,
     train: &mut Batches,
@@ -177,8 +178,8 @@ pub fn train(
         .truncate(resumed.is_none())
         .open(&metrics_path)
         .map_err(|e| ModelError::io(&metrics_path, e))?;
-    let dropout = lora::share_dropout_seed(model);
-    let named = lora::trainable_vars(model);
+    let dropout = peft::share_dropout_seed(model);
+    let named = peft::trainable_vars(model);
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let ratio = settings.lora_plus_ratio;
     let mut opt = AdamW::with_storage(

@@ -1,7 +1,8 @@
 //! PEFT's on-disk adapter format: `adapter_config.json` + `adapter_model.safetensors`.
 //!
-//! Keys are `base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.lora_A.weight` (`[r, in]`),
-//! `...lora_B.weight` (`[out, r]`) and, for DoRA, `...lora_magnitude_vector` (`[out]`).
+//! Keys are `base_model.model.<module path>.lora_A.weight` (`[r, in]`), `...lora_B.weight`
+//! (`[out, r]`) and, for DoRA, `...lora_magnitude_vector` (`[out]`), where the module path is
+//! the layer's checkpoint path (`model.layers.0.self_attn.q_proj`, `transformer.h.0.attn.c_attn`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -9,12 +10,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use super::adapter::LoraAdapter;
-use super::config::{LoraConfig, LoraInit};
+use super::check_targets;
 use crate::atomic_dir::AtomicDir;
-use crate::model::config::{projection_path, PROJECTIONS};
+use crate::lora::config::ALL_LINEAR;
+use crate::lora::{LoraAdapter, LoraConfig, LoraInit};
 use crate::model::error::ModelError;
-use crate::model::llama::Llama;
+use crate::model::transformer::{Model, WeightLayout};
 
 /// File names of a PEFT adapter folder.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -23,9 +24,9 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 const PREFIX: &str = "base_model.model.";
 
-/// PEFT key of a tensor of the adapter on `proj` in `layer`.
-pub fn peft_key(layer: usize, proj: &str, suffix: &str) -> String {
-    format!("{PREFIX}{}.{suffix}", projection_path(layer, proj))
+/// PEFT key of tensor `suffix` (`lora_A.weight`) of the adapter on the module at `path`.
+pub fn peft_key(path: &str, suffix: &str) -> String {
+    format!("{PREFIX}{path}.{suffix}")
 }
 
 /// Read `adapter_config.json` into a [`LoraConfig`]; features this tool does not implement are
@@ -61,23 +62,14 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
             .map(|x| x.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| bad("`target_modules` must be a list of names".into()))?,
-        Some(Value::String(s)) if s == "all-linear" => {
-            PROJECTIONS.iter().map(|p| p.to_string()).collect()
-        }
+        Some(Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
         other => {
             return Err(bad(format!(
-                "`target_modules` {other:?} is not supported (a list of projection names, or \"all-linear\")"
+                "`target_modules` {other:?} is not supported (a list of module names, or \"all-linear\"; \
+                 a regular expression is not)"
             )))
         }
     };
-    for t in &targets {
-        if !PROJECTIONS.contains(&t.as_str()) {
-            return Err(bad(format!(
-                "target module `{t}` is not one of the decoder projections ({})",
-                PROJECTIONS.join(", ")
-            )));
-        }
-    }
     for key in ["rank_pattern", "alpha_pattern"] {
         if v.get(key)
             .and_then(Value::as_object)
@@ -86,9 +78,8 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
             return Err(bad(format!("`{key}` is not supported")));
         }
     }
-    if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
-        return Err(bad("`fan_in_fan_out: true` is not supported".into()));
-    }
+    // `fan_in_fan_out` only says how the base layer stores its weight (GPT-2's Conv1D); the
+    // model knows that per layer, and A and B have the same shapes either way.
     if let Some(b) = v.get("bias").and_then(Value::as_str) {
         if b != "none" {
             return Err(bad(format!("bias `{b}` is not supported (only \"none\")")));
@@ -118,13 +109,19 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
 }
 
 /// Load a PEFT adapter folder onto `model` (replacing any adapters it has). Tensors are kept in
-/// their stored dtype unless `dtype` is given. Every shape is checked against the model.
+/// their stored dtype unless `dtype` is given. Every shape is checked against the model, every
+/// target must name a layer, and every tensor in the file must be used.
 pub fn load_adapter(
-    model: &mut Llama,
+    model: &mut Model,
     dir: &Path,
     dtype: Option<DType>,
 ) -> Result<LoraConfig, ModelError> {
     let mut cfg = read_config(dir)?;
+    let cfg_path = dir.join(CONFIG_FILE);
+    check_targets(model, &cfg.targets).map_err(|what| ModelError::Config {
+        path: cfg_path.display().to_string(),
+        what,
+    })?;
     let path = dir.join(WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
         ModelError::invalid(
@@ -133,89 +130,72 @@ pub fn load_adapter(
         )
     })?;
     let device = model.device().clone();
-    let mut used = 0usize;
-    let n_layers = model.layers.len();
+    let mut used = std::collections::BTreeSet::new();
     let mut stored_dtype = None;
-    for (li, layer) in model.layers.iter_mut().enumerate() {
-        for (proj, lin) in layer.projections_mut() {
-            if !cfg.targets_projection(proj) {
-                lin.set_adapter(None)?;
-                continue;
-            }
-            let (out, inp) = lin.base.shape();
-            let fetch = |suffix: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
-                let key = peft_key(li, proj, suffix);
-                let t = tensors
-                    .get(&key)
-                    .ok_or_else(|| ModelError::TensorNotFound {
-                        name: key.clone(),
-                        dir: path.clone(),
-                    })?;
-                if t.dims() != shape {
-                    return Err(ModelError::Shape {
-                        name: key,
-                        expected: shape.to_vec(),
-                        got: t.dims().to_vec(),
-                    });
-                }
-                Ok(t.clone())
-            };
-            let a = fetch("lora_A.weight", &[cfg.rank, inp])?;
-            let b = fetch("lora_B.weight", &[out, cfg.rank])?;
-            stored_dtype.get_or_insert(a.dtype());
-            let magnitude = if cfg.use_dora {
-                let key = peft_key(li, proj, "lora_magnitude_vector");
-                let m = match tensors.get(&key) {
-                    Some(_) => fetch("lora_magnitude_vector", &[out])?,
-                    None => fetch("lora_magnitude_vector.weight", &[out])?,
-                };
-                used += 1;
-                Some(m)
-            } else {
-                None
-            };
-            used += 2;
-            let dt = dtype.unwrap_or(a.dtype());
-            let var = |t: Tensor| -> Result<Var, ModelError> {
-                Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(&device)?)?)
-            };
-            let adapter = LoraAdapter {
-                a: var(a)?,
-                b: var(b)?,
-                scale: cfg.scale(),
-                dropout: cfg.dropout,
-                magnitude: magnitude.map(var).transpose()?,
-                dropout_key: 0,
-                dropout_seed: Default::default(),
-            };
-            lin.set_adapter(Some(adapter))?;
+    for m in model.linears_mut() {
+        if !cfg.targets_module(&m.path) {
+            m.linear.set_adapter(None)?;
+            continue;
         }
-    }
-    if used != tensors.len() {
-        let known: Vec<String> = (0..n_layers)
-            .flat_map(|l| {
-                PROJECTIONS.iter().flat_map(move |p| {
-                    [
-                        "lora_A.weight",
-                        "lora_B.weight",
-                        "lora_magnitude_vector",
-                        "lora_magnitude_vector.weight",
-                    ]
-                    .map(|s| peft_key(l, p, s))
-                })
+        let (out, inp) = m.linear.base.shape();
+        let mut fetch = |suffix: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
+            let key = peft_key(&m.path, suffix);
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| ModelError::TensorNotFound {
+                    name: key.clone(),
+                    dir: path.clone(),
+                })?;
+            if t.dims() != shape {
+                return Err(ModelError::Shape {
+                    name: key,
+                    expected: shape.to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+            used.insert(key);
+            Ok(t.clone())
+        };
+        let a = fetch("lora_A.weight", &[cfg.rank, inp])?;
+        let b = fetch("lora_B.weight", &[out, cfg.rank])?;
+        stored_dtype.get_or_insert(a.dtype());
+        let magnitude = if cfg.use_dora {
+            let key = peft_key(&m.path, "lora_magnitude_vector");
+            Some(match tensors.get(&key) {
+                Some(_) => fetch("lora_magnitude_vector", &[out])?,
+                None => fetch("lora_magnitude_vector.weight", &[out])?,
             })
-            .collect();
+        } else {
+            None
+        };
+        let dt = dtype.unwrap_or(a.dtype());
+        let var = |t: Tensor| -> Result<Var, ModelError> {
+            Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(&device)?)?)
+        };
+        let adapter = LoraAdapter {
+            a: var(a)?,
+            b: var(b)?,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+            magnitude: magnitude.map(var).transpose()?,
+            dropout_key: 0,
+            dropout_seed: Default::default(),
+        };
+        m.linear.set_adapter(Some(adapter))?;
+    }
+    if used.len() != tensors.len() {
         let extra: Vec<&String> = tensors
             .keys()
-            .filter(|k| !known.contains(k))
+            .filter(|k| !used.contains(*k))
             .take(3)
             .collect();
         return Err(ModelError::invalid(
             path.display().to_string(),
             format!(
-                "holds {} tensors that do not fit this {}-layer model or its target modules, e.g. {extra:?}",
-                tensors.len() - used,
-                n_layers
+                "holds {} tensors that do not fit this {}-layer {} model or its target modules, e.g. {extra:?}",
+                tensors.len() - used.len(),
+                model.num_layers(),
+                model.info().model_type,
             ),
         ));
     }
@@ -224,33 +204,48 @@ pub fn load_adapter(
 }
 
 /// The adapter tensors of `model` under PEFT's key names.
-pub fn adapter_tensors(model: &Llama) -> Result<BTreeMap<String, Tensor>, ModelError> {
+pub fn adapter_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>, ModelError> {
     let mut out = BTreeMap::new();
-    for (li, layer) in model.layers.iter().enumerate() {
-        for (proj, lin) in layer.projections() {
-            if let Some(a) = &lin.adapter {
-                for (suffix, var) in a.parameters() {
-                    out.insert(
-                        peft_key(li, proj, suffix),
-                        var.as_tensor().to_device(&Device::Cpu)?,
-                    );
-                }
+    for m in model.linears() {
+        if let Some(a) = &m.linear.adapter {
+            for (suffix, var) in a.parameters() {
+                out.insert(
+                    peft_key(&m.path, suffix),
+                    var.as_tensor().to_device(&Device::Cpu)?,
+                );
             }
         }
     }
     Ok(out)
 }
 
-/// `adapter_config.json` as PEFT writes it, for `cfg` on a model at `base_model`.
-pub fn config_json(cfg: &LoraConfig, base_model: &str) -> Value {
-    let mut targets = cfg.targets.clone();
+/// `adapter_config.json` as PEFT writes it, for `cfg` on `model` (at `base_model`). Like PEFT,
+/// it lists the targets resolved to the last name of each adapted layer (`all-linear` becomes
+/// `q_proj`, `k_proj`, ...), and sets `fan_in_fan_out` when the adapted layers store their
+/// weights `[in, out]`.
+pub fn config_json(cfg: &LoraConfig, model: &Model, base_model: &str) -> Value {
+    let adapted: Vec<_> = model
+        .linears()
+        .into_iter()
+        .filter(|m| cfg.targets_module(&m.path))
+        .collect();
+    let mut targets: Vec<String> = if cfg.targets.iter().any(|t| t == ALL_LINEAR) {
+        adapted
+            .iter()
+            .map(|m| m.path.rsplit('.').next().unwrap_or(&m.path).to_string())
+            .collect()
+    } else {
+        cfg.targets.clone()
+    };
     targets.sort();
+    targets.dedup();
+    let fan_in_fan_out = adapted.iter().any(|m| m.layout == WeightLayout::InOut);
     json!({
         "alpha_pattern": {},
         "auto_mapping": null,
         "base_model_name_or_path": base_model,
         "bias": "none",
-        "fan_in_fan_out": false,
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": true,
         "init_lora_weights": cfg.init.peft_value(),
         "layer_replication": null,
@@ -282,7 +277,7 @@ pub fn config_json(cfg: &LoraConfig, base_model: &str) -> Value {
 /// Write `model`'s adapters to a new folder `dir` in PEFT format, atomically (temp folder, then
 /// rename); an existing `dir` is refused, never overwritten.
 pub fn save_adapter(
-    model: &Llama,
+    model: &Model,
     cfg: &LoraConfig,
     base_model: &str,
     dir: &Path,
@@ -291,7 +286,7 @@ pub fn save_adapter(
     let staging = AtomicDir::new(dir)
         .map_err(|e| ModelError::invalid(dir.display().to_string(), e.to_string()))?;
     let cfg_path = staging.path().join(CONFIG_FILE);
-    let text = serde_json::to_string_pretty(&config_json(cfg, base_model))
+    let text = serde_json::to_string_pretty(&config_json(cfg, model, base_model))
         .map_err(|e| ModelError::invalid(CONFIG_FILE, e.to_string()))?;
     std::fs::write(&cfg_path, text).map_err(|e| ModelError::io(&cfg_path, e))?;
     let w_path = staging.path().join(WEIGHTS_FILE);

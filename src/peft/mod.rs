@@ -1,0 +1,87 @@
+//! Walking a model's linear layers to attach, load, save and merge adapters, by PEFT's names.
+//!
+//! Sits above both [`crate::lora`] (the math of one adapter) and [`crate::model`] (the families
+//! and their layers): it matches PEFT's `target_modules` against each layer's checkpoint path
+//! and keys the adapter tensors `base_model.model.<path>.<tensor>`.
+
+pub mod io;
+pub mod merge;
+
+pub use io::{
+    adapter_tensors, config_json, load_adapter, peft_key, read_config, save_adapter, CONFIG_FILE,
+    WEIGHTS_FILE,
+};
+
+use candle_core::Var;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::lora::config::{target_matches, ALL_LINEAR};
+use crate::lora::init::init_adapter;
+use crate::lora::{DropoutSeed, LoraConfig};
+use crate::model::error::ModelError;
+use crate::model::transformer::Model;
+
+/// Refuse targets that name no linear layer of `model` (a typo would otherwise train nothing
+/// there without a word).
+pub fn check_targets(model: &Model, targets: &[String]) -> Result<(), String> {
+    let paths: Vec<String> = model.linears().into_iter().map(|m| m.path).collect();
+    for t in targets.iter().filter(|t| t.as_str() != ALL_LINEAR) {
+        if !paths.iter().any(|p| target_matches(t, p)) {
+            let mut names: Vec<&str> = paths
+                .iter()
+                .map(|p| p.rsplit('.').next().unwrap_or(p))
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            return Err(format!(
+                "target module `{t}` names no linear layer of this {} model (its layers: {})",
+                model.info().model_type,
+                names.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Put fresh adapters on every targeted linear layer of `model` (deterministic for a `seed`).
+pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), ModelError> {
+    check_targets(model, &cfg.targets).map_err(|why| ModelError::invalid("--target", why))?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let device = model.device().clone();
+    for m in model.linears_mut() {
+        let adapter = if cfg.targets_module(&m.path) {
+            Some(init_adapter(cfg, &mut m.linear.base, &mut rng, &device)?)
+        } else {
+            None
+        };
+        m.linear.set_adapter(adapter)?;
+    }
+    Ok(())
+}
+
+/// Give every adapter of `model` a distinct dropout key and one shared seed handle, which the
+/// trainer sets before each forward.
+pub fn share_dropout_seed(model: &mut Model) -> DropoutSeed {
+    let seed = DropoutSeed::default();
+    for m in model.linears_mut() {
+        if let Some(a) = m.linear.adapter.as_mut() {
+            a.dropout_key = (m.layer * 8 + m.index) as u64 + 1;
+            a.dropout_seed = seed.clone();
+        }
+    }
+    seed
+}
+
+/// Every trainable variable of the model's adapters, with its PEFT key.
+pub fn trainable_vars(model: &Model) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for m in model.linears() {
+        if let Some(a) = &m.linear.adapter {
+            for (suffix, var) in a.parameters() {
+                out.push((peft_key(&m.path, suffix), var.clone()));
+            }
+        }
+    }
+    out
+}
