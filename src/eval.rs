@@ -43,7 +43,7 @@ pub fn sequence_nll(model: &Model, ids: &[u32]) -> Result<(f64, usize), ModelErr
         model.forward_hidden_eval(&x, &pos, &crate::model::attention::AttentionSpan::Causal)?;
     let hidden = hidden.squeeze(0)?.narrow(0, 0, t - 1)?;
     let targets: Vec<i64> = ids[1..].iter().map(|&i| i as i64).collect();
-    let total = summed_nll(&hidden, model.lm_head(), &targets, LOGIT_ROWS)?;
+    let total = summed_nll(&hidden, model.require_lm_head()?, &targets, LOGIT_ROWS)?;
     Ok((total, t - 1))
 }
 

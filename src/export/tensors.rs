@@ -32,7 +32,7 @@ impl TensorSpec {
 /// Every tensor of `model` in HF checkpoint order.
 pub fn tensor_specs(model: &Model) -> Vec<TensorSpec> {
     model
-        .params()
+        .checkpoint_params()
         .into_iter()
         .enumerate()
         .map(|(index, (name, p))| {
@@ -67,7 +67,7 @@ pub fn read_merged(model: &Model, spec: &TensorSpec) -> Result<Tensor, ModelErro
     let f32_cpu =
         |t: &Tensor| -> Result<Tensor, ModelError> { Ok(t.to_dtype(DType::F32)?.to_device(&cpu)?) };
     let missing = || ModelError::invalid(spec.name.clone(), "not in the model");
-    let params = model.params();
+    let params = model.checkpoint_params();
     let (name, param) = params.get(spec.index).ok_or_else(missing)?;
     if *name != spec.name {
         return Err(missing());

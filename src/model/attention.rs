@@ -204,10 +204,44 @@ pub fn attention(
     }
 }
 
+/// [`attention`] in training mode with dropout `p` on the attention probabilities (BERT's
+/// `attention_probs_dropout_prob`); with `p == 0` it is [`attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_dropout(
+    heads: (usize, usize, usize),
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &Rope,
+    pos: &Tensor,
+    mask: &Tensor,
+    p: f32,
+) -> Result<Tensor> {
+    if p > 0.0 {
+        composite(heads, q, k, v, rope, pos, mask, None, p)
+    } else {
+        attention(heads, q, k, v, rope, pos, mask, None)
+    }
+}
+
 /// [`attention`] from candle's primitive ops (the reference for [`FusedAttention`], and the
 /// generation path).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_composite(
+    heads: (usize, usize, usize),
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &Rope,
+    pos: &Tensor,
+    mask: &Tensor,
+    cache: Option<&mut Option<(Tensor, Tensor)>>,
+) -> Result<Tensor> {
+    composite(heads, q, k, v, rope, pos, mask, cache, 0.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn composite(
     (h, kvh, d): (usize, usize, usize),
     q: &Tensor,
     k: &Tensor,
@@ -216,6 +250,7 @@ pub fn attention_composite(
     pos: &Tensor,
     mask: &Tensor,
     cache: Option<&mut Option<(Tensor, Tensor)>>,
+    probs_dropout: f32,
 ) -> Result<Tensor> {
     let (b, t, _) = q.dims3()?;
     let q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
@@ -252,6 +287,11 @@ pub fn attention_composite(
     }
     let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     let probs = softmax_last_dim(&scores)?.reshape((b, kvh, g * t, s))?;
+    let probs = if probs_dropout > 0.0 {
+        candle_nn::ops::dropout(&probs, probs_dropout)?
+    } else {
+        probs
+    };
     let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
     out.transpose(1, 2)?.reshape((b, t, h * d))
 }

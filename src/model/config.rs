@@ -72,6 +72,8 @@ pub struct LlamaConfig {
     pub pad_token_id: Option<u32>,
     /// Mistral's sliding attention window, if any.
     pub sliding_window: Option<usize>,
+    /// The checkpoint is a `*ForSequenceClassification` model: a `score` head, no LM head.
+    pub sequence_classification: bool,
 }
 
 const SUPPORTED: [&str; 3] = ["llama", "mistral", "qwen2"];
@@ -176,6 +178,14 @@ impl LlamaConfig {
             bos_token_id: opt_usize("bos_token_id").map(|x| x as u32),
             eos_token_ids,
             pad_token_id: opt_usize("pad_token_id").map(|x| x as u32),
+            sequence_classification: v
+                .get("architectures")
+                .and_then(Value::as_array)
+                .is_some_and(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .any(|s| s.ends_with("ForSequenceClassification"))
+                }),
             sliding_window: if opt_bool("use_sliding_window") == Some(false) {
                 None
             } else {

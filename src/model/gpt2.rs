@@ -403,7 +403,13 @@ impl Family for Gpt2 {
     }
 
     /// `wte[ids] + wpe[pos]`.
-    fn embed(&self, ids: &Tensor, pos: &Tensor) -> Result<Tensor> {
+    fn embed(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        _token_types: Option<&Tensor>,
+        _train: bool,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let e = self.cfg.n_embd;
         let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
@@ -440,8 +446,8 @@ impl Family for Gpt2 {
         self.ln_f.forward(h)
     }
 
-    fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.wte)
+    fn lm_head(&self) -> Option<&Tensor> {
+        Some(self.lm_head.as_ref().unwrap_or(&self.wte))
     }
 
     fn linears(&self) -> Vec<ModuleRef<'_>> {

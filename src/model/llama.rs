@@ -14,6 +14,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::attention::{attention, Rope};
+use super::classifier::SequenceClassifier;
 use super::config::{base_inv_freq, projection_path, LlamaConfig, RopeScaling};
 use super::linear::Linear;
 use super::ops;
@@ -247,6 +248,8 @@ pub struct Llama {
     pub rope: Rope,
     /// Dtype activations are computed in.
     pub compute_dtype: DType,
+    /// The `score` head of `LlamaForSequenceClassification`-style models.
+    pub classifier: Option<SequenceClassifier>,
     info: ModelInfo,
 }
 
@@ -283,6 +286,7 @@ impl Llama {
             lm_head,
             rope,
             compute_dtype,
+            classifier: None,
             info,
         })
     }
@@ -310,7 +314,13 @@ impl Family for Llama {
     }
 
     /// `embed_tokens[ids]`; positions enter through RoPE inside each layer.
-    fn embed(&self, ids: &Tensor, _pos: &Tensor) -> Result<Tensor> {
+    fn embed(
+        &self,
+        ids: &Tensor,
+        _pos: &Tensor,
+        _token_types: Option<&Tensor>,
+        _train: bool,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let e = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
         e.reshape((b, t, self.cfg.hidden_size))?
@@ -340,8 +350,14 @@ impl Family for Llama {
         rms_norm(h, &self.norm, self.cfg.rms_norm_eps)
     }
 
-    fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    /// The LM head; a `*ForSequenceClassification` checkpoint (untied, no `lm_head.weight`)
+    /// has none.
+    fn lm_head(&self) -> Option<&Tensor> {
+        match &self.lm_head {
+            Some(h) => Some(h),
+            None if self.cfg.sequence_classification && !self.cfg.tie_word_embeddings => None,
+            None => Some(&self.embed_tokens),
+        }
     }
 
     fn linears(&self) -> Vec<ModuleRef<'_>> {
@@ -374,6 +390,19 @@ impl Family for Llama {
             }
         }
         out
+    }
+
+    fn classifier(&self) -> Option<&SequenceClassifier> {
+        self.classifier.as_ref()
+    }
+
+    fn classifier_mut(&mut self) -> Option<&mut SequenceClassifier> {
+        self.classifier.as_mut()
+    }
+
+    fn set_classifier(&mut self, classifier: Option<SequenceClassifier>) -> Result<()> {
+        self.classifier = classifier;
+        Ok(())
     }
 
     fn params(&self) -> Vec<(String, ParamRef<'_>)> {

@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use qlora_quant::{Nf4Tensor, QuantType};
 use serde_json::Value;
 
+use super::bert::{Bert, BertConfig};
 use super::checkpoint::SafetensorsDir;
+use super::classifier::{ClassifierConfig, SequenceClassifier};
 use super::config::{projection_path, LlamaConfig, PROJECTIONS};
 use super::error::ModelError;
 use super::gguf::GgufFile;
@@ -228,16 +230,24 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
     let dir = SafetensorsDir::open(path)?;
     let tokenizer = TextTokenizer::from_dir(path)?;
     let mut src = StDir { dir, bnb };
-    let model = match config_json.get("model_type").and_then(Value::as_str) {
+    let mut model = match config_json.get("model_type").and_then(Value::as_str) {
         Some("gpt2") => {
             let cfg = Gpt2Config::from_json(&config_json).map_err(config_error)?;
             Model::Gpt2(Gpt2::load(&cfg, &mut src, opts)?)
+        }
+        Some("bert") => {
+            let cfg = BertConfig::from_json(&config_json).map_err(config_error)?;
+            Model::Bert(Bert::load(&cfg, &mut src, opts)?)
         }
         _ => {
             let cfg = LlamaConfig::from_json(&config_json).map_err(config_error)?;
             Model::Llama(build(&cfg, &mut src, opts)?)
         }
     };
+    if let Some(task) = ClassifierConfig::from_json(&config_json).map_err(config_error)? {
+        let classifier = load_classifier(&model, task, &mut src)?;
+        model.set_classifier(Some(classifier))?;
+    }
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -249,6 +259,46 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
         path: path.to_path_buf(),
         config_json,
     })
+}
+
+/// The head of a `*ForSequenceClassification` checkpoint: `classifier.{weight,bias}` (BERT) or
+/// `score.weight` (decoders), `[num_labels, hidden]`, kept in f32.
+fn load_classifier(
+    model: &Model,
+    task: ClassifierConfig,
+    src: &mut dyn TensorSource,
+) -> Result<SequenceClassifier, ModelError> {
+    let (module, dropout) = match model {
+        Model::Bert(b) => ("classifier", b.cfg.classifier_dropout),
+        _ => ("score", 0.0),
+    };
+    let shape = [task.labels.len(), model.info().hidden_size];
+    let w_name = format!("{module}.weight");
+    // transformers + bitsandbytes quantize the head too (it is no output embedding); it is
+    // trained in full, so a 4-bit head is dequantized.
+    let weight = match src.quantized(&w_name)? {
+        Some(q) => q
+            .dequantize(DType::F32, &Device::Cpu)
+            .map_err(ModelError::Settings)?,
+        None => src.dense(&w_name)?,
+    };
+    check_shape(&w_name, &weight, &shape)?;
+    let b_name = format!("{module}.bias");
+    let bias = if src.has(&b_name) {
+        let b = src.dense(&b_name)?;
+        check_shape(&b_name, &b, &shape[..1])?;
+        Some(b)
+    } else {
+        None
+    };
+    let dev = model.device();
+    Ok(SequenceClassifier::new(
+        module,
+        &weight.to_device(dev)?,
+        bias.map(|b| b.to_device(dev)).transpose()?.as_ref(),
+        task,
+        dropout,
+    )?)
 }
 
 /// Refuse a tensor whose shape is not `expected`, naming it.
@@ -278,11 +328,12 @@ pub(crate) fn build(
         Ok::<_, ModelError>(t.to_dtype(wdt)?.to_device(dev)?)
     };
     let embed_tokens = dense(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-    let lm_head = if cfg.tie_word_embeddings && !src.has("lm_head.weight") {
-        None
-    } else {
-        Some(dense(src, "lm_head.weight", &[cfg.vocab_size, h])?)
-    };
+    let lm_head =
+        if cfg.sequence_classification || (cfg.tie_word_embeddings && !src.has("lm_head.weight")) {
+            None
+        } else {
+            Some(dense(src, "lm_head.weight", &[cfg.vocab_size, h])?)
+        };
     let norm = dense(src, "model.norm.weight", &[h])?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for li in 0..cfg.num_hidden_layers {

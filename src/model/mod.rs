@@ -1,7 +1,9 @@
 //! Models: configs, loaders, the families (one file each) over one interface
 //! ([`transformer::Family`]), and linear layers over 4-bit or dense bases.
 pub mod attention;
+pub mod bert;
 pub mod checkpoint;
+pub mod classifier;
 pub mod config;
 pub mod error;
 pub mod fetch;

@@ -12,6 +12,8 @@ use std::ops::{Deref, DerefMut};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 use super::attention::{attention_mask_windowed, AttentionSpan};
+use super::bert::Bert;
+use super::classifier::{last_real_token, SequenceClassifier};
 use super::gpt2::Gpt2;
 use super::linear::Linear;
 use super::llama::Llama;
@@ -116,8 +118,20 @@ pub trait Family: std::fmt::Debug + Send + Sync {
     fn sliding_window(&self) -> Option<usize> {
         None
     }
-    /// First hidden state `[b, t, hidden]` of `ids` at positions `pos` (both `[b, t]`).
-    fn embed(&self, ids: &Tensor, pos: &Tensor) -> Result<Tensor>;
+    /// First hidden state `[b, t, hidden]` of `ids` at positions `pos` (both `[b, t]`), with
+    /// BERT's segment ids `token_types` (`[b, t]`, zeros when `None`; other families have none);
+    /// `train` turns on the family's embedding dropout, if it has one.
+    fn embed(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        token_types: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor>;
+    /// Whether every token attends to every other (encoders) rather than to earlier ones.
+    fn bidirectional(&self) -> bool {
+        false
+    }
     /// Number of layers.
     fn num_layers(&self) -> usize;
     /// Layer `i` on `h`, extending `cache` (its keys and values) when given.
@@ -131,14 +145,37 @@ pub trait Family: std::fmt::Debug + Send + Sync {
     ) -> Result<Tensor>;
     /// What follows the last layer (the final norm).
     fn finish(&self, h: &Tensor) -> Result<Tensor>;
-    /// Output head `[vocab, hidden]` (the embeddings when tied).
-    fn lm_head(&self) -> &Tensor;
+    /// Language-model head `[vocab, hidden]` (the embeddings when tied); `None` for encoders.
+    fn lm_head(&self) -> Option<&Tensor>;
     /// Every linear layer with its checkpoint path, in checkpoint order.
     fn linears(&self) -> Vec<ModuleRef<'_>>;
     /// Every linear layer, mutably, in the order of [`Family::linears`].
     fn linears_mut(&mut self) -> Vec<ModuleMut<'_>>;
-    /// Every checkpoint tensor under its HF name, in checkpoint order.
+    /// Every checkpoint tensor under its HF name, in checkpoint order (the classifier apart).
     fn params(&self) -> Vec<(String, ParamRef<'_>)>;
+    /// The sequence classification head, when the model classifies.
+    fn classifier(&self) -> Option<&SequenceClassifier> {
+        None
+    }
+    /// The head, mutably.
+    fn classifier_mut(&mut self) -> Option<&mut SequenceClassifier> {
+        None
+    }
+    /// Put a classification head on the model (or take it off).
+    fn set_classifier(&mut self, classifier: Option<SequenceClassifier>) -> Result<()> {
+        match classifier {
+            None => Ok(()),
+            Some(_) => candle_core::bail!(
+                "sequence classification on a `{}` model is not supported (bert, llama, mistral, qwen2)",
+                self.info().model_type
+            ),
+        }
+    }
+    /// One feature vector `[b, hidden]` per sequence for the classifier, from the final hidden
+    /// states `h`: decoders take each row's last token that is not padding.
+    fn pool(&self, h: &Tensor, ids: &Tensor, _train: bool) -> Result<Tensor> {
+        last_real_token(h, ids, self.info().pad_token_id)
+    }
 }
 
 /// A loaded model of any supported family.
@@ -148,6 +185,8 @@ pub enum Model {
     Llama(Llama),
     /// GPT-2.
     Gpt2(Gpt2),
+    /// BERT encoders.
+    Bert(Bert),
 }
 
 impl Deref for Model {
@@ -156,6 +195,7 @@ impl Deref for Model {
         match self {
             Model::Llama(m) => m,
             Model::Gpt2(m) => m,
+            Model::Bert(m) => m,
         }
     }
 }
@@ -165,6 +205,7 @@ impl DerefMut for Model {
         match self {
             Model::Llama(m) => m,
             Model::Gpt2(m) => m,
+            Model::Bert(m) => m,
         }
     }
 }
@@ -213,6 +254,16 @@ impl Model {
             Model::Llama(m) => Some(m),
             _ => None,
         }
+    }
+
+    /// The language-model head, or an error naming the family that has none.
+    pub fn require_lm_head(&self) -> Result<&Tensor> {
+        self.lm_head().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "a `{}` model has no language-model head (it classifies sequences)",
+                self.info().model_type
+            ))
+        })
     }
 
     /// Positions `offset..offset + t` for every row, `[b, t]`.
@@ -268,7 +319,7 @@ impl Model {
     ) -> Result<Tensor> {
         let past = cache.as_deref().map_or(0, KvCache::len);
         let ctx = self.context(ids, pos, span, past)?;
-        let mut h = self.embed(ids, pos)?;
+        let mut h = self.embed(ids, pos, None, train)?;
         for i in 0..self.num_layers() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             h = self.layer(i, &h, &ctx, slot, train)?;
@@ -313,7 +364,7 @@ impl Model {
         let dims = h.dims().to_vec();
         let hidden = *dims.last().unwrap_or(&0);
         let h2 = h.reshape(((), hidden))?.to_dtype(DType::F32)?;
-        let head = self.lm_head().to_dtype(DType::F32)?;
+        let head = self.require_lm_head()?.to_dtype(DType::F32)?;
         let out = h2.matmul(&head.t()?)?;
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
@@ -333,7 +384,7 @@ impl Model {
         let (b, t) = ids.dims2()?;
         let pos = self.positions(b, t, 0)?;
         let ctx = self.context(ids, &pos, &AttentionSpan::Causal, 0)?;
-        let mut h = self.embed(ids, &pos)?;
+        let mut h = self.embed(ids, &pos, None, false)?;
         let mut out = vec![h.clone()];
         for i in 0..self.num_layers() {
             h = self.layer(i, &h, &ctx, None, false)?;
@@ -342,6 +393,57 @@ impl Model {
         let last = out.len() - 1;
         out[last] = self.finish(&h)?;
         Ok(out)
+    }
+
+    /// Which keys a classifier's forward over `ids` attends to: the real tokens (`keys` `[b, t]`,
+    /// 1 = real, 0 = padding), both ways for encoders, causally for decoders.
+    pub fn padded_span<'a>(&self, keys: &'a Tensor) -> AttentionSpan<'a> {
+        if self.bidirectional() {
+            AttentionSpan::Bidirectional(keys)
+        } else {
+            AttentionSpan::CausalPadded(keys)
+        }
+    }
+
+    /// Classifier logits `[b, num_labels]` (f32) of padded sequences `ids` (`keys` as in
+    /// [`Model::padded_span`], BERT's `token_types` optional).
+    pub fn classify(
+        &self,
+        ids: &Tensor,
+        keys: &Tensor,
+        token_types: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let classifier = self.classifier().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "this `{}` model has no classification head",
+                self.info().model_type
+            ))
+        })?;
+        let (b, t) = ids.dims2()?;
+        let pos = self.positions(b, t, 0)?;
+        let ctx = self.context(ids, &pos, &self.padded_span(keys), 0)?;
+        let mut h = self.embed(ids, &pos, token_types, train)?;
+        for i in 0..self.num_layers() {
+            h = self.layer(i, &h, &ctx, None, train)?;
+        }
+        let h = self.finish(&h)?;
+        classifier.logits(&self.pool(&h, ids, train)?, train)
+    }
+
+    /// Every checkpoint tensor, the classification head's included (`classifier.weight`,
+    /// `score.weight`), in checkpoint order.
+    pub fn checkpoint_params(&self) -> Vec<(String, ParamRef<'_>)> {
+        let mut out = self.params();
+        if let Some(c) = self.classifier() {
+            for (suffix, var) in c.parameters() {
+                out.push((
+                    format!("{}.{suffix}", c.module),
+                    ParamRef::Dense(var.as_tensor()),
+                ));
+            }
+        }
+        out
     }
 
     /// Linear layers that carry an adapter.

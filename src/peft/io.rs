@@ -85,9 +85,6 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
             return Err(bad(format!("bias `{b}` is not supported (only \"none\")")));
         }
     }
-    if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
-        return Err(bad("`modules_to_save` is not supported".into()));
-    }
     let init = match v.get("init_lora_weights") {
         Some(Value::String(s)) if s.starts_with("pissa") => LoraInit::Pissa,
         Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
@@ -122,6 +119,7 @@ pub fn load_adapter(
         path: cfg_path.display().to_string(),
         what,
     })?;
+    let head_modules = check_task(model, &cfg_path)?;
     let path = dir.join(WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
         ModelError::invalid(
@@ -183,6 +181,28 @@ pub fn load_adapter(
         };
         m.linear.set_adapter(Some(adapter))?;
     }
+    if let Some(c) = model.classifier_mut() {
+        if head_modules.iter().any(|m| *m == c.module) {
+            for (suffix, var) in c.parameters() {
+                let key = format!("{PREFIX}{}.{suffix}", c.module);
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| ModelError::TensorNotFound {
+                        name: key.clone(),
+                        dir: path.clone(),
+                    })?;
+                if t.dims() != var.dims() {
+                    return Err(ModelError::Shape {
+                        name: key,
+                        expected: var.dims().to_vec(),
+                        got: t.dims().to_vec(),
+                    });
+                }
+                var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+                used.insert(key);
+            }
+        }
+    }
     if used.len() != tensors.len() {
         let extra: Vec<&String> = tensors
             .keys()
@@ -203,18 +223,80 @@ pub fn load_adapter(
     Ok(cfg)
 }
 
-/// The adapter tensors of `model` under PEFT's key names.
+/// PEFT's names of a classification head in `modules_to_save` (`SEQ_CLS` lists both).
+const HEAD_MODULES: [&str; 2] = ["classifier", "score"];
+
+/// Check the adapter's `task_type` and `modules_to_save` against `model`; returns the modules to
+/// save. A classification adapter on a model without a head (or a causal-LM adapter on a
+/// classifier) is refused, and so is any module to save other than the head.
+fn check_task(model: &Model, cfg_path: &Path) -> Result<Vec<String>, ModelError> {
+    let text = std::fs::read_to_string(cfg_path).map_err(|e| ModelError::io(cfg_path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        ModelError::invalid(cfg_path.display().to_string(), format!("not JSON: {e}"))
+    })?;
+    let bad = |what: String| ModelError::Config {
+        path: cfg_path.display().to_string(),
+        what,
+    };
+    let kind = model.info().model_type.clone();
+    match (
+        v.get("task_type").and_then(Value::as_str),
+        model.classifier(),
+    ) {
+        (Some("SEQ_CLS"), None) => {
+            return Err(bad(format!(
+            "`task_type: SEQ_CLS` is a sequence-classification adapter, and this `{kind}` model \
+                 has no classification head (load a *ForSequenceClassification checkpoint, or \
+                 train one with --task seq-cls)"
+        )))
+        }
+        (Some("CAUSAL_LM"), Some(_)) => {
+            return Err(bad(format!(
+                "`task_type: CAUSAL_LM` is a language-model adapter, and this `{kind}` model \
+                 classifies sequences"
+            )))
+        }
+        (Some("SEQ_CLS" | "CAUSAL_LM") | None, _) => {}
+        (Some(other), _) => {
+            return Err(bad(format!(
+                "`task_type` `{other}` is not supported (CAUSAL_LM, SEQ_CLS)"
+            )))
+        }
+    }
+    let modules: Vec<String> = match v.get("modules_to_save") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("`modules_to_save` must be a list of names".into()))?,
+        Some(other) => return Err(bad(format!("`modules_to_save` {other} is not a list"))),
+    };
+    for m in &modules {
+        if !HEAD_MODULES.contains(&m.as_str()) {
+            return Err(bad(format!(
+                "`modules_to_save` `{m}` is not supported (only the classification head: {})",
+                HEAD_MODULES.join(", ")
+            )));
+        }
+    }
+    if let Some(c) = model.classifier() {
+        if !modules.contains(&c.module) {
+            return Err(bad(format!(
+                "the model classifies sequences, and `modules_to_save` does not hold its head \
+                 `{}` (PEFT trains and saves it with every SEQ_CLS adapter)",
+                c.module
+            )));
+        }
+    }
+    Ok(modules)
+}
+
+/// The adapter tensors of `model` under PEFT's key names, the classification head's included.
 pub fn adapter_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>, ModelError> {
     let mut out = BTreeMap::new();
-    for m in model.linears() {
-        if let Some(a) = &m.linear.adapter {
-            for (suffix, var) in a.parameters() {
-                out.insert(
-                    peft_key(&m.path, suffix),
-                    var.as_tensor().to_device(&Device::Cpu)?,
-                );
-            }
-        }
+    for (key, var) in super::trainable_vars(model) {
+        out.insert(key, var.as_tensor().to_device(&Device::Cpu)?);
     }
     Ok(out)
 }
@@ -262,13 +344,17 @@ pub fn config_json(cfg: &LoraConfig, model: &Model, base_model: &str) -> Value {
         "lora_dropout": cfg.dropout,
         "megatron_config": null,
         "megatron_core": "megatron.core",
-        "modules_to_save": null,
+        "modules_to_save": if model.classifier().is_some() {
+            json!(HEAD_MODULES)
+        } else {
+            Value::Null
+        },
         "peft_type": "LORA",
         "r": cfg.rank,
         "rank_pattern": {},
         "revision": null,
         "target_modules": targets,
-        "task_type": "CAUSAL_LM",
+        "task_type": if model.classifier().is_some() { "SEQ_CLS" } else { "CAUSAL_LM" },
         "use_dora": cfg.use_dora,
         "use_rslora": cfg.use_rslora,
     })

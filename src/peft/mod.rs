@@ -73,7 +73,8 @@ pub fn share_dropout_seed(model: &mut Model) -> DropoutSeed {
     seed
 }
 
-/// Every trainable variable of the model's adapters, with its PEFT key.
+/// Every trainable variable of the model's adapters, and of its classification head (trained in
+/// full, PEFT's `modules_to_save`), with its PEFT key.
 pub fn trainable_vars(model: &Model) -> Vec<(String, Var)> {
     let mut out = Vec::new();
     for m in model.linears() {
@@ -81,6 +82,14 @@ pub fn trainable_vars(model: &Model) -> Vec<(String, Var)> {
             for (suffix, var) in a.parameters() {
                 out.push((peft_key(&m.path, suffix), var.clone()));
             }
+        }
+    }
+    if let Some(c) = model.classifier() {
+        for (suffix, var) in c.parameters() {
+            out.push((
+                format!("base_model.model.{}.{suffix}", c.module),
+                var.clone(),
+            ));
         }
     }
     out

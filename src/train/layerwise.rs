@@ -134,7 +134,7 @@ pub fn loss_and_grads_layerwise(
 
     // Forward: layer inputs always; whole graphs of the layers not recomputed.
     let n_layers = model.num_layers();
-    let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids, &pos)?.detach()];
+    let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids, &pos, None, true)?.detach()];
     let mut kept: Vec<Option<(Var, Tensor)>> = vec![None; n_layers];
     for (i, slot) in kept.iter_mut().enumerate() {
         let x = inputs[i].clone();
@@ -154,7 +154,7 @@ pub fn loss_and_grads_layerwise(
     let targets = batch.shifted_targets()?;
     let loss = chunked_cross_entropy(
         &shifted_rows(&h)?,
-        model.lm_head(),
+        model.require_lm_head()?,
         &targets,
         DEFAULT_CHUNK_ROWS,
     )?;

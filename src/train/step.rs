@@ -72,7 +72,7 @@ pub fn batch_loss(model: &Model, batch: &Batch, train: bool) -> candle_core::Res
     let targets = batch.shifted_targets()?;
     chunked_cross_entropy(
         &shifted_rows(&h)?,
-        model.lm_head(),
+        model.require_lm_head()?,
         &targets,
         DEFAULT_CHUNK_ROWS,
     )
@@ -86,7 +86,7 @@ pub fn eval_loss(model: &Model, batch: &Batch) -> candle_core::Result<Tensor> {
     let targets = batch.shifted_targets()?;
     chunked_cross_entropy(
         &shifted_rows(&h)?,
-        model.lm_head(),
+        model.require_lm_head()?,
         &targets,
         DEFAULT_CHUNK_ROWS,
     )

@@ -1,0 +1,166 @@
+//! Sequence classification against transformers, PEFT and bitsandbytes themselves:
+//! `BertForSequenceClassification` and `LlamaForSequenceClassification` in
+//! `tests/fixtures/arch/{bert-cls,llama-cls}/`, written by `scripts/make_task_fixtures.py`
+//! (transformers 5.23.0, PEFT 0.21.2, bitsandbytes 0.50.2).
+//!
+//! Tolerances: 1e-4 absolute on f32 logits; the 20-step loss curves 1e-3 relative.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Tensor};
+use common::{fixtures, load_as as load, max_abs, safetensors};
+use qlora::model::loader::BaseFormat;
+use qlora::model::transformer::Model;
+use qlora::peft;
+use qlora::quant::QuantType;
+
+const TOL: f32 = 1e-4;
+
+fn dir(name: &str) -> PathBuf {
+    fixtures().join("arch").join(name)
+}
+
+fn reference(name: &str) -> HashMap<String, Tensor> {
+    safetensors(&dir(name).join("reference.safetensors"))
+}
+
+fn u32s(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
+}
+
+/// Our logits of the reference inputs (BERT with its token types).
+fn logits(m: &Model, r: &HashMap<String, Tensor>) -> Tensor {
+    let types = r.get("token_type_ids").map(u32s);
+    m.classify(
+        &u32s(&r["input_ids"]),
+        &u32s(&r["attention_mask"]),
+        types.as_ref(),
+        false,
+    )
+    .unwrap()
+}
+
+fn check_family(name: &str) {
+    let r = reference(name);
+    let m = load(&dir(name), BaseFormat::Dense);
+    let c = m.model.classifier().expect("a classification head");
+    assert_eq!(c.config.labels, ["negative", "neutral", "positive"]);
+    let d = max_abs(&logits(&m.model, &r), &r["logits"]);
+    println!("{name}: logits within {d:.2e} of transformers'");
+    assert!(d <= TOL, "{name}: logits differ by {d}");
+
+    // PEFT adapter with a redrawn head (modules_to_save) on the full-precision and 4-bit bases.
+    for base in [BaseFormat::Dense, BaseFormat::Quantized(QuantType::Nf4)] {
+        let mut m = load(&dir(name), base);
+        peft::load_adapter(&mut m.model, &dir(name).join("adapter"), None).unwrap();
+        let got = logits(&m.model, &r);
+        if base == BaseFormat::Dense {
+            let d = max_abs(&got, &r["logits_adapter"]);
+            println!("{name} + PEFT adapter and head: logits within {d:.2e} of PEFT's");
+            assert!(d <= TOL, "{name}: adapter logits differ by {d}");
+            assert!(max_abs(&r["logits"], &r["logits_adapter"]) > 0.1);
+        }
+        let json = peft::config_json(
+            &peft::read_config(&dir(name).join("adapter")).unwrap(),
+            &m.model,
+            "..",
+        );
+        assert_eq!(json["task_type"], "SEQ_CLS");
+    }
+
+    // bitsandbytes' 4-bit checkpoint (its head quantized too) runs as transformers runs the
+    // weights its codes stand for (`logits_4bit_decoded`; bitsandbytes' own CPU forward is off
+    // for the `[64, 96]` layers, see tests/fixtures/arch/README.md).
+    let q = load(
+        &dir(name).join("bnb4"),
+        BaseFormat::Quantized(QuantType::Nf4),
+    );
+    let got = logits(&q.model, &r);
+    let d = max_abs(&got, &r["logits_4bit_decoded"]);
+    println!(
+        "{name} bnb 4-bit: logits within {d:.2e} of transformers on the decoded codes \
+         (bitsandbytes' CPU forward: {:.2e} away)",
+        max_abs(&got, &r["logits_4bit"])
+    );
+    assert!(d <= TOL, "{name}: 4-bit logits differ by {d}");
+    assert!(max_abs(&r["logits"], &r["logits_4bit_decoded"]) > 0.05);
+
+    // Merge equals PEFT's merge_and_unload, head included.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let o = qlora(&[
+        "merge",
+        "--model",
+        s(&dir(name)),
+        "--adapter",
+        s(&dir(name).join("adapter")),
+        "--out",
+        s(&out),
+        "--base",
+        "original",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = safetensors(&out.join("model.safetensors"));
+    let theirs = safetensors(&dir(name).join("merged/model.safetensors"));
+    for (k, want) in &theirs {
+        let got = ours
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing from our merge"));
+        let d = max_abs(got, want);
+        assert!(d <= 1e-5, "{name}: {k} differs from PEFT's merge by {d}");
+    }
+    let merged = load(&out, BaseFormat::Dense);
+    let d = max_abs(&logits(&merged.model, &r), &r["logits_merged"]);
+    assert!(d <= TOL, "{name}: merged logits differ by {d}");
+}
+
+#[test]
+fn bert_classifier_matches_transformers_peft_and_bitsandbytes() {
+    check_family("bert-cls");
+    // Token types matter: transformers' logits without them are far away.
+    let r = reference("bert-cls");
+    assert!(max_abs(&r["logits"], &r["logits_no_token_types"]) > 0.05);
+}
+
+#[test]
+fn llama_classifier_matches_transformers_peft_and_bitsandbytes() {
+    check_family("llama-cls");
+}
+
+#[test]
+fn task_mismatch_between_adapter_and_model_is_refused() {
+    let mut causal = load(&fixtures().join("arch/qwen2"), BaseFormat::Dense);
+    let e = peft::load_adapter(&mut causal.model, &dir("llama-cls").join("adapter"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("SEQ_CLS") && e.contains("adapter_config.json"),
+        "{e}"
+    );
+    let mut cls = load(&dir("llama-cls"), BaseFormat::Dense);
+    let e = peft::load_adapter(
+        &mut cls.model,
+        &fixtures().join("arch/llama3/adapter"),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("CAUSAL_LM"), "{e}");
+}
+
+fn qlora(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
