@@ -331,13 +331,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     // The plan models Llama-family decoders; other families train without one, and the options
     // that need it are refused rather than ignored.
     let model_type = crate::plan::presets::model_type(&args.model.model);
-    let plan = if model_type.as_deref() == Some("gpt2") {
+    let plan = if let Some(kind) = model_type.filter(|t| matches!(t.as_str(), "gpt2" | "bert")) {
         anyhow::ensure!(
             memory_limit.is_none() && recipe.keep_layers != KeepLayers::Auto,
             "--memory-limit and --keep-layers auto need the memory plan, which does not cover \
-             `gpt2` models yet"
+             `{kind}` models yet"
         );
-        println!("memory plan: not available for `gpt2` models");
+        println!("memory plan: not available for `{kind}` models");
         None
     } else {
         let cfg = crate::plan::presets::resolve_config(&args.model.model.display().to_string())?;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::error::DataError;
 use super::example::Example;
 use super::packing::{pack_row, pad_row, plan_packing, Row};
-use crate::train::step::Batch;
+use crate::train::step::{Batch, ClassTargets};
 
 /// How examples become batches.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,11 +292,29 @@ impl Batches {
         } else {
             None
         };
+        let targets: Option<Vec<f32>> = members
+            .iter()
+            .flat_map(|m| m.iter().map(|e| e.target))
+            .collect();
+        let classes = match targets {
+            Some(targets) if !self.opts.packing => {
+                let keys: Vec<u32> = rows
+                    .iter()
+                    .flat_map(|r| r.segments.iter().map(|&s| u32::from(s == 0)))
+                    .collect();
+                Some(ClassTargets {
+                    keys: Tensor::from_vec(keys, (b, t), &self.device)?,
+                    targets,
+                })
+            }
+            _ => None,
+        };
         Ok(Batch {
             ids,
             labels,
             segments,
             positions,
+            classes,
         })
     }
 }

@@ -152,6 +152,7 @@ impl Corpus {
                 labels: tokenized.labels,
                 doc,
                 line: rec.line,
+                target: None,
             };
             let pieces = match tokenized.fit {
                 Fit::Window => example.windows(opts.seq_len),

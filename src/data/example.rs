@@ -13,7 +13,7 @@ use crate::model::error::ModelError;
 use crate::train::loss::IGNORE_INDEX;
 
 /// One training sequence.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Example {
     /// Token ids.
     pub ids: Vec<u32>,
@@ -24,6 +24,9 @@ pub struct Example {
     pub doc: usize,
     /// Line of the file where its record starts.
     pub line: usize,
+    /// The sequence's class index (or regression value) for sequence classification; `None`
+    /// for language modelling.
+    pub target: Option<f32>,
 }
 
 impl Example {
@@ -68,6 +71,7 @@ impl Example {
                 labels: labels.to_vec(),
                 doc: self.doc,
                 line: self.line,
+                target: self.target,
             })
             .collect()
     }
@@ -226,6 +230,7 @@ mod tests {
             labels,
             doc: 0,
             line: 1,
+            target: None,
         }
     }
 

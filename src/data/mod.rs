@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod error;
 pub mod example;
 pub mod format;
+pub mod labelled;
 pub mod packing;
 pub mod prompt;
 pub mod record;

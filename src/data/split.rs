@@ -61,6 +61,7 @@ mod tests {
                     labels: vec![d as i64, w as i64],
                     doc: d,
                     line: d + 1,
+                    target: None,
                 })
             })
             .collect()

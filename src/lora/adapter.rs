@@ -26,6 +26,14 @@ impl DropoutSeed {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Dropout with probability `p` at site `key` for the current seed: the same mask every
+    /// time within one seed (so a recomputed forward drops what the first one dropped).
+    pub fn dropout(&self, p: f32, key: u64) -> Result<HashDropout> {
+        let seed = self.get().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ key.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        HashDropout::new(p, seed)
+    }
 }
 
 /// The trainable low-rank update of one projection.
@@ -83,9 +91,7 @@ impl LoraAdapter {
 
     /// The dropout of the current seed.
     fn dropout_mask(&self) -> Result<HashDropout> {
-        let seed = self.dropout_seed.get().wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ self.dropout_key.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        HashDropout::new(self.dropout, seed)
+        self.dropout_seed.dropout(self.dropout, self.dropout_key)
     }
 
     /// `x · W0ᵀ + delta(x)` as one fused op (see [`FusedLoraLinear`]), when it applies: plain

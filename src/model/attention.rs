@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::{Device, Result, Tensor, D};
 
 use super::ops::{self, attention::FusedAttention};
+use crate::lora::dropout::HashDropout;
 
 /// Softmax over the last dimension; the max shift is detached (it cancels mathematically).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -204,8 +205,8 @@ pub fn attention(
     }
 }
 
-/// [`attention`] in training mode with dropout `p` on the attention probabilities (BERT's
-/// `attention_probs_dropout_prob`); with `p == 0` it is [`attention`].
+/// [`attention`] in training mode with `dropout` on the attention probabilities (BERT's
+/// `attention_probs_dropout_prob`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with_dropout(
     heads: (usize, usize, usize),
@@ -215,13 +216,9 @@ pub fn attention_with_dropout(
     rope: &Rope,
     pos: &Tensor,
     mask: &Tensor,
-    p: f32,
+    dropout: HashDropout,
 ) -> Result<Tensor> {
-    if p > 0.0 {
-        composite(heads, q, k, v, rope, pos, mask, None, p)
-    } else {
-        attention(heads, q, k, v, rope, pos, mask, None)
-    }
+    composite(heads, q, k, v, rope, pos, mask, None, Some(dropout))
 }
 
 /// [`attention`] from candle's primitive ops (the reference for [`FusedAttention`], and the
@@ -237,7 +234,7 @@ pub fn attention_composite(
     mask: &Tensor,
     cache: Option<&mut Option<(Tensor, Tensor)>>,
 ) -> Result<Tensor> {
-    composite(heads, q, k, v, rope, pos, mask, cache, 0.0)
+    composite(heads, q, k, v, rope, pos, mask, cache, None)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -250,7 +247,7 @@ fn composite(
     pos: &Tensor,
     mask: &Tensor,
     cache: Option<&mut Option<(Tensor, Tensor)>>,
-    probs_dropout: f32,
+    probs_dropout: Option<HashDropout>,
 ) -> Result<Tensor> {
     let (b, t, _) = q.dims3()?;
     let q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
@@ -287,10 +284,9 @@ fn composite(
     }
     let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     let probs = softmax_last_dim(&scores)?.reshape((b, kvh, g * t, s))?;
-    let probs = if probs_dropout > 0.0 {
-        candle_nn::ops::dropout(&probs, probs_dropout)?
-    } else {
-        probs
+    let probs = match probs_dropout {
+        Some(d) => d.forward(&probs.contiguous()?)?,
+        None => probs,
     };
     let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
     out.transpose(1, 2)?.reshape((b, t, h * d))

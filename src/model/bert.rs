@@ -24,6 +24,7 @@ use super::loader::{check_shape, load_linear, LoadOptions, TensorSource};
 use super::transformer::{
     Family, LayerContext, ModelInfo, ModuleMut, ModuleRef, ParamRef, WeightLayout,
 };
+use crate::lora::DropoutSeed;
 
 /// BERT's `config.json`.
 #[derive(Clone, Debug, PartialEq)]
@@ -219,10 +220,15 @@ pub struct Bert {
     pub pooler: Option<Linear>,
     /// The classification head, when the model classifies.
     pub classifier: Option<SequenceClassifier>,
+    /// Seed of the training-mode dropout masks (set by the trainer before each step).
+    dropout_seed: DropoutSeed,
     rope: Rope,
     compute_dtype: DType,
     info: ModelInfo,
 }
+
+/// Dropout keys of BERT's own sites start here, clear of the adapters' keys.
+const DROPOUT_SITES: u64 = 1 << 40;
 
 /// Checkpoint path prefix of the encoder as transformers names it in every BERT task model.
 const PREFIX: &str = "bert.";
@@ -346,16 +352,21 @@ impl Bert {
             layers,
             pooler,
             classifier: None,
+            dropout_seed: DropoutSeed::default(),
             rope,
             compute_dtype: opts.compute_dtype,
             info,
         })
     }
 
-    fn dropout(&self, x: Tensor, train: bool) -> Result<Tensor> {
+    /// Hidden dropout at site `site` (0: embeddings; then two per layer), in training mode.
+    /// Masks come from the shared seed, so a recomputed layer drops what it dropped before.
+    fn dropout(&self, x: Tensor, train: bool, site: u64) -> Result<Tensor> {
         let p = self.cfg.hidden_dropout_prob;
         if train && p > 0.0 {
-            candle_nn::ops::dropout(&x, p)
+            self.dropout_seed
+                .dropout(p, DROPOUT_SITES + site)?
+                .forward(&x.contiguous()?)
         } else {
             Ok(x)
         }
@@ -412,7 +423,7 @@ impl Family for Bert {
             .embeddings_norm
             .forward(&sum)?
             .to_dtype(self.compute_dtype)?;
-        self.dropout(e, train)
+        self.dropout(e, train, 0)
     }
 
     fn num_layers(&self) -> usize {
@@ -439,18 +450,24 @@ impl Family for Bert {
         let n = self.cfg.num_attention_heads;
         let heads = (n, n, self.cfg.head_dim());
         let p = self.cfg.attention_probs_dropout_prob;
+        let site = 3 * i as u64;
         let ctx_out = if train && p > 0.0 {
-            attention_with_dropout(heads, &q, &k, &v, &self.rope, &ctx.pos, &ctx.mask, p)?
+            let drop = self.dropout_seed.dropout(p, DROPOUT_SITES + site + 1)?;
+            attention_with_dropout(heads, &q, &k, &v, &self.rope, &ctx.pos, &ctx.mask, drop)?
         } else {
             attention(heads, &q, &k, &v, &self.rope, &ctx.pos, &ctx.mask, cache)?
         };
-        let attn = self.dropout(l.attention_output.forward(&ctx_out, train)?, train)?;
+        let attn = self.dropout(
+            l.attention_output.forward(&ctx_out, train)?,
+            train,
+            site + 2,
+        )?;
         let a = l.attention_norm.forward(&(attn + x)?)?;
         let inner = self
             .cfg
             .hidden_act
             .forward(&l.intermediate.forward(&a, train)?)?;
-        let out = self.dropout(l.output.forward(&inner, train)?, train)?;
+        let out = self.dropout(l.output.forward(&inner, train)?, train, site + 3)?;
         l.output_norm.forward(&(out + a)?)
     }
 
@@ -566,6 +583,10 @@ impl Family for Bert {
             linear(&mut out, format!("{PREFIX}pooler.dense"), pooler);
         }
         out
+    }
+
+    fn share_dropout_seed(&mut self, seed: &DropoutSeed) {
+        self.dropout_seed = seed.clone();
     }
 
     fn classifier(&self) -> Option<&SequenceClassifier> {

@@ -8,6 +8,11 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde_json::Value;
 
+use crate::lora::DropoutSeed;
+
+/// Dropout key of the classifier's input, clear of the adapters' and the layers' keys.
+const CLASSIFIER_DROPOUT_KEY: u64 = 1 << 41;
+
 /// What a checkpoint's config says about the task.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClassifierConfig {
@@ -104,6 +109,8 @@ pub struct SequenceClassifier {
     /// Dropout on the pooled features in training mode (`classifier_dropout` or
     /// `hidden_dropout_prob`); 0 leaves them as they are.
     pub dropout: f32,
+    /// Seed of that dropout's masks (the trainer's shared handle).
+    pub dropout_seed: DropoutSeed,
 }
 
 impl SequenceClassifier {
@@ -122,6 +129,7 @@ impl SequenceClassifier {
             bias: bias.map(var).transpose()?,
             config,
             dropout,
+            dropout_seed: DropoutSeed::default(),
         })
     }
 
@@ -159,7 +167,9 @@ impl SequenceClassifier {
     pub fn logits(&self, pooled: &Tensor, train: bool) -> Result<Tensor> {
         let x = pooled.to_dtype(DType::F32)?;
         let x = if train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(&x, self.dropout)?
+            self.dropout_seed
+                .dropout(self.dropout, CLASSIFIER_DROPOUT_KEY)?
+                .forward(&x.contiguous()?)?
         } else {
             x
         };

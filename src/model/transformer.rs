@@ -17,6 +17,7 @@ use super::classifier::{last_real_token, SequenceClassifier};
 use super::gpt2::Gpt2;
 use super::linear::Linear;
 use super::llama::Llama;
+use crate::lora::DropoutSeed;
 
 /// The numbers every family has, in the names of HF configs.
 #[derive(Clone, Debug, PartialEq)]
@@ -153,6 +154,9 @@ pub trait Family: std::fmt::Debug + Send + Sync {
     fn linears_mut(&mut self) -> Vec<ModuleMut<'_>>;
     /// Every checkpoint tensor under its HF name, in checkpoint order (the classifier apart).
     fn params(&self) -> Vec<(String, ParamRef<'_>)>;
+    /// Take the trainer's dropout seed handle (families whose own layers drop activations in
+    /// training mode: BERT).
+    fn share_dropout_seed(&mut self, _seed: &DropoutSeed) {}
     /// The sequence classification head, when the model classifies.
     fn classifier(&self) -> Option<&SequenceClassifier> {
         None

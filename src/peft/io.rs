@@ -182,7 +182,7 @@ pub fn load_adapter(
         m.linear.set_adapter(Some(adapter))?;
     }
     if let Some(c) = model.classifier_mut() {
-        if head_modules.iter().any(|m| *m == c.module) {
+        if head_modules.contains(&c.module) {
             for (suffix, var) in c.parameters() {
                 let key = format!("{PREFIX}{}.{suffix}", c.module);
                 let t = tensors

@@ -64,6 +64,10 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), 
 /// trainer sets before each forward.
 pub fn share_dropout_seed(model: &mut Model) -> DropoutSeed {
     let seed = DropoutSeed::default();
+    model.share_dropout_seed(&seed);
+    if let Some(c) = model.classifier_mut() {
+        c.dropout_seed = seed.clone();
+    }
     for m in model.linears_mut() {
         if let Some(a) = m.linear.adapter.as_mut() {
             a.dropout_key = (m.layer * 8 + m.index) as u64 + 1;

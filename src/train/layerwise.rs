@@ -13,8 +13,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::loss::{chunked_cross_entropy, DEFAULT_CHUNK_ROWS};
-use super::step::{shifted_rows, Batch};
+use super::step::{head_loss, Batch};
 use crate::model::transformer::Model;
 
 /// Which decoder layers a training step recomputes in the backward.
@@ -129,7 +128,7 @@ pub fn loss_and_grads_layerwise(
     checkpointing: Checkpointing,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
     let pos = batch.positions_for(model)?;
-    let ctx = model.context(&batch.ids, &pos, &batch.span(), 0)?;
+    let ctx = model.context(&batch.ids, &pos, &batch.span_for(model), 0)?;
     let run_layer = |i: usize, x: &Tensor| model.layer(i, x, &ctx, None, true);
 
     // Forward: layer inputs always; whole graphs of the layers not recomputed.
@@ -148,22 +147,24 @@ pub fn loss_and_grads_layerwise(
         }
     }
 
-    // Head: final norm and chunked cross-entropy, differentiated at the last hidden state.
+    // Head: final norm and the loss (chunked cross-entropy, or the classifier's), differentiated
+    // at the last hidden state; a classification head's own parameters (and an adapter on
+    // BERT's pooler) get their gradients here.
     let top = Var::from_tensor(&inputs[n_layers])?;
     let h = model.finish(top.as_tensor())?;
-    let targets = batch.shifted_targets()?;
-    let loss = chunked_cross_entropy(
-        &shifted_rows(&h)?,
-        model.require_lm_head()?,
-        &targets,
-        DEFAULT_CHUNK_ROWS,
-    )?;
+    let loss = head_loss(model, &h, batch, true)?;
     let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    let mut g = loss.backward()?.remove(top.as_tensor()).ok_or_else(|| {
+    let mut head_store = loss.backward()?;
+    let mut g = head_store.remove(top.as_tensor()).ok_or_else(|| {
         candle_core::Error::Msg("loss does not depend on the hidden states".into())
     })?;
 
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for (slot, v) in grads.iter_mut().zip(vars) {
+        if let Some(gv) = head_store.remove(v.as_tensor()) {
+            *slot = Some(gv);
+        }
+    }
     for i in (0..n_layers).rev() {
         let (xv, out) = match kept[i].take() {
             Some(graph) => graph,

@@ -12,6 +12,7 @@ use super::step::Batch;
 use super::trainer::TrainSettings;
 use crate::data::batches::{BatchOptions, Batches};
 use crate::data::corpus::{Corpus, DataOptions, LoadReport};
+use crate::data::labelled::{load_labelled, LabelSpace};
 use crate::data::split::split_validation;
 use crate::lora::LoraConfig;
 use crate::model::error::ModelError;
@@ -96,14 +97,32 @@ impl TrainRecipe {
     /// validation off, and build the batches.
     pub fn load_data(&self, model: &LoadedModel, data: &Path) -> Result<RunData, ModelError> {
         let tok = model.tokenizer.as_ref();
-        let dopts = DataOptions::new(self.seq_len, model.model.info().vocab_size);
-        let corpus = Corpus::load(data, tok, &dopts)?;
+        let info = model.model.info();
+        let dopts = DataOptions::new(self.seq_len, info.vocab_size);
+        // A classifier reads labelled records, one example per row, padded within a batch.
+        let labels = model.model.classifier().map(|c| LabelSpace {
+            names: c.config.labels.clone(),
+            regression: c.config.regression,
+        });
+        if labels.is_some() && !model.model.bidirectional() && info.pad_token_id.is_none() {
+            return Err(ModelError::Config {
+                path: model.path.join("config.json").display().to_string(),
+                what: "a decoder classifies padded batches at their last token that is not \
+                       `pad_token_id`, and the config has none"
+                    .into(),
+            });
+        }
+        let read = |path: &Path| match &labels {
+            Some(l) => load_labelled(path, tok, l, self.seq_len, info.vocab_size),
+            None => Corpus::load(path, tok, &dopts),
+        };
+        let corpus = read(data)?;
         let train_report = corpus.report.clone();
         let mut note = None;
         let mut val_report = None;
         let (train_ex, val_ex) = match &self.validation {
             Validation::File(p) => {
-                let v = Corpus::load(p, tok, &dopts)?;
+                let v = read(p)?;
                 val_report = Some(v.report);
                 (corpus.examples, v.examples)
             }
@@ -135,6 +154,7 @@ impl TrainRecipe {
         let device = model.model.device().clone();
         let mut bopts = BatchOptions::new(self.batch_size, self.seq_len, pad_id, self.seed);
         bopts.shuffle = self.shuffle;
+        bopts.packing = labels.is_none();
         let train = Batches::new(train_ex, bopts.clone(), &device)?;
         let val = if val_ex.is_empty() {
             Vec::new()

@@ -2,7 +2,7 @@
 
 use candle_core::{Tensor, Var};
 
-use super::loss::{chunked_cross_entropy, DEFAULT_CHUNK_ROWS, IGNORE_INDEX};
+use super::loss::{chunked_cross_entropy, classification_loss, DEFAULT_CHUNK_ROWS, IGNORE_INDEX};
 use crate::model::attention::AttentionSpan;
 use crate::model::transformer::Model;
 
@@ -18,11 +18,32 @@ pub struct Batch {
     pub segments: Option<Tensor>,
     /// Position of each token within its document (restarts at 0 per packed document).
     pub positions: Option<Tensor>,
+    /// Sequence classification: one target per row and which tokens are real; `None` for
+    /// language modelling.
+    pub classes: Option<ClassTargets>,
+}
+
+/// The classification part of a padded batch.
+#[derive(Clone, Debug)]
+pub struct ClassTargets {
+    /// `[b, t]` (u32): 1 on real tokens, 0 on padding.
+    pub keys: Tensor,
+    /// Class index (or regression value) of each row.
+    pub targets: Vec<f32>,
 }
 
 impl Batch {
-    /// Tokens whose next token is predicted (the loss's denominator).
+    /// Tokens whose next token is predicted (the loss's denominator); for a classification
+    /// batch, its real tokens.
     pub fn predicted_tokens(&self) -> usize {
+        if let Some(c) = &self.classes {
+            return c
+                .keys
+                .sum_all()
+                .and_then(|s| s.to_dtype(candle_core::DType::F64))
+                .and_then(|s| s.to_scalar::<f64>())
+                .map_or(0, |s| s as usize);
+        }
         let (b, t) = self.ids.dims2().unwrap_or((0, 0));
         (0..b)
             .flat_map(|r| (1..t).map(move |i| r * t + i))
@@ -36,6 +57,15 @@ impl Batch {
         match &self.positions {
             Some(p) => Ok(p.clone()),
             None => model.positions(b, t, 0),
+        }
+    }
+
+    /// Which keys each query of `model` may attend to: a classification batch's real tokens
+    /// (both ways for encoders), else [`Batch::span`].
+    pub fn span_for<'a>(&'a self, model: &Model) -> AttentionSpan<'a> {
+        match &self.classes {
+            Some(c) => model.padded_span(&c.keys),
+            None => self.span(),
         }
     }
 
@@ -64,32 +94,46 @@ pub fn shifted_rows(h: &Tensor) -> candle_core::Result<Tensor> {
     h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), hidden))
 }
 
-/// Mean next-token cross-entropy of `batch` (transformers' causal-LM loss: position `i`
-/// predicts label `i + 1`).
+/// The loss of `batch` from the model's final hidden states `h` (after
+/// [`crate::model::transformer::Family::finish`]): mean next-token cross-entropy (transformers'
+/// causal-LM loss: position `i` predicts label `i + 1`), or for a classification batch the
+/// classifier's loss on the pooled sequences.
+pub fn head_loss(
+    model: &Model,
+    h: &Tensor,
+    batch: &Batch,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    match &batch.classes {
+        Some(c) => {
+            let head = model.classifier().ok_or_else(|| {
+                candle_core::Error::Msg("a classification batch needs a classification head".into())
+            })?;
+            let logits = head.logits(&model.pool(h, &batch.ids, train)?, train)?;
+            classification_loss(&logits, &c.targets, head.config.regression)
+        }
+        None => chunked_cross_entropy(
+            &shifted_rows(h)?,
+            model.require_lm_head()?,
+            &batch.shifted_targets()?,
+            DEFAULT_CHUNK_ROWS,
+        ),
+    }
+}
+
+/// The mean loss of `batch` (see [`head_loss`]).
 pub fn batch_loss(model: &Model, batch: &Batch, train: bool) -> candle_core::Result<Tensor> {
     let pos = batch.positions_for(model)?;
-    let h = model.forward_hidden(&batch.ids, &pos, &batch.span(), None, train)?;
-    let targets = batch.shifted_targets()?;
-    chunked_cross_entropy(
-        &shifted_rows(&h)?,
-        model.require_lm_head()?,
-        &targets,
-        DEFAULT_CHUNK_ROWS,
-    )
+    let h = model.forward_hidden(&batch.ids, &pos, &batch.span_for(model), None, train)?;
+    head_loss(model, &h, batch, train)
 }
 
 /// Mean loss of a batch for validation: no dropout and no autograd graph kept (see
-/// [`Llama::forward_hidden_eval`]), so it costs one layer's activations.
+/// [`Model::forward_hidden_eval`]), so it costs one layer's activations.
 pub fn eval_loss(model: &Model, batch: &Batch) -> candle_core::Result<Tensor> {
     let pos = batch.positions_for(model)?;
-    let h = model.forward_hidden_eval(&batch.ids, &pos, &batch.span())?;
-    let targets = batch.shifted_targets()?;
-    chunked_cross_entropy(
-        &shifted_rows(&h)?,
-        model.require_lm_head()?,
-        &targets,
-        DEFAULT_CHUNK_ROWS,
-    )
+    let h = model.forward_hidden_eval(&batch.ids, &pos, &batch.span_for(model))?;
+    head_loss(model, &h, batch, false)
 }
 
 /// Loss and the gradient of each of `vars` (`None` where the loss does not depend on it).

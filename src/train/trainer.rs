@@ -103,7 +103,11 @@ fn write_jsonl(
 pub fn validation_loss(model: &Model, batches: &[Batch]) -> Result<f64, ModelError> {
     let (mut sum, mut n) = (0f64, 0usize);
     for b in batches {
-        let k = b.predicted_tokens();
+        // The mean over tokens for language modelling, over sequences for classification.
+        let k = match &b.classes {
+            Some(c) => c.targets.len(),
+            None => b.predicted_tokens(),
+        };
         let loss = super::step::eval_loss(model, b)?;
         sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64;
         n += k;
