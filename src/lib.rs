@@ -7,6 +7,7 @@ pub use qlora_quant as quant;
 
 pub mod alloc;
 pub mod atomic_dir;
+pub mod classify;
 pub mod cli;
 pub mod compare;
 pub mod cpu_tensor;

@@ -1,5 +1,7 @@
 use clap::Parser;
-use qlora::cli::{compare, eval, generate, inspect, merge, plan, quantize, train, Cli, Command};
+use qlora::cli::{
+    classify, compare, eval, generate, inspect, merge, plan, quantize, train, Cli, Command,
+};
 
 fn main() -> anyhow::Result<()> {
     qlora::alloc::keep_freed_memory();
@@ -12,5 +14,6 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Classify(args) => classify::run(args),
     }
 }

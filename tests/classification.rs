@@ -267,3 +267,127 @@ fn bert_classifier_trains_as_peft_does() {
 fn llama_classifier_trains_as_peft_does() {
     training_matches_peft("llama-cls");
 }
+
+/// Bad labelled records stop `qlora train` before anything is written, naming the file and line.
+#[test]
+fn bad_labels_are_refused_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "{\"input_ids\": [1, 5], \"label\": 7}",
+            "outside the model's 3 labels",
+        ),
+        (
+            "{\"input_ids\": [1, 5], \"label\": \"joyful\"}",
+            "\"joyful\" is not one of the model's labels",
+        ),
+        ("{\"input_ids\": [1, 5]}", "has no `label`"),
+        (
+            "{\"input_ids\": [1, 5], \"label\": 1.5}",
+            "is not a class index",
+        ),
+    ];
+    for (i, (bad, want)) in cases.iter().enumerate() {
+        let data = tmp.path().join(format!("bad{i}.jsonl"));
+        std::fs::write(
+            &data,
+            format!("{{\"input_ids\": [1, 9, 10], \"label\": \"positive\"}}\n{bad}\n"),
+        )
+        .unwrap();
+        let out = tmp.path().join(format!("out{i}"));
+        let o = qlora(&[
+            "train",
+            "--model",
+            s(&dir("bert-cls")),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "1",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "case {i} was accepted");
+        assert!(
+            err.contains(&format!("bad{i}.jsonl:2")) && err.contains(want),
+            "case {i}: {err}"
+        );
+        assert!(!out.exists(), "case {i}: {} was written", out.display());
+    }
+    // A classification adapter on a causal LM is refused through the CLI too, naming the file.
+    let o = qlora(&[
+        "eval",
+        "--model",
+        s(&fixtures().join("arch/qwen2")),
+        "--adapter",
+        s(&dir("llama-cls").join("adapter")),
+        "--data",
+        s(&dir("llama-cls").join("train/data.jsonl")),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("adapter_config.json") && err.contains("SEQ_CLS"),
+        "{err}"
+    );
+}
+
+/// `qlora eval --json` on a classifier: loss, accuracy, macro-F1, examples, as `classify`
+/// predicts them.
+#[test]
+fn eval_json_and_classify_agree() {
+    let data = dir("bert-cls").join("train/data.jsonl");
+    let o = qlora(&[
+        "eval",
+        "--model",
+        s(&dir("bert-cls")),
+        "--data",
+        s(&data),
+        "--json",
+        "--seq-len",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["loss", "accuracy", "macro_f1", "examples", "confusion"] {
+        assert!(v.get(key).is_some(), "{key} missing from {v}");
+    }
+    assert_eq!(v["examples"], 8);
+    let o = qlora(&[
+        "classify",
+        "--model",
+        s(&dir("bert-cls")),
+        "--data",
+        s(&data),
+        "--seq-len",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let preds: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(preds.len(), 8);
+    let labels: Vec<i64> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["label"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    let correct = preds
+        .iter()
+        .zip(&labels)
+        .filter(|(p, &l)| p["label_id"].as_i64() == Some(l))
+        .count();
+    assert!((v["accuracy"].as_f64().unwrap() - correct as f64 / 8.0).abs() < 1e-12);
+    let p: f64 = preds[0]["probabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .sum();
+    assert!((p - 1.0).abs() < 1e-5);
+}

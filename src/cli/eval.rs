@@ -1,4 +1,5 @@
-//! `qlora eval`: mean token NLL and perplexity of a model (and adapter) on a dataset.
+//! `qlora eval`: mean token NLL and perplexity of a model (and adapter) on a dataset; for a
+//! classifier, loss, accuracy, macro-F1 and the confusion matrix on labelled records.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,7 +19,9 @@ use crate::eval::evaluate;
     long_about = "Mean token negative log-likelihood and perplexity over a dataset.\n\n\
 DATA may be plain text (.txt, tokenized whole), JSONL with a `text` field per line, or JSONL with \
 pre-tokenized `input_ids` (lists of ints, used as given). Sequences are cut into non-overlapping \
-windows of --seq-len tokens; every token after the first of a window is predicted and counted.",
+windows of --seq-len tokens; every token after the first of a window is predicted and counted.
+
+A classification model (a *ForSequenceClassification checkpoint, or a SEQ_CLS adapter) reads JSONL records {\"text\" or \"input_ids\", \"label\"} instead and reports the mean cross-entropy, accuracy, macro-F1 and the confusion matrix.",
     after_help = "Example:\n  qlora eval --model SmolLM2-135M-Instruct.Q4_1.gguf --data valid.txt --seq-len 512 --json"
 )]
 pub struct EvalArgs {
@@ -33,15 +36,23 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 512)]
     pub seq_len: usize,
 
-    /// Print one JSON object (mean_nll, perplexity, tokens, windows, tokens_per_s) instead of text.
+    /// Print one JSON object instead of text: mean_nll, perplexity, tokens, windows,
+    /// tokens_per_s; for a classifier loss, accuracy, macro_f1, examples, confusion.
     #[arg(long)]
     pub json: bool,
+
+    /// Sequences per batch when classifying.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
 }
 
 /// Run `qlora eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
     let m = args.model.load(Some(args.seq_len))?;
+    if m.model.classifier().is_some() {
+        return run_classifier(&args, &m);
+    }
     let seqs = read_token_sequences(&args.data, m.tokenizer.as_ref())
         .with_context(|| format!("reading {}", args.data.display()))?;
     let vocab = m.model.info().vocab_size as u32;
@@ -80,4 +91,54 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `qlora eval` on a classifier.
+fn run_classifier(args: &EvalArgs, m: &crate::model::loader::LoadedModel) -> anyhow::Result<()> {
+    let (corpus, names, regression) =
+        super::classify::read_labelled(m, &args.data, args.seq_len, true)?;
+    let bar = progress_bar(args.json, corpus.examples.len());
+    let start = Instant::now();
+    let targets: Vec<f32> = corpus.examples.iter().filter_map(|e| e.target).collect();
+    let logits = crate::classify::predict(
+        &m.model,
+        &corpus.examples,
+        args.batch_size,
+        super::classify::pad_id(m),
+        |done, _| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let metrics = crate::classify::metrics(&logits, &targets, regression);
+    if args.json {
+        let mut v = serde_json::to_value(&metrics)?;
+        v["labels"] = serde_json::json!(names);
+        v["seconds"] = serde_json::json!(secs);
+        println!("{v}");
+    } else {
+        match (metrics.accuracy, metrics.macro_f1) {
+            (Some(acc), Some(f1)) => {
+                println!(
+                    "loss {:.4}  accuracy {:.4}  macro-F1 {:.4}  over {} examples ({:.1} s)",
+                    metrics.loss, acc, f1, metrics.examples, secs
+                );
+                print!("{}", crate::classify::confusion_table(&metrics, &names));
+            }
+            _ => println!(
+                "mean squared error {:.4} over {} examples ({:.1} s)",
+                metrics.loss, metrics.examples, secs
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(hidden: bool, len: usize) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} sequences, ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
 }

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod classify;
 pub mod compare;
 pub mod eval;
 pub mod generate;
@@ -49,6 +50,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Merge an adapter into its base model and export it (safetensors or GGUF).
     Merge(merge::MergeArgs),
+    /// Classify each record of a dataset with a classification model (JSONL predictions).
+    Classify(classify::ClassifyArgs),
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@ use serde::Deserialize;
 
 use super::model_args::ModelArgs;
 use crate::lora::{parse_targets, LoraConfig, LoraInit};
+use crate::model::classifier::{ClassifierConfig, SequenceClassifier};
 use crate::model::loader::BaseFormat;
+use crate::model::loader::LoadedModel;
+use crate::model::transformer::Model;
 use crate::optim::schedule::ScheduleKind;
 use crate::optim::StateStorage;
 use crate::peft;
@@ -159,8 +162,81 @@ pub struct TrainArgs {
     /// with the same options.
     #[arg(long, value_name = "DIR", conflicts_with = "init_adapter")]
     pub resume: Option<PathBuf>,
+    /// causal-lm (next-token prediction) or seq-cls (sequence classification) [default: what
+    /// the checkpoint is: seq-cls for a *ForSequenceClassification model]. seq-cls on a model
+    /// without a classification head adds one, initialised as transformers does.
+    #[arg(long, value_name = "causal-lm|seq-cls", value_parser = ["causal-lm", "seq-cls"])]
+    pub task: Option<String>,
+    /// Classes of a new classification head (1: regression by mean squared error).
+    #[arg(long, value_name = "N")]
+    pub num_labels: Option<usize>,
+    /// Names of the classes of a new head, in class-index order (`negative,positive`); string
+    /// labels in the data are these names.
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
     #[command(flatten)]
     pub opts: TrainOptions,
+}
+
+/// Put a new classification head on `m` when `--task seq-cls` asks for one (and check the
+/// options against a head the checkpoint has).
+fn prepare_task(args: &TrainArgs, m: &mut LoadedModel, seed: u64) -> anyhow::Result<()> {
+    let has_head = m.model.classifier().is_some();
+    match args.task.as_deref() {
+        Some("causal-lm") if has_head => anyhow::bail!(
+            "--task causal-lm: {} is a sequence classifier ({} labels)",
+            args.model.model.display(),
+            m.model.classifier().map_or(0, |c| c.num_labels())
+        ),
+        Some("seq-cls") if !has_head => {
+            let config = match (&args.labels, args.num_labels) {
+                (Some(names), n) => {
+                    anyhow::ensure!(
+                        n.is_none_or(|n| n == names.len()),
+                        "--labels names {} classes, --num-labels says {}",
+                        names.len(),
+                        n.unwrap_or(0)
+                    );
+                    let mut c = ClassifierConfig::with_num_labels(names.len());
+                    c.labels = names.clone();
+                    c
+                }
+                (None, Some(n)) => ClassifierConfig::with_num_labels(n),
+                (None, None) => anyhow::bail!(
+                    "--task seq-cls on a model without a classification head needs --num-labels N \
+                     (or --labels A,B,...)"
+                ),
+            };
+            anyhow::ensure!(!config.labels.is_empty(), "--num-labels must be at least 1");
+            let (module, bias, range, dropout) = match &m.model {
+                Model::Bert(b) => (
+                    "classifier",
+                    true,
+                    b.cfg.initializer_range,
+                    b.cfg.classifier_dropout,
+                ),
+                _ => ("score", false, 0.02, 0.0),
+            };
+            let hidden = m.model.info().hidden_size;
+            let mut head = SequenceClassifier::init(
+                module,
+                hidden,
+                bias,
+                config,
+                range,
+                seed,
+                m.model.device(),
+            )?;
+            head.dropout = dropout;
+            m.model.set_classifier(Some(head))?;
+        }
+        _ if has_head && (args.num_labels.is_some() || args.labels.is_some()) => anyhow::bail!(
+            "--num-labels / --labels describe a new head, and {} has one already",
+            args.model.model.display()
+        ),
+        _ => {}
+    }
+    Ok(())
 }
 
 macro_rules! merge {
@@ -307,8 +383,8 @@ fn interrupt_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
 }
 
 /// Run `qlora train`.
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let opts = args.opts.merged_with(args.config.as_deref())?;
+pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
+    let opts = std::mem::take(&mut args.opts).merged_with(args.config.as_deref())?;
     let mut recipe = opts.recipe()?;
     let adapter_dir = args.out.join("adapter");
     anyhow::ensure!(
@@ -389,16 +465,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let (seq_len, batch_size) = (recipe.seq_len, recipe.batch_size);
 
     let mut m = args.model.load(Some(seq_len))?;
-    let data = recipe.load_data(&m, &args.data)?;
-    println!("train data: {}", data.train_report);
-    if let Some(v) = &data.val_report {
-        println!("validation data: {v}");
-    }
-    if let Some(note) = &data.note {
-        println!("note: {note}");
-    }
-    let (mut train_batches, val_batches) = (data.train, data.val);
 
+    prepare_task(&args, &mut m, recipe.seed)?;
     let init_from = args
         .resume
         .as_ref()
@@ -417,6 +485,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             recipe.lora.clone()
         }
     };
+    let data = recipe.load_data(&m, &args.data)?;
+    println!("train data: {}", data.train_report);
+    if let Some(v) = &data.val_report {
+        println!("validation data: {v}");
+    }
+    if let Some(note) = &data.note {
+        println!("note: {note}");
+    }
+    let (mut train_batches, val_batches) = (data.train, data.val);
     let mut settings = recipe.settings(&train_batches);
     settings.resume = args.resume.clone();
     settings.stop = Some(interrupt_flag()?);
@@ -473,7 +550,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "done: {} steps in {:.1} s ({:.0} tokens/s) | train loss {first:.4} -> {last:.4}",
         report.steps, report.seconds, report.tokens_per_s
     );
-    if let (Some(a), Some(b)) = (report.val_losses.first(), report.val_losses.last()) {
+    let accuracy = (report.val_accuracy.first(), report.val_accuracy.last());
+    if let (Some(a), Some(b), (Some(x), Some(y))) = (
+        report.val_losses.first(),
+        report.val_losses.last(),
+        accuracy,
+    ) {
+        println!(
+            "validation loss {:.4} -> {:.4} | accuracy {:.4} -> {:.4} (curve: {})",
+            a.1,
+            b.1,
+            x.1,
+            y.1,
+            args.out.join("accuracy.svg").display()
+        );
+    } else if let (Some(a), Some(b)) = (report.val_losses.first(), report.val_losses.last()) {
         println!(
             "validation loss {:.4} (ppl {:.2}) -> {:.4} (ppl {:.2})",
             a.1,

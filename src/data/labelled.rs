@@ -59,14 +59,16 @@ impl LabelSpace {
 }
 
 /// Read the labelled records of `path` into examples (labels of every token ignored: the loss is
-/// the classifier's). `vocab_size` bounds the ids; `special` adds the tokenizer's special tokens
-/// to text (BERT's `[CLS]` and `[SEP]`), as `tokenizer(text)` does.
+/// the classifier's). `vocab_size` bounds the ids; text is tokenized with the tokenizer's special
+/// tokens (BERT's `[CLS]` and `[SEP]`), as `tokenizer(text)` does. Without `require_label`,
+/// records may leave the label out (sequences to classify).
 pub fn load_labelled(
     path: &Path,
     tokenizer: Option<&TextTokenizer>,
     labels: &LabelSpace,
     seq_len: usize,
     vocab_size: usize,
+    require_label: bool,
 ) -> Result<Corpus, DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
         path: path.to_path_buf(),
@@ -94,15 +96,18 @@ pub fn load_labelled(
         let Value::Object(obj) = v else {
             return Err(record_err(line, "a record must be a JSON object".into()));
         };
-        let label = obj.get("label").ok_or_else(|| {
-            record_err(
-                line,
-                "the record has no `label` (a classification record needs `text` or \
-                 `input_ids`, and `label`)"
-                    .into(),
-            )
-        })?;
-        let target = labels.parse(label).map_err(|what| record_err(line, what))?;
+        let target = match obj.get("label") {
+            Some(label) => Some(labels.parse(label).map_err(|what| record_err(line, what))?),
+            None if !require_label => None,
+            None => {
+                return Err(record_err(
+                    line,
+                    "the record has no `label` (a classification record needs `text` or \
+                     `input_ids`, and `label`)"
+                        .into(),
+                ))
+            }
+        };
         let ids: Vec<i64> = match (obj.get("text"), obj.get("input_ids")) {
             (Some(Value::String(t)), None) => {
                 let tok = tokenizer.ok_or_else(|| {
@@ -163,7 +168,7 @@ pub fn load_labelled(
             ids,
             doc: examples.len(),
             line,
-            target: Some(target),
+            target,
         });
     }
     if examples.is_empty() {

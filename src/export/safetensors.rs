@@ -95,7 +95,7 @@ pub fn write_folder(
         .map(|n| n.to_string_lossy().into_owned())
         .collect();
 
-    let config = export_config(&loaded.config_json, opts)?;
+    let config = export_config(&loaded.config_json, &loaded.model, opts)?;
     let path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
     std::fs::write(&path, text).map_err(|source| ModelError::Write { path, source })?;
@@ -113,7 +113,11 @@ pub fn write_folder(
 
 /// The source config with the export's dtype, without the source's `quantization_config`
 /// (or with a fresh one describing the re-quantized weights).
-fn export_config(source: &Value, opts: &ExportOptions) -> Result<Value, ModelError> {
+fn export_config(
+    source: &Value,
+    model: &crate::model::transformer::Model,
+    opts: &ExportOptions,
+) -> Result<Value, ModelError> {
     let Value::Object(mut config) = source.clone() else {
         return Err(ModelError::invalid(
             "config.json",
@@ -121,6 +125,43 @@ fn export_config(source: &Value, opts: &ExportOptions) -> Result<Value, ModelErr
         ));
     };
     config.remove("quantization_config");
+    // A model that classifies is saved as transformers' classifier of its family, with the
+    // head's classes (a head added by training is not in the source config).
+    if let Some(head) = model.classifier() {
+        let arch = match model {
+            crate::model::transformer::Model::Bert(_) => "BertForSequenceClassification",
+            _ => match model.info().model_type.as_str() {
+                "qwen2" => "Qwen2ForSequenceClassification",
+                "mistral" => "MistralForSequenceClassification",
+                _ => "LlamaForSequenceClassification",
+            },
+        };
+        let labels = &head.config.labels;
+        config.insert("architectures".into(), json!([arch]));
+        config.insert(
+            "id2label".into(),
+            json!(labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), json!(l)))
+                .collect::<serde_json::Map<_, _>>()),
+        );
+        config.insert(
+            "label2id".into(),
+            json!(labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.clone(), json!(i)))
+                .collect::<serde_json::Map<_, _>>()),
+        );
+        config.insert("num_labels".into(), json!(labels.len()));
+        let problem = if head.config.regression {
+            "regression"
+        } else {
+            "single_label_classification"
+        };
+        config.insert("problem_type".into(), json!(problem));
+    }
     let dtype = json!(torch_dtype_name(opts.dtype));
     let mut set = false;
     for key in ["dtype", "torch_dtype"] {

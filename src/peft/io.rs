@@ -14,6 +14,7 @@ use super::check_targets;
 use crate::atomic_dir::AtomicDir;
 use crate::lora::config::ALL_LINEAR;
 use crate::lora::{LoraAdapter, LoraConfig, LoraInit};
+use crate::model::classifier::{ClassifierConfig, SequenceClassifier};
 use crate::model::error::ModelError;
 use crate::model::transformer::{Model, WeightLayout};
 
@@ -127,6 +128,9 @@ pub fn load_adapter(
             format!("cannot read adapter weights: {e}"),
         )
     })?;
+    if model.classifier().is_none() && !head_modules.is_empty() {
+        attach_head_from(model, dir, &head_modules, &tensors)?;
+    }
     let device = model.device().clone();
     let mut used = std::collections::BTreeSet::new();
     let mut stored_dtype = None;
@@ -239,10 +243,13 @@ fn check_task(model: &Model, cfg_path: &Path) -> Result<Vec<String>, ModelError>
         what,
     };
     let kind = model.info().model_type.clone();
+    let headless = model.classifier().is_none() && model.lm_head().is_none();
     match (
         v.get("task_type").and_then(Value::as_str),
         model.classifier(),
     ) {
+        // An encoder without any head (`BertModel`) takes the adapter's classifier.
+        (Some("SEQ_CLS"), None) if headless => {}
         (Some("SEQ_CLS"), None) => {
             return Err(bad(format!(
             "`task_type: SEQ_CLS` is a sequence-classification adapter, and this `{kind}` model \
@@ -290,6 +297,84 @@ fn check_task(model: &Model, cfg_path: &Path) -> Result<Vec<String>, ModelError>
         }
     }
     Ok(modules)
+}
+
+/// Label names saved beside an adapter whose model classifies (`id2label` of the head).
+pub const LABELS_FILE: &str = "labels.json";
+
+/// Put the classification head a SEQ_CLS adapter carries (`base_model.model.classifier.weight`)
+/// on a model that has none, with the class names of `labels.json` when present.
+fn attach_head_from(
+    model: &mut Model,
+    dir: &Path,
+    modules: &[String],
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(), ModelError> {
+    let path = dir.join(WEIGHTS_FILE);
+    let Some((module, weight)) = modules
+        .iter()
+        .find_map(|m| tensors.get(&format!("{PREFIX}{m}.weight")).map(|w| (m, w)))
+    else {
+        return Err(ModelError::invalid(
+            path.display().to_string(),
+            "a SEQ_CLS adapter for a model without a classification head must carry the head \
+             (`base_model.model.classifier.weight`)",
+        ));
+    };
+    let (n, hidden) = weight.dims2()?;
+    if hidden != model.info().hidden_size {
+        return Err(ModelError::Shape {
+            name: format!("{PREFIX}{module}.weight"),
+            expected: vec![n, model.info().hidden_size],
+            got: vec![n, hidden],
+        });
+    }
+    let mut config = ClassifierConfig::with_num_labels(n);
+    let labels_path = dir.join(LABELS_FILE);
+    if labels_path.is_file() {
+        let text =
+            std::fs::read_to_string(&labels_path).map_err(|e| ModelError::io(&labels_path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| {
+            ModelError::invalid(labels_path.display().to_string(), format!("not JSON: {e}"))
+        })?;
+        let wrapped = json!({"architectures": ["ForSequenceClassification"], "num_labels": n,
+            "id2label": v.get("id2label").cloned().unwrap_or(Value::Null)});
+        config = ClassifierConfig::from_json(&wrapped)
+            .map_err(|what| ModelError::Config {
+                path: labels_path.display().to_string(),
+                what,
+            })?
+            .unwrap_or(config);
+    }
+    let bias = tensors.get(&format!("{PREFIX}{module}.bias"));
+    let dropout = match &*model {
+        Model::Bert(b) => b.cfg.classifier_dropout,
+        _ => 0.0,
+    };
+    let head = SequenceClassifier::new(module, weight, bias, config, dropout)?;
+    model.set_classifier(Some(head))?;
+    Ok(())
+}
+
+/// `labels.json` for `model`'s head, if it has one.
+fn labels_json(model: &Model) -> Option<Value> {
+    let c = model.classifier()?;
+    let id2label: serde_json::Map<String, Value> = c
+        .config
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), json!(l)))
+        .collect();
+    let label2id: serde_json::Map<String, Value> = c
+        .config
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), json!(i)))
+        .collect();
+    Some(json!({"id2label": id2label, "label2id": label2id,
+        "problem_type": if c.config.regression { "regression" } else { "single_label_classification" }}))
 }
 
 /// The adapter tensors of `model` under PEFT's key names, the classification head's included.
@@ -375,6 +460,12 @@ pub fn save_adapter(
     let text = serde_json::to_string_pretty(&config_json(cfg, model, base_model))
         .map_err(|e| ModelError::invalid(CONFIG_FILE, e.to_string()))?;
     std::fs::write(&cfg_path, text).map_err(|e| ModelError::io(&cfg_path, e))?;
+    if let Some(labels) = labels_json(model) {
+        let p = staging.path().join(LABELS_FILE);
+        let text = serde_json::to_string_pretty(&labels)
+            .map_err(|e| ModelError::invalid(LABELS_FILE, e.to_string()))?;
+        std::fs::write(&p, text).map_err(|e| ModelError::io(&p, e))?;
+    }
     let w_path = staging.path().join(WEIGHTS_FILE);
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let data: Vec<(String, Tensor)> = tensors.into_iter().collect();

@@ -267,6 +267,27 @@ impl CustomOp1 for ChunkedCrossEntropy {
     }
 }
 
+/// Sequence classification loss as transformers computes it: mean cross-entropy of `logits`
+/// `[b, num_labels]` against class indices `targets`, or with `regression` (one output) the mean
+/// squared error against the target values.
+pub fn classification_loss(logits: &Tensor, targets: &[f32], regression: bool) -> Result<Tensor> {
+    let (b, n) = logits.dims2()?;
+    if targets.len() != b {
+        candle_core::bail!("{} targets for {b} sequences", targets.len());
+    }
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    if regression {
+        let t = Tensor::from_slice(targets, (b, 1), logits.device())?;
+        return (logits - t)?.sqr()?.mean_all();
+    }
+    let idx: Vec<u32> = targets.iter().map(|&t| t as u32).collect();
+    if let Some(bad) = idx.iter().find(|&&i| i as usize >= n) {
+        candle_core::bail!("class {bad} is outside the {n} labels");
+    }
+    let idx = Tensor::from_vec(idx, b, logits.device())?;
+    candle_nn::loss::cross_entropy(&logits, &idx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,25 +333,4 @@ mod tests {
             assert!(d < 1e-5, "chunk {chunk}: gradient differs by {d}");
         }
     }
-}
-
-/// Sequence classification loss as transformers computes it: mean cross-entropy of `logits`
-/// `[b, num_labels]` against class indices `targets`, or with `regression` (one output) the mean
-/// squared error against the target values.
-pub fn classification_loss(logits: &Tensor, targets: &[f32], regression: bool) -> Result<Tensor> {
-    let (b, n) = logits.dims2()?;
-    if targets.len() != b {
-        candle_core::bail!("{} targets for {b} sequences", targets.len());
-    }
-    let logits = logits.to_dtype(candle_core::DType::F32)?;
-    if regression {
-        let t = Tensor::from_slice(targets, (b, 1), logits.device())?;
-        return (logits - t)?.sqr()?.mean_all();
-    }
-    let idx: Vec<u32> = targets.iter().map(|&t| t as u32).collect();
-    if let Some(bad) = idx.iter().find(|&&i| i as usize >= n) {
-        candle_core::bail!("class {bad} is outside the {n} labels");
-    }
-    let idx = Tensor::from_vec(idx, b, logits.device())?;
-    candle_nn::loss::cross_entropy(&logits, &idx)
 }

@@ -113,7 +113,7 @@ impl TrainRecipe {
             });
         }
         let read = |path: &Path| match &labels {
-            Some(l) => load_labelled(path, tok, l, self.seq_len, info.vocab_size),
+            Some(l) => load_labelled(path, tok, l, self.seq_len, info.vocab_size, true),
             None => Corpus::load(path, tok, &dopts),
         };
         let corpus = read(data)?;

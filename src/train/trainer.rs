@@ -79,6 +79,8 @@ pub struct TrainReport {
     pub losses: Vec<f64>,
     /// (step, validation loss) pairs.
     pub val_losses: Vec<(usize, f64)>,
+    /// A classifier's validation accuracy at each validation (step, accuracy).
+    pub val_accuracy: Vec<(f64, f64)>,
     /// Predicted tokens per second over the run.
     pub tokens_per_s: f64,
     /// Wall time.
@@ -97,6 +99,44 @@ fn write_jsonl(
     v: serde_json::Value,
 ) -> Result<(), ModelError> {
     writeln!(file, "{v}").map_err(|e| ModelError::io(path, e))
+}
+
+/// Accuracy and macro-F1 of the classifier on classification `batches` (`None` for language
+/// modelling or a regression head).
+pub fn validation_metrics(
+    model: &Model,
+    batches: &[Batch],
+) -> Result<Option<crate::classify::ClassMetrics>, ModelError> {
+    let (mut logits, mut targets) = (Vec::new(), Vec::new());
+    for b in batches {
+        let Some(c) = &b.classes else { return Ok(None) };
+        let l = model.classify(&b.ids, &c.keys, None, false)?;
+        logits.extend(l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?);
+        targets.extend_from_slice(&c.targets);
+    }
+    match model.classifier() {
+        Some(head) if !head.config.regression && !targets.is_empty() => {
+            Ok(Some(crate::classify::metrics(&logits, &targets, false)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// One validation: metrics.jsonl's record at `step` (loss, and for a classifier accuracy and
+/// macro-F1), with the loss and accuracy for the curves.
+fn validate(
+    model: &Model,
+    val: &[Batch],
+    step: usize,
+) -> Result<(serde_json::Value, f64, Option<f64>), ModelError> {
+    let v = validation_loss(model, val)?;
+    let mut rec = json!({"step": step, "val_loss": v});
+    let m = validation_metrics(model, val)?;
+    if let Some(m) = &m {
+        rec["val_accuracy"] = json!(m.accuracy);
+        rec["val_macro_f1"] = json!(m.macro_f1);
+    }
+    Ok((rec, v, m.and_then(|m| m.accuracy)))
 }
 
 /// Mean loss over `batches` (no dropout, no gradients kept).
@@ -209,6 +249,7 @@ pub fn train(
     };
     let start = Instant::now();
     let mut val_losses = Vec::new();
+    let mut val_accuracy: Vec<(f64, f64)> = Vec::new();
     let mut losses = Vec::with_capacity(settings.steps);
     let mut tokens = 0usize;
     let mut train_secs = 0f64;
@@ -223,13 +264,12 @@ pub fn train(
         train_secs = state.train_seconds;
         bar.set_position(first_step as u64);
     } else if !val.is_empty() {
-        let v = validation_loss(model, val)?;
+        let (rec, v, acc) = validate(model, val, 0)?;
         val_losses.push((0, v));
-        write_jsonl(
-            &mut metrics,
-            &metrics_path,
-            json!({"step": 0, "val_loss": v}),
-        )?;
+        if let Some(a) = acc {
+            val_accuracy.push((0.0, a));
+        }
+        write_jsonl(&mut metrics, &metrics_path, rec)?;
     }
     let fingerprint = checkpoint::fingerprint(model);
     let mut checkpoints = Vec::new();
@@ -294,13 +334,16 @@ pub fn train(
         if !val.is_empty()
             && (last || (settings.eval_every > 0 && (step + 1) % settings.eval_every == 0))
         {
-            let v = validation_loss(model, val)?;
+            let (rec, v, acc) = validate(model, val, step + 1)?;
             val_losses.push((step + 1, v));
-            write_jsonl(
-                &mut metrics,
-                &metrics_path,
-                json!({"step": step + 1, "val_loss": v}),
-            )?;
+            if let Some(a) = acc {
+                val_accuracy.push(((step + 1) as f64, a));
+                bar.println(format!(
+                    "step {}: validation loss {v:.4}, accuracy {a:.4}",
+                    step + 1
+                ));
+            }
+            write_jsonl(&mut metrics, &metrics_path, rec)?;
         }
         let stop = settings
             .stop
@@ -346,6 +389,16 @@ pub fn train(
         });
     }
     draw_loss_curves(&out.join("loss.svg"), "QLoRA training", &series)?;
+    if !val_accuracy.is_empty() {
+        draw_loss_curves(
+            &out.join("accuracy.svg"),
+            "validation accuracy",
+            &[Series {
+                name: "validation accuracy",
+                points: &val_accuracy,
+            }],
+        )?;
+    }
 
     let adapter_dir = if interrupted {
         None
@@ -360,6 +413,7 @@ pub fn train(
         interrupted,
         losses,
         val_losses,
+        val_accuracy,
         tokens_per_s: tokens as f64 / train_secs.max(1e-9),
         seconds,
         adapter_dir,
