@@ -178,6 +178,8 @@ pub fn load_labelled(
         });
     }
     report.examples = examples.len();
+    // Every token is input to the classifier.
+    report.trained_tokens = report.tokens;
     Ok(Corpus {
         path: path.to_path_buf(),
         examples,

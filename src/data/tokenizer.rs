@@ -45,6 +45,12 @@ impl TextTokenizer {
         bos_token_id: Option<u32>,
         eos_token_ids: Vec<u32>,
     ) -> Self {
+        // A tokenizer.json may carry padding and truncation settings (sentence-transformers'
+        // pad every text to 128 tokens); transformers resets both on each call unless asked,
+        // and so do we: batches are padded, and sequences cut, by the data pipeline.
+        let mut inner = inner;
+        inner.with_padding(None);
+        let _ = inner.with_truncation(None);
         Self {
             inner,
             chat_template,

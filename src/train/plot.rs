@@ -23,6 +23,16 @@ const COLORS: [RGBColor; 4] = [
 
 /// Draw `series` into an SVG file at `path` (written to a temp name, then renamed).
 pub fn draw_loss_curves(path: &Path, title: &str, series: &[Series<'_>]) -> Result<(), ModelError> {
+    draw_curves(path, title, "loss", series)
+}
+
+/// [`draw_loss_curves`] with another quantity (`y_label`) on the vertical axis.
+pub fn draw_curves(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+) -> Result<(), ModelError> {
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x1, mut y0, mut y1) = (1f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in all {
@@ -54,7 +64,7 @@ pub fn draw_loss_curves(path: &Path, title: &str, series: &[Series<'_>]) -> Resu
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_desc("loss")
+            .y_desc(y_label)
             .draw()
             .map_err(|e| draw_err(e.to_string()))?;
         for (i, s) in series.iter().enumerate() {

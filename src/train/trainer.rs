@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
 use super::layerwise::{loss_and_grads_layerwise, Checkpointing};
-use super::plot::{draw_loss_curves, Series};
+use super::plot::{draw_curves, draw_loss_curves, Series};
 use super::step::Batch;
 use crate::data::batches::Batches;
 use crate::lora::LoraConfig;
@@ -390,9 +390,10 @@ pub fn train(
     }
     draw_loss_curves(&out.join("loss.svg"), "QLoRA training", &series)?;
     if !val_accuracy.is_empty() {
-        draw_loss_curves(
+        draw_curves(
             &out.join("accuracy.svg"),
             "validation accuracy",
+            "accuracy",
             &[Series {
                 name: "validation accuracy",
                 points: &val_accuracy,
