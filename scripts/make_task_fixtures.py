@@ -191,10 +191,19 @@ def gpt2(out):
     deq = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     conv = model.transformer.h[0].attn.c_attn.weight.detach()
     transposed = bool(deq.shape == conv.t().shape and (deq - conv.t()).abs().max() < 0.05)
+    qs = layer.weight.quant_state
     q.save_pretrained(os.path.join(d, "bnb4"))
     with open(os.path.join(d, "bnb4", "quantized_modules.json"), "w") as f:
-        json.dump({"linear4bit": quantized, "c_attn_dequantized_shape": list(deq.shape),
+        json.dump({"linear4bit": quantized,
+                   "modules_to_not_convert": sorted(q.hf_quantizer.modules_to_not_convert),
+                   "c_attn_packed_weight": {"shape": list(layer.weight.data.shape),
+                                            "dtype": str(layer.weight.data.dtype)},
+                   "c_attn_absmax": {"shape": list(qs.absmax.shape), "dtype": str(qs.absmax.dtype)},
+                   "c_attn_quant_state_shape": list(qs.shape),
+                   "c_attn_dequantized_shape": list(deq.shape),
                    "conv1d_weight_shape": list(conv.shape),
+                   "c_attn_max_abs_dequantized_minus_conv1d_transposed":
+                       round(float((deq - conv.t()).abs().max()), 4),
                    "dequantized_equals_conv1d_transposed_within_0.05": transposed}, f, indent=2)
 
     decoded = decoded_4bit(build(), os.path.join(d, "bnb4"), transpose=TARGETS).eval()
@@ -277,7 +286,9 @@ def quantize_4bit(cls, d):
             m.support_avx512bf16_for_cpu = False
     q.save_pretrained(os.path.join(d, "bnb4"))
     with open(os.path.join(d, "bnb4", "quantized_modules.json"), "w") as f:
-        json.dump({"linear4bit": quantized, "full_precision_linear": kept}, f, indent=2)
+        json.dump({"linear4bit": quantized, "full_precision_linear": kept,
+                   "modules_to_not_convert": sorted(q.hf_quantizer.modules_to_not_convert)},
+                  f, indent=2)
     return q
 
 
