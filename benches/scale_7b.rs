@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         labels: ids.iter().map(|&x| x as i64).collect(),
         segments: None,
         positions: None,
+        classes: None,
     };
     let t1 = Instant::now();
     let (loss, grads) =

@@ -56,7 +56,7 @@ PY
 # The untrained head (transformers' initialisation) on the held-out plays.
 mkdir -p "$OUT/base"
 $QLORA train --model "$MODEL" --out "$OUT/base/run" --steps 1 --lr 1e-12 --warmup-steps 0 \
-    "${COMMON[@]:0:4}" --seq-len 64 --batch-size 1 --val-split 0 > /dev/null
+    "${COMMON[@]:0:6}" --seq-len 64 --batch-size 1 --val-split 0 > /dev/null
 $QLORA eval --model "$MODEL" --adapter "$OUT/base/run/adapter" --data "$OUT/data/test.jsonl" \
     --seq-len 64 --json > "$OUT/base.test.json"
 python3 - "$OUT/base.test.json" >> "$OUT/table.md" <<'PY'

@@ -290,6 +290,7 @@ fn hand_made(lens: &[usize]) -> Vec<Example> {
                 ids,
                 doc,
                 line: doc + 1,
+                target: None,
             }
         })
         .collect()
@@ -645,6 +646,7 @@ fn packed_and_padded_batches_give_the_loss_of_each_example_alone() {
                 labels,
                 doc,
                 line: doc + 1,
+                target: None,
             }
         })
         .collect();

@@ -95,6 +95,7 @@ fn measured_step_peak(cfg: &LlamaConfig, b: usize, t: usize, ckpt: Checkpointing
         labels: ids.iter().map(|&x| x as i64).collect(),
         segments: None,
         positions: None,
+        classes: None,
     };
     // A first step grows the per-thread caches (kernel scratch, gemm packing buffers) the plan
     // counts apart from activations.

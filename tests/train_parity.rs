@@ -74,6 +74,7 @@ fn run_parity(layerwise: Option<Checkpointing>) -> Vec<f64> {
         labels: r["labels"].flatten_all().unwrap().to_vec1::<i64>().unwrap(),
         segments: None,
         positions: None,
+        classes: None,
     };
     let want: Vec<f64> = r["losses"].to_vec1::<f64>().unwrap();
     let named = peft::trainable_vars(&m);
