@@ -77,6 +77,12 @@ def main():
             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
         kw["device_map"] = "cpu"
     model = BertForSequenceClassification.from_pretrained(a.model, **kw)
+    # bitsandbytes repacks 4-bit weights for its AVX512-BF16 inference kernel on the first eval
+    # forward, and that layout cannot be trained; keep the training layout throughout.
+    import bitsandbytes as bnb
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
     train_rows = records(f"{a.data}/train.jsonl")
     test_rows = records(f"{a.data}/test.jsonl")
     rng = random.Random(a.seed)
@@ -86,6 +92,8 @@ def main():
     base_acc, base_f1 = evaluate(model, test_rows, tok, labels, a.seq_len)
     cfg = peft.LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, lora_dropout=0.05,
                           target_modules=["query", "key", "value", "dense"])
+    if a.quant == "nf4":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = peft.get_peft_model(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)

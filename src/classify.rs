@@ -152,8 +152,8 @@ mod tests {
 
     #[test]
     fn metrics_count_like_scikit_learn() {
-        // Labels 0,0,1,2 predicted 0,1,1,1: accuracy 1/2; F1: class 0 = 2/3, class 1 = 2/3,
-        // class 2 = 0 -> macro 4/9.
+        // Labels 0,0,1,2 predicted 0,1,1,1: accuracy 1/2; F1 = 2·tp / (predicted + actual):
+        // class 0 = 2/3, class 1 = 2/4, class 2 = 0 -> macro 7/18.
         let logits = vec![
             vec![2.0, 0.0, 0.0],
             vec![0.0, 1.0, 0.0],
@@ -162,7 +162,7 @@ mod tests {
         ];
         let m = metrics(&logits, &[0.0, 0.0, 1.0, 2.0], false);
         assert_eq!(m.accuracy, Some(0.5));
-        assert!((m.macro_f1.unwrap() - 4.0 / 9.0).abs() < 1e-12);
+        assert!((m.macro_f1.unwrap() - 7.0 / 18.0).abs() < 1e-12);
         assert_eq!(
             m.confusion,
             vec![vec![1, 1, 0], vec![0, 1, 0], vec![0, 1, 0]]

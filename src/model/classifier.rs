@@ -61,6 +61,14 @@ impl ClassifierConfig {
             None => Vec::new(),
         };
         labels.sort();
+        match v.get("problem_type").and_then(Value::as_str) {
+            None | Some("single_label_classification") | Some("regression") => {}
+            Some(other) => {
+                return Err(format!(
+                    "`problem_type` `{other}` is not supported (single_label_classification, regression)"
+                ))
+            }
+        }
         let n = v
             .get("num_labels")
             .and_then(Value::as_u64)
@@ -74,14 +82,6 @@ impl ClassifierConfig {
                 "`id2label` must name classes 0..{n} (`num_labels` {n}), got {:?}",
                 labels.iter().map(|(k, _)| k).collect::<Vec<_>>()
             ));
-        }
-        match v.get("problem_type").and_then(Value::as_str) {
-            None | Some("single_label_classification") | Some("regression") => {}
-            Some(other) => {
-                return Err(format!(
-                    "`problem_type` `{other}` is not supported (single_label_classification, regression)"
-                ))
-            }
         }
         Ok(Some(Self {
             regression: labels.len() == 1,

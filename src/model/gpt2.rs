@@ -5,6 +5,9 @@
 //!                 h = a + mlp.c_proj(gelu_new(c_fc(ln_2(a))))
 //! logits = ln_f(h) · wteᵀ          (the head is tied to the token embeddings)
 //!
+//! In training mode the config's dropouts apply (`embd_pdrop`, `attn_pdrop`, `resid_pdrop`), with
+//! masks from the trainer's seed.
+//!
 //! GPT-2's checkpoints store every projection as a `Conv1D` weight `[in, out]`; the loader
 //! transposes them to `[out, in]` once (as transformers does before quantizing them to 4-bit),
 //! so the projections are ordinary [`Linear`] layers, and [`WeightLayout::InOut`] tells the
@@ -13,7 +16,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::Value;
 
-use super::attention::{attention, Rope};
+use super::attention::{attention, attention_with_dropout, Rope};
 use super::error::ModelError;
 use super::layer_norm::LayerNorm;
 use super::linear::Linear;
@@ -21,6 +24,8 @@ use super::loader::{check_shape, load_linear, LoadOptions, TensorSource};
 use super::transformer::{
     Family, LayerContext, ModelInfo, ModuleMut, ModuleRef, ParamRef, WeightLayout,
 };
+use crate::lora::dropout::HashDropout;
+use crate::lora::DropoutSeed;
 
 /// The MLP activations GPT-2 checkpoints name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +86,12 @@ pub struct Gpt2Config {
     pub eos_token_id: Option<u32>,
     /// Padding token.
     pub pad_token_id: Option<u32>,
+    /// Dropout on the summed embeddings in training mode (`embd_pdrop`).
+    pub embd_pdrop: f32,
+    /// Dropout on the attention probabilities in training mode (`attn_pdrop`).
+    pub attn_pdrop: f32,
+    /// Dropout on each block's attention and MLP outputs in training mode (`resid_pdrop`).
+    pub resid_pdrop: f32,
 }
 
 impl Gpt2Config {
@@ -118,6 +129,16 @@ impl Gpt2Config {
                 return Err(format!("`{key}: {}` is not supported", !ok));
             }
         }
+        let prob = |k: &str| -> std::result::Result<f32, String> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(0.1),
+                Some(x) => x
+                    .as_f64()
+                    .filter(|p| (0.0..1.0).contains(p))
+                    .map(|p| p as f32)
+                    .ok_or(format!("`{k}` must be a probability in [0, 1), got {x}")),
+            }
+        };
         let eps = v
             .get("layer_norm_epsilon")
             .and_then(Value::as_f64)
@@ -141,6 +162,9 @@ impl Gpt2Config {
             bos_token_id: opt_u32("bos_token_id"),
             eos_token_id: opt_u32("eos_token_id"),
             pad_token_id: opt_u32("pad_token_id"),
+            embd_pdrop: prob("embd_pdrop")?,
+            attn_pdrop: prob("attn_pdrop")?,
+            resid_pdrop: prob("resid_pdrop")?,
         })
     }
 
@@ -169,6 +193,7 @@ impl Gpt2Attention {
         ctx: &LayerContext,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
+        probs_dropout: Option<HashDropout>,
     ) -> Result<Tensor> {
         let width = self.n_head * self.head_dim;
         let qkv = self.c_attn.forward(x, train)?;
@@ -176,7 +201,10 @@ impl Gpt2Attention {
         let k = qkv.narrow(2, width, width)?.contiguous()?;
         let v = qkv.narrow(2, 2 * width, width)?.contiguous()?;
         let heads = (self.n_head, self.n_head, self.head_dim);
-        let out = attention(heads, &q, &k, &v, rope, &ctx.pos, &ctx.mask, cache)?;
+        let out = match probs_dropout {
+            Some(d) => attention_with_dropout(heads, &q, &k, &v, rope, &ctx.pos, &ctx.mask, d)?,
+            None => attention(heads, &q, &k, &v, rope, &ctx.pos, &ctx.mask, cache)?,
+        };
         self.c_proj.forward(&out, train)
     }
 }
@@ -242,6 +270,8 @@ pub struct Gpt2 {
     pub lm_head: Option<Tensor>,
     /// No rotation: GPT-2's positions are the learned `wpe` rows.
     rope: Rope,
+    /// Seed of the training-mode dropout masks (set by the trainer before each step).
+    dropout_seed: DropoutSeed,
     compute_dtype: DType,
     info: ModelInfo,
 }
@@ -379,11 +409,27 @@ impl Gpt2 {
             ln_f,
             lm_head,
             rope,
+            dropout_seed: DropoutSeed::default(),
             compute_dtype,
             info,
         })
     }
+
+    /// Dropout `p` at site `site` (0: embeddings; then three per block) in training mode, from
+    /// the shared seed, so a recomputed block drops what it dropped before.
+    fn dropout(&self, x: Tensor, p: f32, train: bool, site: u64) -> Result<Tensor> {
+        if train && p > 0.0 {
+            self.dropout_seed
+                .dropout(p, DROPOUT_SITES + site)?
+                .forward(&x.contiguous()?)
+        } else {
+            Ok(x)
+        }
+    }
 }
+
+/// Dropout keys of GPT-2's own sites start here, clear of the adapters' keys.
+const DROPOUT_SITES: u64 = 1 << 40;
 
 impl Family for Gpt2 {
     fn info(&self) -> &ModelInfo {
@@ -408,13 +454,16 @@ impl Family for Gpt2 {
         ids: &Tensor,
         pos: &Tensor,
         _token_types: Option<&Tensor>,
-        _train: bool,
+        train: bool,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let e = self.cfg.n_embd;
         let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
         let at = self.wpe.index_select(&pos.flatten_all()?, 0)?;
-        (tok + at)?.reshape((b, t, e))?.to_dtype(self.compute_dtype)
+        let h = (tok + at)?
+            .reshape((b, t, e))?
+            .to_dtype(self.compute_dtype)?;
+        self.dropout(h, self.cfg.embd_pdrop, train, 0)
     }
 
     fn num_layers(&self) -> usize {
@@ -433,17 +482,31 @@ impl Family for Gpt2 {
             .h
             .get(i)
             .ok_or_else(|| candle_core::Error::Msg(format!("no block {i}")))?;
-        let a =
-            (x + block
-                .attn
-                .forward(&block.ln_1.forward(x)?, &self.rope, ctx, cache, train)?)?;
+        let site = 3 * i as u64;
+        let p = self.cfg.resid_pdrop;
+        let attn_drop = (train && self.cfg.attn_pdrop > 0.0)
+            .then(|| {
+                self.dropout_seed
+                    .dropout(self.cfg.attn_pdrop, DROPOUT_SITES + site + 1)
+            })
+            .transpose()?;
+        let h = block.ln_1.forward(x)?;
+        let attn = block
+            .attn
+            .forward(&h, &self.rope, ctx, cache, train, attn_drop)?;
+        let a = (x + self.dropout(attn, p, train, site + 2)?)?;
         let m = &block.mlp;
         let up = m.c_fc.forward(&block.ln_2.forward(&a)?, train)?;
-        a + m.c_proj.forward(&m.activation.forward(&up)?, train)?
+        let down = m.c_proj.forward(&m.activation.forward(&up)?, train)?;
+        a + self.dropout(down, p, train, site + 3)?
     }
 
     fn finish(&self, h: &Tensor) -> Result<Tensor> {
         self.ln_f.forward(h)
+    }
+
+    fn share_dropout_seed(&mut self, seed: &DropoutSeed) {
+        self.dropout_seed = seed.clone();
     }
 
     fn lm_head(&self) -> Option<&Tensor> {
