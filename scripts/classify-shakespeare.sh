@@ -5,7 +5,7 @@
 # classification head and train LoRA adapters on the NF4 base and on the full-precision base,
 # and score both on the held-out plays. With QLORA_PEFT_PYTHON set to the reference stack's
 # python (`scripts/peft-baseline.sh`), PEFT + transformers (+ bitsandbytes) run the same job in
-# the same run. Prints one table. About 15 minutes on 2 CPU cores (30 with PEFT).
+# the same run. Prints one table. 13 minutes on 2 CPU cores with PEFT (measured), about 8 without.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/shakespeare-$(date +%Y%m%d-%H%M%S)}"
