@@ -8,11 +8,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
-use common::{fixtures, load_as as load, max_abs, safetensors};
+use common::{arg as s, fixtures, load_as as load, max_abs, qlora, safetensors};
 use qlora::model::loader::BaseFormat;
 use qlora::model::transformer::Model;
 use qlora::peft;
@@ -154,88 +153,12 @@ fn task_mismatch_between_adapter_and_model_is_refused() {
     assert!(e.contains("CAUSAL_LM"), "{e}");
 }
 
-fn qlora(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// 20 steps through `qlora train` from PEFT's initial adapter give PEFT's loss at every step and
 /// its final adapter and head.
 fn training_matches_peft(name: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("run");
-    let train = dir(name).join("train");
-    let o = qlora(&[
-        "train",
-        "--model",
-        s(&dir(name)),
-        "--init-adapter",
-        s(&train.join("adapter_init")),
-        "--data",
-        s(&train.join("data.jsonl")),
-        "--out",
-        s(&out),
-        "--steps",
-        "20",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--lr-scheduler",
-        "constant",
-        "--warmup-steps",
-        "0",
-        "--weight-decay",
-        "0",
-        "--max-grad-norm",
-        "0",
-        "--no-shuffle",
-        "--val-split",
-        "0",
-        "--adapter-dtype",
-        "f32",
-        "--seq-len",
-        "32",
-        "--quant",
-        "none",
-    ]);
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(train.join("losses.json")).unwrap()).unwrap();
-    let want: Vec<f64> = want["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    let got: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
-        .collect();
-    assert_eq!(got.len(), 20, "one loss per step");
-    let mut worst = 0f64;
-    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-        let rel = (g - w).abs() / w.abs();
-        worst = worst.max(rel);
-        assert!(
-            rel < 1e-3,
-            "{name} step {step}: loss {g} vs PEFT {w} (rel {rel:e})"
-        );
-    }
+    let (_tmp, out, worst) = common::train_like_peft(&dir(name), 32);
     println!("{name} training: 20 losses within {worst:.2e} relative of PEFT's");
+    let train = dir(name).join("train");
     let ours = safetensors(&out.join("adapter/adapter_model.safetensors"));
     let theirs = safetensors(&train.join("adapter_final/adapter_model.safetensors"));
     assert_eq!(

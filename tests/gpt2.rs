@@ -8,10 +8,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-use common::{fixtures, input_ids as ids_of, load_as as load, max_abs, safetensors};
+use common::{
+    arg as s, fixtures, input_ids as ids_of, load_as as load, max_abs, qlora, safetensors,
+};
 use qlora::model::linear::BaseWeight;
 use qlora::model::loader::BaseFormat;
 use qlora::model::transformer::{KvCache, Model};
@@ -134,17 +135,6 @@ fn nf4_codes_equal_bitsandbytes_for_the_transposed_conv1d_weights() {
     assert!(max_abs(&r["logits"], &r["logits_4bit_decoded"]) > 0.1);
 }
 
-fn qlora(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn merge_equals_pefts_merge_and_unload() {
     let dir = tempfile::tempdir().unwrap();
@@ -185,76 +175,6 @@ fn merge_equals_pefts_merge_and_unload() {
 
 #[test]
 fn twenty_training_steps_match_pefts_loss_curve() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let train = gpt2().join("train");
-    let o = qlora(&[
-        "train",
-        "--model",
-        s(&gpt2()),
-        "--init-adapter",
-        s(&train.join("adapter_init")),
-        "--data",
-        s(&train.join("data.jsonl")),
-        "--out",
-        s(&out),
-        "--steps",
-        "20",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--lr-scheduler",
-        "constant",
-        "--warmup-steps",
-        "0",
-        "--weight-decay",
-        "0",
-        "--max-grad-norm",
-        "0",
-        "--no-shuffle",
-        "--val-split",
-        "0",
-        "--adapter-dtype",
-        "f32",
-        "--seq-len",
-        "16",
-        "--quant",
-        "none",
-    ]);
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(train.join("losses.json")).unwrap()).unwrap();
-    let want: Vec<f64> = want["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    let got: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
-        .collect();
-    assert_eq!(got.len(), want.len(), "one loss per step");
-    let mut worst = 0f64;
-    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-        let rel = (g - w).abs() / w.abs();
-        worst = worst.max(rel);
-        assert!(
-            rel < 1e-3,
-            "step {step}: loss {g} vs PEFT {w} (rel {rel:e})"
-        );
-    }
+    let (_tmp, _out, worst) = common::train_like_peft(&gpt2(), 16);
     println!("gpt2 training: 20 losses within {worst:.2e} relative of PEFT's");
-    assert!(
-        (want[0] - want[19]).abs() / want[0] > 1e-3,
-        "the curve moves"
-    );
 }

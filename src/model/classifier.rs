@@ -34,15 +34,7 @@ impl ClassifierConfig {
     /// Read `id2label` / `num_labels` / `problem_type` from an HF config; `None` when the config
     /// names no classification task (`architectures` without `ForSequenceClassification`).
     pub fn from_json(v: &Value) -> std::result::Result<Option<Self>, String> {
-        let is_cls = v
-            .get("architectures")
-            .and_then(Value::as_array)
-            .is_some_and(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .any(|s| s.ends_with("ForSequenceClassification"))
-            });
-        if !is_cls {
+        if !names_classifier(v) {
             return Ok(None);
         }
         let mut labels: Vec<(usize, String)> = match v.get("id2label").and_then(Value::as_object) {
@@ -93,6 +85,17 @@ impl ClassifierConfig {
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.labels.iter().position(|l| l == name)
     }
+}
+
+/// Whether an HF config's `architectures` name a `*ForSequenceClassification` model.
+pub fn names_classifier(v: &Value) -> bool {
+    v.get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .any(|s| s.ends_with("ForSequenceClassification"))
+        })
 }
 
 /// The trainable output layer of a classifier.

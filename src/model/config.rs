@@ -178,14 +178,7 @@ impl LlamaConfig {
             bos_token_id: opt_usize("bos_token_id").map(|x| x as u32),
             eos_token_ids,
             pad_token_id: opt_usize("pad_token_id").map(|x| x as u32),
-            sequence_classification: v
-                .get("architectures")
-                .and_then(Value::as_array)
-                .is_some_and(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .any(|s| s.ends_with("ForSequenceClassification"))
-                }),
+            sequence_classification: super::classifier::names_classifier(v),
             sliding_window: if opt_bool("use_sliding_window") == Some(false) {
                 None
             } else {

@@ -46,3 +46,98 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Run the `qlora` binary with `args`.
+pub fn qlora(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A path as a `&str` argument.
+pub fn arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The training parity run of the acceptance criteria: `qlora train` on `model` from the PEFT
+/// adapter `train/adapter_init` over `train/data.jsonl` for 20 constant-lr steps of batch 4,
+/// f32 adapters, full-precision base, data in file order. Checks every step's loss against
+/// `train/losses.json` (PEFT's) within 1e-3 relative and returns the run folder (kept alive by
+/// the returned temp dir) and the worst relative difference.
+pub fn train_like_peft(model: &Path, seq_len: usize) -> (tempfile::TempDir, PathBuf, f64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let train = model.join("train");
+    let (init, data) = (train.join("adapter_init"), train.join("data.jsonl"));
+    let seq = seq_len.to_string();
+    let o = qlora(&[
+        "train",
+        "--model",
+        arg(model),
+        "--init-adapter",
+        arg(&init),
+        "--data",
+        arg(&data),
+        "--out",
+        arg(&out),
+        "--steps",
+        "20",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--lr-scheduler",
+        "constant",
+        "--warmup-steps",
+        "0",
+        "--weight-decay",
+        "0",
+        "--max-grad-norm",
+        "0",
+        "--no-shuffle",
+        "--val-split",
+        "0",
+        "--adapter-dtype",
+        "f32",
+        "--seq-len",
+        &seq,
+        "--quant",
+        "none",
+    ]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(train.join("losses.json")).unwrap()).unwrap();
+    let want: Vec<f64> = want["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let got: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect();
+    assert_eq!(got.len(), want.len(), "one loss per step");
+    let mut worst = 0f64;
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        let rel = (g - w).abs() / w.abs();
+        worst = worst.max(rel);
+        assert!(
+            rel < 1e-3,
+            "step {step}: loss {g} vs PEFT {w} (rel {rel:e})"
+        );
+    }
+    assert!(
+        (want[0] - want[19]).abs() / want[0] > 1e-3,
+        "the curve moves"
+    );
+    (tmp, out, worst)
+}
