@@ -12,10 +12,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::batch::{Batch, ClassTargets};
 use super::error::DataError;
 use super::example::Example;
 use super::packing::{pack_row, pad_row, plan_packing, Row};
-use crate::train::step::{Batch, ClassTargets};
 
 /// How examples become batches.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

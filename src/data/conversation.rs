@@ -9,8 +9,8 @@
 //! by their byte offsets in the tokenization of the whole conversation, so the ids are exactly
 //! those of the full rendering, never a concatenation of separately tokenized pieces.
 
+use super::error::DataError;
 use super::tokenizer::{Message, TextTokenizer};
-use crate::model::error::ModelError;
 
 /// A tokenized conversation and which of its tokens are trained.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +34,7 @@ pub const ASSISTANT: &str = "assistant";
 pub fn tokenize_conversation(
     tokenizer: &TextTokenizer,
     messages: &[Message],
-) -> Result<TokenizedConversation, ModelError> {
+) -> Result<TokenizedConversation, DataError> {
     let Some(last) = messages.iter().rposition(|m| m.role == ASSISTANT) else {
         let text = tokenizer.apply_chat_template(messages, false)?;
         let ids = tokenizer.encode(&text, false)?;
@@ -50,7 +50,7 @@ pub fn tokenize_conversation(
     let enc = tokenizer
         .inner()
         .encode(full.as_str(), false)
-        .map_err(|e| ModelError::invalid("tokenizer", e.to_string()))?;
+        .map_err(|e| DataError::invalid("tokenizer", e.to_string()))?;
     let ids = enc.get_ids().to_vec();
     let offsets = enc.get_offsets();
     let eos = tokenizer.eos_token_ids();
@@ -86,14 +86,14 @@ fn prefix_len(
     prefix: &[Message],
     add_generation_prompt: bool,
     turn: usize,
-) -> Result<usize, ModelError> {
+) -> Result<usize, DataError> {
     let text = if prefix.is_empty() && !add_generation_prompt {
         String::new()
     } else {
         tokenizer.apply_chat_template(prefix, add_generation_prompt)?
     };
     if !full.starts_with(&text) {
-        return Err(ModelError::invalid(
+        return Err(DataError::invalid(
             "chat template",
             format!(
                 "cannot locate assistant turn {turn} (messages[{turn}]): the template renders \

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::DataError;
+use super::example::IGNORE_INDEX;
 use super::example::{tokenize_record, EosPolicy, Example, Fit, TokenizedRecord};
 use super::format::DataFormat;
 use super::record::{is_plain_text, read_records, Record};
 use super::tokenizer::TextTokenizer;
-use crate::train::loss::IGNORE_INDEX;
 
 /// How a dataset file becomes examples.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use super::conversation::tokenize_conversation;
+use super::error::DataError;
 use super::format::DataFormat;
 use super::prompt::alpaca_prompt;
 use super::record::{read_records, Record};
 use super::tokenizer::TextTokenizer;
-use crate::model::error::ModelError;
 
 /// Token sequences of a dataset file, one per document (a `.txt` file is one document).
 ///
@@ -18,10 +18,10 @@ use crate::model::error::ModelError;
 pub fn read_token_sequences(
     path: &Path,
     tokenizer: Option<&TextTokenizer>,
-) -> Result<Vec<Vec<u32>>, ModelError> {
+) -> Result<Vec<Vec<u32>>, DataError> {
     let need_tok = || {
         tokenizer.ok_or_else(|| {
-            ModelError::invalid(
+            DataError::invalid(
                 path.display().to_string(),
                 "text data needs a tokenizer, and this model has none (give pre-tokenized `input_ids`)",
             )
@@ -29,8 +29,8 @@ pub fn read_token_sequences(
     };
     let mut out = Vec::new();
     for rec in read_records(path, DataFormat::Auto)? {
-        let at = |e: ModelError| {
-            ModelError::invalid(format!("{}:{}", path.display(), rec.line), e.to_string())
+        let at = |e: DataError| {
+            DataError::invalid(format!("{}:{}", path.display(), rec.line), e.to_string())
         };
         let ids = match &rec.record {
             Record::Text(t) => need_tok()?.encode(t, true).map_err(at)?,
@@ -52,7 +52,7 @@ pub fn read_token_sequences(
                 .map(|&i| u32::try_from(i))
                 .collect::<Result<Vec<u32>, _>>()
                 .map_err(|_| {
-                    ModelError::invalid(
+                    DataError::invalid(
                         format!("{}:{}", path.display(), rec.line),
                         "`input_ids` must be non-negative token ids",
                     )
@@ -62,7 +62,7 @@ pub fn read_token_sequences(
     }
     out.retain(|s| !s.is_empty());
     if out.is_empty() {
-        return Err(ModelError::invalid(
+        return Err(DataError::invalid(
             path.display().to_string(),
             "the dataset is empty",
         ));

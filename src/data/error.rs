@@ -5,11 +5,34 @@
 
 use std::path::PathBuf;
 
-use crate::model::error::ModelError;
-
 /// Errors of the training data pipeline.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// A tokenizer, chat template or named input is unusable (the same message as the model
+    /// layer's `Invalid`: the thing, then what is wrong).
+    #[error("{}: {what}", path.display())]
+    Invalid {
+        /// The file or thing.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        what: String,
+    },
+    /// A JSON side file (tokenizer_config.json) could not be parsed.
+    #[error("{} is not valid JSON", path.display())]
+    JsonFile {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        source: serde_json::Error,
+    },
+    /// An I/O error on a path.
+    #[error("I/O error on {}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// The dataset file could not be read.
     #[error("cannot read dataset {}", path.display())]
     Read {
@@ -110,7 +133,7 @@ pub enum DataError {
         /// 1-based line where the record starts.
         line: usize,
         /// The tokenizer's or template's error.
-        source: Box<ModelError>,
+        source: Box<DataError>,
     },
     /// The dataset holds nothing to train on.
     #[error("dataset {} is empty: {why}", path.display())]
@@ -165,22 +188,20 @@ impl DataError {
     }
 }
 
-impl From<DataError> for ModelError {
-    /// Data errors surface through model-level APIs (e.g. `read_token_sequences`) as
-    /// [`ModelError::Invalid`] about "dataset", keeping the whole message (file and line).
-    fn from(e: DataError) -> Self {
-        match e {
-            DataError::Read { path, source } => ModelError::Read { path, source },
-            DataError::Candle(e) => ModelError::Candle(e),
-            other => {
-                let mut what = other.to_string();
-                let mut cause = std::error::Error::source(&other);
-                while let Some(c) = cause {
-                    what = format!("{what}: {c}");
-                    cause = c.source();
-                }
-                ModelError::invalid("dataset", what)
-            }
+impl DataError {
+    /// Shorthand for [`DataError::Invalid`] about a named thing.
+    pub fn invalid(name: impl Into<String>, what: impl Into<String>) -> Self {
+        DataError::Invalid {
+            path: PathBuf::from(name.into()),
+            what: what.into(),
+        }
+    }
+
+    /// Shorthand for [`DataError::Io`].
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.to_path_buf(),
+            source,
         }
     }
 }

@@ -6,11 +6,13 @@
 //! is also the pad token is still trained.
 
 use super::conversation::tokenize_conversation;
+use super::error::DataError;
 use super::prompt::alpaca_prompt;
 use super::record::Record;
 use super::tokenizer::TextTokenizer;
-use crate::model::error::ModelError;
-use crate::train::loss::IGNORE_INDEX;
+
+/// Label value that is not predicted (prompt tokens, padding), as in transformers.
+pub const IGNORE_INDEX: i64 = -100;
 
 /// One training sequence.
 #[derive(Clone, Debug, PartialEq)]
@@ -129,10 +131,10 @@ pub fn tokenize_record(
     record: &Record,
     tokenizer: Option<&TextTokenizer>,
     eos: &EosPolicy,
-) -> Result<TokenizedRecord, ModelError> {
+) -> Result<TokenizedRecord, DataError> {
     let need = |what: &str| {
         tokenizer.ok_or_else(|| {
-            ModelError::invalid(
+            DataError::invalid(
                 "tokenizer",
                 format!(
                     "{what} records need a tokenizer, and this model has none (give \
@@ -164,7 +166,7 @@ pub fn tokenize_record(
             let enc = tok
                 .inner()
                 .encode(full.as_str(), true)
-                .map_err(|e| ModelError::invalid("tokenizer", e.to_string()))?;
+                .map_err(|e| DataError::invalid("tokenizer", e.to_string()))?;
             let mut ids = widen(enc.get_ids());
             // Trained: tokens reaching into the response. Special tokens the post-processor
             // adds have empty offsets and stay untrained (a trailing EOS is handled below).

@@ -12,8 +12,8 @@ use serde_json::Value;
 use super::corpus::{Corpus, LoadReport};
 use super::error::DataError;
 use super::example::Example;
+use super::example::IGNORE_INDEX;
 use super::tokenizer::TextTokenizer;
-use crate::train::loss::IGNORE_INDEX;
 
 /// The classes a head predicts.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,5 +1,6 @@
 //! Data: tokenizers and chat templates, dataset formats, packing and masking.
 
+pub mod batch;
 pub mod batches;
 pub mod conversation;
 pub mod corpus;

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 
 use super::example::Example;
-use crate::train::loss::IGNORE_INDEX;
+use super::example::IGNORE_INDEX;
 
 /// One row of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]

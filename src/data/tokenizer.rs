@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::model::error::ModelError;
+use super::error::DataError;
 
 /// One chat turn.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -61,16 +61,16 @@ impl TextTokenizer {
 
     /// `tokenizer.json` + `tokenizer_config.json` of an HF folder; `None` if there is no
     /// `tokenizer.json`.
-    pub fn from_dir(dir: &Path) -> Result<Option<Self>, ModelError> {
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>, DataError> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
             return Ok(None);
         }
         let inner = Tokenizer::from_file(&tok_path)
-            .map_err(|e| ModelError::invalid(tok_path.display().to_string(), e.to_string()))?;
+            .map_err(|e| DataError::invalid(tok_path.display().to_string(), e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            Ok(text) => serde_json::from_str(&text).map_err(|source| DataError::JsonFile {
                 path: cfg_path.clone(),
                 source,
             })?,
@@ -90,7 +90,7 @@ impl TextTokenizer {
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.is_file() {
             chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
+                Some(std::fs::read_to_string(&jinja).map_err(|e| DataError::io(&jinja, e))?);
         }
         let bos = token_id("bos_token");
         let eos: Vec<u32> = token_id("eos_token").into_iter().collect();
@@ -128,19 +128,19 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text`; `add_special` applies the tokenizer's post-processor (e.g. BOS).
-    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, ModelError> {
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, DataError> {
         let enc = self
             .inner
             .encode(text, add_special)
-            .map_err(|e| ModelError::invalid("tokenizer", e.to_string()))?;
+            .map_err(|e| DataError::invalid("tokenizer", e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids` (special tokens skipped when `skip_special`).
-    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, ModelError> {
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, DataError> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| ModelError::invalid("tokenizer", e.to_string()))
+            .map_err(|e| DataError::invalid("tokenizer", e.to_string()))
     }
 
     /// Render `messages` with the chat template.
@@ -148,9 +148,9 @@ impl TextTokenizer {
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
-    ) -> Result<String, ModelError> {
+    ) -> Result<String, DataError> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
-            ModelError::invalid(
+            DataError::invalid(
                 "chat template",
                 "this model's tokenizer has no chat template (tokenizer_config.json `chat_template`)",
             )
@@ -168,10 +168,10 @@ impl TextTokenizer {
             },
         );
         env.add_template("chat", template)
-            .map_err(|e| ModelError::invalid("chat template", e.to_string()))?;
+            .map_err(|e| DataError::invalid("chat template", e.to_string()))?;
         let tmpl = env
             .get_template("chat")
-            .map_err(|e| ModelError::invalid("chat template", e.to_string()))?;
+            .map_err(|e| DataError::invalid("chat template", e.to_string()))?;
         let token = |id: Option<u32>| {
             id.and_then(|i| self.inner.id_to_token(i))
                 .unwrap_or_default()
@@ -182,6 +182,6 @@ impl TextTokenizer {
             bos_token => token(self.bos_token_id),
             eos_token => token(self.eos_token_ids.first().copied()),
         })
-        .map_err(|e| ModelError::invalid("chat template", e.to_string()))
+        .map_err(|e| DataError::invalid("chat template", e.to_string()))
     }
 }

@@ -172,3 +172,32 @@ impl ModelError {
         }
     }
 }
+
+impl From<crate::data::error::DataError> for ModelError {
+    /// Data errors surface through model-level APIs (e.g. `read_token_sequences`) as
+    /// [`ModelError::Invalid`] about "dataset", keeping the whole message (file and line).
+    fn from(e: crate::data::error::DataError) -> Self {
+        match e {
+            crate::data::error::DataError::Read { path, source } => {
+                ModelError::Read { path, source }
+            }
+            crate::data::error::DataError::Invalid { path, what } => {
+                ModelError::Invalid { path, what }
+            }
+            crate::data::error::DataError::JsonFile { path, source } => {
+                ModelError::Json { path, source }
+            }
+            crate::data::error::DataError::Io { path, source } => ModelError::Io { path, source },
+            crate::data::error::DataError::Candle(e) => ModelError::Candle(e),
+            other => {
+                let mut what = other.to_string();
+                let mut cause = std::error::Error::source(&other);
+                while let Some(c) = cause {
+                    what = format!("{what}: {c}");
+                    cause = c.source();
+                }
+                ModelError::invalid("dataset", what)
+            }
+        }
+    }
+}

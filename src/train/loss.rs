@@ -16,8 +16,7 @@ use rayon::prelude::*;
 use crate::model::ops::exp::exp_f32;
 use crate::model::ops::with_f32;
 
-/// Label value that is not predicted (prompt tokens, padding), as in transformers.
-pub const IGNORE_INDEX: i64 = -100;
+pub use crate::data::example::IGNORE_INDEX;
 
 /// Rows of logits materialized at once (`256 × 49152` f32 is 48 MiB).
 pub const DEFAULT_CHUNK_ROWS: usize = 256;

@@ -2,55 +2,14 @@
 
 use candle_core::{Tensor, Var};
 
-use super::loss::{chunked_cross_entropy, classification_loss, DEFAULT_CHUNK_ROWS, IGNORE_INDEX};
+use super::loss::{chunked_cross_entropy, classification_loss, DEFAULT_CHUNK_ROWS};
+pub use crate::data::batch::{Batch, ClassTargets};
 use crate::model::attention::AttentionSpan;
 use crate::model::transformer::Model;
 
-/// A batch: token ids `[b, t]` (u32) and labels (`b * t`, [`IGNORE_INDEX`] = not predicted),
-/// optionally with packed-document segments `[b, t]` and per-document positions `[b, t]`.
-#[derive(Clone, Debug)]
-pub struct Batch {
-    /// Token ids `[b, t]`.
-    pub ids: Tensor,
-    /// Labels, row-major `b * t`; label `i` is the token expected at position `i`.
-    pub labels: Vec<i64>,
-    /// Document index of each token when sequences are packed.
-    pub segments: Option<Tensor>,
-    /// Position of each token within its document (restarts at 0 per packed document).
-    pub positions: Option<Tensor>,
-    /// Sequence classification: one target per row and which tokens are real; `None` for
-    /// language modelling.
-    pub classes: Option<ClassTargets>,
-}
-
-/// The classification part of a padded batch.
-#[derive(Clone, Debug)]
-pub struct ClassTargets {
-    /// `[b, t]` (u32): 1 on real tokens, 0 on padding.
-    pub keys: Tensor,
-    /// Class index (or regression value) of each row.
-    pub targets: Vec<f32>,
-}
-
+/// What a batch means to a model (its positions and attention span); the batch itself is the
+/// data pipeline's ([`crate::data::batch`]).
 impl Batch {
-    /// Tokens whose next token is predicted (the loss's denominator); for a classification
-    /// batch, its real tokens.
-    pub fn predicted_tokens(&self) -> usize {
-        if let Some(c) = &self.classes {
-            return c
-                .keys
-                .sum_all()
-                .and_then(|s| s.to_dtype(candle_core::DType::F64))
-                .and_then(|s| s.to_scalar::<f64>())
-                .map_or(0, |s| s as usize);
-        }
-        let (b, t) = self.ids.dims2().unwrap_or((0, 0));
-        (0..b)
-            .flat_map(|r| (1..t).map(move |i| r * t + i))
-            .filter(|&i| self.labels.get(i).is_some_and(|&l| l != IGNORE_INDEX))
-            .count()
-    }
-
     /// RoPE positions `[b, t]`: the batch's own (packed documents), else `0..t` per row.
     pub fn positions_for(&self, model: &Model) -> candle_core::Result<Tensor> {
         let (b, t) = self.ids.dims2()?;
@@ -75,15 +34,6 @@ impl Batch {
             Some(s) => AttentionSpan::CausalSegments(s),
             None => AttentionSpan::Causal,
         }
-    }
-
-    /// Targets of positions `0..t-1` of every row (label `i + 1`), flattened row-major.
-    pub fn shifted_targets(&self) -> candle_core::Result<Vec<i64>> {
-        let (b, t) = self.ids.dims2()?;
-        Ok((0..b)
-            .flat_map(|r| (1..t).map(move |i| r * t + i))
-            .map(|i| self.labels[i])
-            .collect())
     }
 }
 
