@@ -89,31 +89,7 @@ fn check_family(name: &str) {
     assert!(max_abs(&r["logits"], &r["logits_4bit_decoded"]) > 0.05);
 
     // Merge equals PEFT's merge_and_unload, head included.
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("merged");
-    let o = qlora(&[
-        "merge",
-        "--model",
-        s(&dir(name)),
-        "--adapter",
-        s(&dir(name).join("adapter")),
-        "--out",
-        s(&out),
-        "--base",
-        "original",
-        "--dtype",
-        "f32",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ours = safetensors(&out.join("model.safetensors"));
-    let theirs = safetensors(&dir(name).join("merged/model.safetensors"));
-    for (k, want) in &theirs {
-        let got = ours
-            .get(k)
-            .unwrap_or_else(|| panic!("{k} missing from our merge"));
-        let d = max_abs(got, want);
-        assert!(d <= 1e-5, "{name}: {k} differs from PEFT's merge by {d}");
-    }
+    let (_tmp, out) = common::merge_like_peft(&dir(name));
     let merged = load(&out, BaseFormat::Dense);
     let d = max_abs(&logits(&merged.model, &r), &r["logits_merged"]);
     assert!(d <= TOL, "{name}: merged logits differ by {d}");

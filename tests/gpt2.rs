@@ -10,9 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use common::{
-    arg as s, fixtures, input_ids as ids_of, load_as as load, max_abs, qlora, safetensors,
-};
+use common::{fixtures, input_ids as ids_of, load_as as load, max_abs, safetensors};
 use qlora::model::linear::BaseWeight;
 use qlora::model::loader::BaseFormat;
 use qlora::model::transformer::{KvCache, Model};
@@ -137,36 +135,8 @@ fn nf4_codes_equal_bitsandbytes_for_the_transposed_conv1d_weights() {
 
 #[test]
 fn merge_equals_pefts_merge_and_unload() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("merged");
-    let o = qlora(&[
-        "merge",
-        "--model",
-        s(&gpt2()),
-        "--adapter",
-        s(&gpt2().join("adapter")),
-        "--out",
-        s(&out),
-        "--base",
-        "original",
-        "--dtype",
-        "f32",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ours = safetensors(&out.join("model.safetensors"));
-    let theirs = safetensors(&gpt2().join("merged/model.safetensors"));
-    for (name, want) in &theirs {
-        let got = ours
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} missing from our merge"));
-        assert_eq!(
-            got.dims(),
-            want.dims(),
-            "{name}: shape (Conv1D is [in, out])"
-        );
-        let d = max_abs(got, want);
-        assert!(d <= 1e-5, "{name}: differs from PEFT's merge by {d}");
-    }
+    // Conv1D weights come back `[in, out]`, as PEFT saves them.
+    let (_tmp, out) = common::merge_like_peft(&gpt2());
     let r = reference();
     let m = load(&out, BaseFormat::Dense);
     let d = max_abs(&m.model.forward(&ids_of(&r)).unwrap(), &r["logits_merged"]);

@@ -141,3 +141,37 @@ pub fn train_like_peft(model: &Path, seq_len: usize) -> (tempfile::TempDir, Path
     );
     (tmp, out, worst)
 }
+
+/// `qlora merge --base original --dtype f32` of `model`'s `adapter/` equals PEFT's
+/// `merge_and_unload` saved in `model/merged/`: every tensor present, same shape, within 1e-5.
+/// Returns the merged folder (kept alive by the returned temp dir).
+pub fn merge_like_peft(model: &Path) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let adapter = model.join("adapter");
+    let o = qlora(&[
+        "merge",
+        "--model",
+        arg(model),
+        "--adapter",
+        arg(&adapter),
+        "--out",
+        arg(&out),
+        "--base",
+        "original",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = safetensors(&out.join("model.safetensors"));
+    let theirs = safetensors(&model.join("merged/model.safetensors"));
+    for (name, want) in &theirs {
+        let got = ours
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing from our merge"));
+        assert_eq!(got.dims(), want.dims(), "{name}: shape");
+        let d = max_abs(got, want);
+        assert!(d <= 1e-5, "{name}: differs from PEFT's merge by {d}");
+    }
+    (tmp, out)
+}
