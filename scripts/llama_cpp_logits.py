@@ -52,6 +52,10 @@ CASES = {
     "qwen2-f32": arch("qwen2"),
     "llama3-f32": arch("llama3"),
     "mistral-f32": arch("mistral"),
+    # llama.cpp's `gpt2` architecture: Conv1D weights transposed, learned positions, tied head.
+    "gpt2-f32": arch("gpt2"),
+    "gpt2-f16": ("arch/gpt2", "arch/gpt2/adapter", "arch/gpt2/reference.safetensors",
+                 ORIGINAL + ["--dtype", "f16"], "logits_adapter", "logits"),
 }
 
 

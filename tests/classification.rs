@@ -129,6 +129,36 @@ fn task_mismatch_between_adapter_and_model_is_refused() {
     assert!(e.contains("CAUSAL_LM"), "{e}");
 }
 
+/// llama.cpp has no form for a classification head here, nor for BERT: GGUF export refuses both
+/// by name and leaves no output folder.
+#[test]
+fn gguf_export_of_classifiers_is_refused() {
+    for (name, what) in [("bert-cls", "bert"), ("llama-cls", "score")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let o = qlora(&[
+            "merge",
+            "--model",
+            s(&dir(name)),
+            "--adapter",
+            s(&dir(name).join("adapter")),
+            "--out",
+            s(&out),
+            "--format",
+            "gguf",
+            "--base",
+            "original",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: {err}");
+        assert!(
+            err.contains("GGUF export") && err.contains(what) && err.contains("safetensors"),
+            "{name}: {err}"
+        );
+        assert!(!out.exists(), "{name}: {} was written", out.display());
+    }
+}
+
 /// 20 steps through `qlora train` from PEFT's initial adapter give PEFT's loss at every step and
 /// its final adapter and head.
 fn training_matches_peft(name: &str) {

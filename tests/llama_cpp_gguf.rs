@@ -8,7 +8,8 @@
 //! Tolerances: f32 exports 1e-4 absolute (seen: ≤ 3.4e-6); f16 and q8_0 files are rounded, and
 //! llama.cpp also rounds the activations it multiplies them with (to f16, to 8-bit blocks), so
 //! those get bounds stated per case below. Every case also shows the adapter is really merged:
-//! llama.cpp's logits are > 1 away from the model without it.
+//! llama.cpp's logits are > 0.5 away from the model without it, and that distance is over ten
+//! times the distance from PEFT.
 
 mod common;
 
@@ -94,6 +95,10 @@ fn bounds(name: &str, tokens: usize) -> (f32, f32, usize) {
         // f16 weights, and llama.cpp rounds activations to f16 for the products (2^-11
         // relative): seen 3.9e-3 from PEFT and 2.3e-3 from our f32-activation forward.
         n if n.ends_with("-f16") => (1e-2, 1e-2, tokens),
+        // llama.cpp's CPU GELU reads a table indexed by the input rounded to f16
+        // (`GGML_GELU_FP16`), so its f32 GPT-2 is a GELU of f16 inputs: seen 1.4e-3 from PEFT
+        // and from ours.
+        "gpt2-f32" => (5e-3, 5e-3, tokens),
         // 8-bit blocks of 32 for the weights, and llama.cpp quantizes the activations to the
         // same blocks (our forward keeps them f32): seen 0.106 from PEFT, 0.071 from ours, on
         // logits up to 3.1; the adapter moves them by 2.56.
@@ -142,6 +147,9 @@ fn llama_cpp_runs_our_gguf_exports_like_peft() {
         );
         assert!(d_peft <= to_peft, "{name}: llama.cpp vs PEFT {d_peft}");
         assert!(d_ours <= to_ours, "{name}: ours vs llama.cpp {d_ours}");
-        assert!(d_base > 1.0, "{name}: the adapter barely shows ({d_base})");
+        assert!(
+            d_base > 0.5 && d_base > 10.0 * d_peft,
+            "{name}: the adapter barely shows ({d_base}, vs {d_peft} from PEFT)"
+        );
     }
 }

@@ -1,6 +1,6 @@
-//! The merged model as one GGUF file for llama.cpp: llama.cpp tensor names, q/k rows permuted
-//! to its interleaved RoPE layout (llama architecture only), `{arch}.*` and `tokenizer.*`
-//! metadata.
+//! The merged model as one GGUF file for llama.cpp (architectures `llama`, `qwen2`, `gpt2`):
+//! llama.cpp tensor names, q/k rows permuted to its interleaved RoPE layout (`llama` only),
+//! GPT-2's `Conv1D` weights transposed to `[out, in]`, `{arch}.*` and `tokenizer.*` metadata.
 //!
 //! candle's `gguf_file::write` needs every tensor in memory at once; this writer lays out the
 //! header from the tensors' shapes and types first, then streams each tensor's data as it is
@@ -18,10 +18,12 @@ use candle_core::{Device, Tensor};
 use super::gguf_metadata::{gguf_architecture, model_metadata};
 use super::tensors::{adapted_projections, read_merged, tensor_specs, TensorSpec};
 use super::{ExportProgress, ExportReport};
+use crate::model::config::LlamaConfig;
 use crate::model::config::{llama3_rope_factors, RopeScaling};
 use crate::model::error::ModelError;
-use crate::model::gguf::{gguf_tensor_name, permute_rows, ROPE_FREQS};
+use crate::model::gguf::{permute_rows, GgufNames, ROPE_FREQS};
 use crate::model::loader::LoadedModel;
+use crate::model::transformer::{Model, WeightLayout};
 
 /// GGUF tensor type of the exported matrices (norms and biases are always F32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,34 +116,68 @@ struct Planned {
     dtype: GgmlDType,
     /// Heads for llama.cpp's q/k row permutation.
     permute_heads: Option<usize>,
+    /// Stored as the transpose of the checkpoint's `[in, out]` (GPT-2's `Conv1D`).
+    transpose: bool,
     bytes: u64,
 }
 
-/// The Llama-family decoder of `loaded`: the one family the GGUF writer knows.
-fn llama_of(loaded: &LoadedModel) -> Result<&crate::model::llama::Llama, ModelError> {
-    loaded.model.as_llama().ok_or_else(|| {
-        ModelError::invalid(
-            loaded.path.display().to_string(),
-            format!(
-                "GGUF export of a `{}` model is not supported (llama, mistral, qwen2)",
-                loaded.model.info().model_type
-            ),
-        )
-    })
+/// What the writer needs of the model's family: llama.cpp's architecture, its tensor names,
+/// and the decoder config where the architecture is `llama` or `qwen2`.
+pub(super) struct Target<'a> {
+    pub arch: &'static str,
+    pub names: &'static GgufNames,
+    pub llama: Option<&'a LlamaConfig>,
+}
+
+/// The GGUF form of `loaded`; families and heads llama.cpp has no architecture for here are
+/// refused by name.
+pub(super) fn target(loaded: &LoadedModel) -> Result<Target<'_>, ModelError> {
+    let refuse = |what: String| ModelError::invalid(loaded.path.display().to_string(), what);
+    if let Some(head) = loaded.model.classifier() {
+        return Err(refuse(format!(
+            "GGUF export of a sequence classifier (head `{}`) is not supported; export \
+             --format safetensors",
+            head.module
+        )));
+    }
+    let (arch, llama) =
+        match &loaded.model {
+            Model::Llama(l) => (gguf_architecture(&l.cfg)?, Some(&l.cfg)),
+            Model::Gpt2(_) => ("gpt2", None),
+            Model::Bert(_) => return Err(refuse(
+                "GGUF export of a `bert` model is not supported (llama, mistral, qwen2, gpt2); \
+                 export --format safetensors"
+                    .into(),
+            )),
+        };
+    let names = GgufNames::of(arch).ok_or_else(|| {
+        refuse(format!(
+            "llama.cpp architecture `{arch}` has no tensor names"
+        ))
+    })?;
+    Ok(Target { arch, names, llama })
 }
 
 fn plan(loaded: &LoadedModel, ty: GgufType) -> Result<Vec<Planned>, ModelError> {
-    let cfg = &llama_of(loaded)?.cfg;
+    let target = target(loaded)?;
     // llama.cpp's llama architecture rotates interleaved pairs, so q/k rows are permuted for it;
     // qwen2 uses its NEOX rotation, which is HF's rotate-half layout as is.
-    let permuted = gguf_architecture(cfg)? == "llama";
+    let permuted = target.arch == "llama";
     let mut out = Vec::new();
     for spec in tensor_specs(&loaded.model) {
-        let gguf_name = gguf_tensor_name(&spec.name).ok_or_else(|| {
-            ModelError::invalid(spec.name.clone(), "has no llama.cpp tensor name")
+        let gguf_name = target.names.gguf_name(&spec.name).ok_or_else(|| {
+            ModelError::invalid(
+                spec.name.clone(),
+                format!("has no tensor name in llama.cpp's `{}`", target.arch),
+            )
         })?;
-        let matrix = spec.shape.len() == 2;
-        let inner = spec.shape.last().copied().unwrap_or(0);
+        let transpose = spec.layout == WeightLayout::InOut;
+        let mut shape = spec.shape.clone();
+        if transpose {
+            shape.reverse();
+        }
+        let matrix = shape.len() == 2;
+        let inner = shape.last().copied().unwrap_or(0);
         let dtype = match ty.ggml() {
             _ if !matrix => GgmlDType::F32,
             // llama.cpp's converter falls back to F16 for rows Q8_0 blocks do not divide.
@@ -149,58 +185,62 @@ fn plan(loaded: &LoadedModel, ty: GgufType) -> Result<Vec<Planned>, ModelError> 
             t => t,
         };
         let module = spec.name.rsplit('.').nth(1).unwrap_or("");
-        let permute_heads = match module {
-            _ if !permuted => None,
-            "q_proj" => Some(cfg.num_attention_heads),
-            "k_proj" => Some(cfg.num_key_value_heads),
+        let permute_heads = match (module, target.llama) {
+            (_, _) if !permuted => None,
+            ("q_proj", Some(cfg)) => Some(cfg.num_attention_heads),
+            ("k_proj", Some(cfg)) => Some(cfg.num_key_value_heads),
             _ => None,
         };
-        let n: usize = spec.shape.iter().product();
+        let n: usize = shape.iter().product();
         let bytes = (n / dtype.block_size() * dtype.type_size()) as u64;
         out.push(Planned {
             name: spec.name.clone(),
-            shape: spec.shape.clone(),
+            shape,
             source: Source::Model(spec),
             gguf_name,
             dtype,
             permute_heads,
+            transpose,
             bytes,
         });
     }
     // Llama 3 scaling: llama.cpp divides each RoPE frequency by `rope_freqs.weight`.
-    if let RopeScaling::Llama3 {
-        factor,
-        low_freq_factor,
-        high_freq_factor,
-        original_max_position_embeddings,
-    } = cfg.rope_scaling
-    {
-        if !permuted {
-            return Err(ModelError::invalid(
-                "config.json",
-                format!(
-                    "llama3 RoPE scaling on a {} model has no GGUF form here",
-                    cfg.model_type
-                ),
-            ));
-        }
-        let factors = llama3_rope_factors(
-            cfg.head_dim,
-            cfg.rope_theta,
+    if let Some(cfg) = target.llama {
+        if let RopeScaling::Llama3 {
             factor,
             low_freq_factor,
             high_freq_factor,
             original_max_position_embeddings,
-        );
-        out.push(Planned {
-            name: ROPE_FREQS.into(),
-            shape: vec![factors.len()],
-            bytes: 4 * factors.len() as u64,
-            source: Source::Values(factors),
-            gguf_name: ROPE_FREQS.into(),
-            dtype: GgmlDType::F32,
-            permute_heads: None,
-        });
+        } = cfg.rope_scaling
+        {
+            if !permuted {
+                return Err(ModelError::invalid(
+                    "config.json",
+                    format!(
+                        "llama3 RoPE scaling on a {} model has no GGUF form here",
+                        cfg.model_type
+                    ),
+                ));
+            }
+            let factors = llama3_rope_factors(
+                cfg.head_dim,
+                cfg.rope_theta,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            );
+            out.push(Planned {
+                name: ROPE_FREQS.into(),
+                shape: vec![factors.len()],
+                bytes: 4 * factors.len() as u64,
+                source: Source::Values(factors),
+                gguf_name: ROPE_FREQS.into(),
+                dtype: GgmlDType::F32,
+                permute_heads: None,
+                transpose: false,
+            });
+        }
     }
     Ok(out)
 }
@@ -263,7 +303,8 @@ fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
     }
 }
 
-/// The data of one planned tensor: merged, permuted for llama.cpp if q/k, encoded.
+/// The data of one planned tensor: merged, permuted for llama.cpp if q/k, transposed if
+/// `Conv1D`, encoded.
 fn encode(loaded: &LoadedModel, p: &Planned) -> Result<Vec<u8>, ModelError> {
     let t = match &p.source {
         Source::Model(spec) => read_merged(&loaded.model, spec)?,
@@ -273,6 +314,7 @@ fn encode(loaded: &LoadedModel, p: &Planned) -> Result<Vec<u8>, ModelError> {
         Some(heads) => permute_rows(&t, heads)?,
         None => t,
     };
+    let t = if p.transpose { t.t()? } else { t };
     let q = QTensor::quantize(&t.contiguous()?, p.dtype).map_err(|e| {
         ModelError::invalid(
             p.name.clone(),

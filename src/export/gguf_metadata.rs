@@ -1,4 +1,5 @@
-//! GGUF metadata for an exported Llama or Qwen2: `general.*`, `{llama,qwen2}.*` hyperparameters
+//! GGUF metadata for an exported Llama, Qwen2 or GPT-2: `general.*`, `{llama,qwen2,gpt2}.*`
+//! hyperparameters
 //! (the keys llama.cpp's `convert_hf_to_gguf.py` writes, with the same value types) and the
 //! tokenizer (`tokenizer.ggml.*` and the chat template).
 //!
@@ -16,7 +17,9 @@ use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::error::ModelError;
 use crate::model::gguf::GgufFile;
 use crate::model::gguf_tokenizer::{LLAMA3_SPLIT, QWEN2_SPLIT};
+use crate::model::gpt2::Gpt2Config;
 use crate::model::loader::{LoadedModel, SourceKind};
+use crate::model::transformer::Model;
 
 /// llama.cpp token types (`llama_token_type`).
 const TOKEN_NORMAL: i32 = 1;
@@ -29,13 +32,67 @@ pub fn model_metadata(
     loaded: &LoadedModel,
     ty: GgufType,
 ) -> Result<Vec<(String, Value)>, ModelError> {
-    let cfg = &loaded
-        .model
-        .as_llama()
-        .ok_or_else(|| ModelError::invalid("GGUF export", "only Llama-family models"))?
-        .cfg;
-    let mut md = hyperparameters(cfg, ty, &model_name(loaded))?;
+    let target = super::gguf::target(loaded)?;
+    let name = model_name(loaded);
+    let mut md = match (&loaded.model, target.llama) {
+        (Model::Gpt2(g), _) => gpt2_hyperparameters(&g.cfg, ty, &name)?,
+        (_, Some(cfg)) => hyperparameters(cfg, ty, &name)?,
+        (model, None) => {
+            return Err(ModelError::invalid(
+                loaded.path.display().to_string(),
+                format!(
+                    "GGUF export of a `{}` model is not supported",
+                    model.info().model_type
+                ),
+            ))
+        }
+    };
     md.extend(tokenizer_metadata(loaded)?);
+    Ok(md)
+}
+
+/// `general.*` keys.
+fn general(arch: &str, ty: GgufType, name: &str) -> Vec<(String, Value)> {
+    vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String(name.into())),
+        ("general.file_type".into(), Value::U32(ty.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+    ]
+}
+
+/// `general.*` and `gpt2.*` keys, as llama.cpp's converter writes them, except that
+/// `feed_forward_length` is the config's `n_inner` (the converter assumes `4 * n_embd`, which
+/// llama.cpp then rejects for a checkpoint with another width).
+pub fn gpt2_hyperparameters(
+    cfg: &Gpt2Config,
+    ty: GgufType,
+    name: &str,
+) -> Result<Vec<(String, Value)>, ModelError> {
+    let mut md = general("gpt2", ty, name);
+    md.extend([
+        ("gpt2.block_count".into(), u32_of("n_layer", cfg.n_layer)?),
+        (
+            "gpt2.context_length".into(),
+            u32_of("n_positions", cfg.n_positions)?,
+        ),
+        (
+            "gpt2.embedding_length".into(),
+            u32_of("n_embd", cfg.n_embd)?,
+        ),
+        (
+            "gpt2.feed_forward_length".into(),
+            u32_of("n_inner", cfg.n_inner)?,
+        ),
+        (
+            "gpt2.attention.head_count".into(),
+            u32_of("n_head", cfg.n_head)?,
+        ),
+        (
+            "gpt2.attention.layer_norm_epsilon".into(),
+            Value::F32(cfg.layer_norm_epsilon as f32),
+        ),
+    ]);
     Ok(md)
 }
 
@@ -77,11 +134,8 @@ pub fn hyperparameters(
 ) -> Result<Vec<(String, Value)>, ModelError> {
     let arch = gguf_architecture(cfg)?;
     let key = |name: &str| format!("{arch}.{name}");
-    let mut md = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String(name.into())),
-        ("general.file_type".into(), Value::U32(ty.file_type())),
-        ("general.quantization_version".into(), Value::U32(2)),
+    let mut md = general(arch, ty, name);
+    md.extend([
         (key("vocab_size"), u32_of("vocab_size", cfg.vocab_size)?),
         (
             key("context_length"),
@@ -116,7 +170,7 @@ pub fn hyperparameters(
             Value::F32(cfg.rms_norm_eps as f32),
         ),
         (key("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-    ];
+    ]);
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size {
         for name in ["key_length", "value_length"] {
             md.push((
@@ -154,11 +208,11 @@ pub fn tokenizer_metadata(loaded: &LoadedModel) -> Result<Vec<(String, Value)>, 
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         return Ok(keys);
     }
-    let llama = loaded
-        .model
-        .as_llama()
-        .ok_or_else(|| ModelError::invalid("GGUF export", "only Llama-family models"))?;
-    hf_tokenizer_metadata(&loaded.path, &llama.cfg, &loaded.config_json)
+    hf_tokenizer_metadata(
+        &loaded.path,
+        loaded.model.info().vocab_size,
+        &loaded.config_json,
+    )
 }
 
 fn read_json(path: &Path) -> Result<Json, ModelError> {
@@ -243,7 +297,7 @@ fn template_adds(post: &Json, token: &str, first: bool) -> bool {
 /// `tokenizer.*` keys from an HF folder's byte-level BPE `tokenizer.json`.
 pub fn hf_tokenizer_metadata(
     dir: &Path,
-    cfg: &LlamaConfig,
+    vocab_size: usize,
     config_json: &Json,
 ) -> Result<Vec<(String, Value)>, ModelError> {
     let tok_path = dir.join("tokenizer.json");
@@ -276,7 +330,7 @@ pub fn hf_tokenizer_metadata(
     })?;
 
     // id -> (token, type)
-    let n = cfg.vocab_size;
+    let n = vocab_size;
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; n];
     let mut put = |id: u64, text: &str, ty: i32| -> Result<(), ModelError> {
         let slot = usize::try_from(id)

@@ -1,4 +1,4 @@
-//! Reading a Llama model from a GGUF file: typed metadata, and its tensors under Hugging Face
+//! Reading a Llama, Qwen2 or GPT-2 model from a GGUF file: typed metadata, and its tensors under Hugging Face
 //! names and layout, dequantized to f32 one at a time.
 //!
 //! candle parses the file (`gguf_file::Content`); this module adds what a loader needs on top:
@@ -55,9 +55,9 @@ pub enum GgufError {
     /// A tensor asked for by name is absent.
     #[error("tensor `{0}` is not in the GGUF file")]
     MissingTensor(String),
-    /// A tensor that is not one of a Llama's weights.
-    #[error("tensor `{0}` has no Hugging Face Llama name (unexpected in a llama GGUF)")]
-    UnknownTensorName(String),
+    /// A tensor that is not one of the architecture's weights.
+    #[error("tensor `{tensor}` has no Hugging Face name (unexpected in a `{arch}` GGUF)")]
+    UnknownTensorName { tensor: String, arch: String },
     /// A required metadata key is absent.
     #[error("GGUF metadata has no `{0}`")]
     MissingMetadata(String),
@@ -68,8 +68,8 @@ pub enum GgufError {
         expected: &'static str,
         found: String,
     },
-    /// An architecture other than `llama` and `qwen2`.
-    #[error("GGUF architecture `{0}` is not supported (supported: llama, qwen2)")]
+    /// An architecture other than `llama`, `qwen2` and `gpt2`.
+    #[error("GGUF architecture `{0}` is not supported (supported: llama, qwen2, gpt2)")]
     UnsupportedArchitecture(String),
     /// The tokenizer metadata is unsupported or inconsistent.
     #[error("GGUF tokenizer: {0}")]
@@ -177,7 +177,7 @@ impl GgufFile {
 
     /// All model tensors with HF names, in file order (so reading them in turn is sequential).
     pub fn tensor_entries(&self) -> Result<Vec<TensorEntry>, GgufError> {
-        self.check_architecture()?;
+        let names = self.names()?;
         let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
         infos.sort_by_key(|(_, info)| info.offset);
         let mut entries = Vec::with_capacity(infos.len());
@@ -185,12 +185,20 @@ impl GgufFile {
             if SKIPPED_TENSORS.contains(&gguf_name.as_str()) {
                 continue;
             }
-            let hf_name = hf_tensor_name(gguf_name)
-                .ok_or_else(|| GgufError::UnknownTensorName(gguf_name.clone()))?;
+            let hf_name = names
+                .hf_name(gguf_name)
+                .ok_or_else(|| GgufError::UnknownTensorName {
+                    tensor: gguf_name.clone(),
+                    arch: self.architecture().unwrap_or_default().to_string(),
+                })?;
+            let mut shape = info.shape.dims().to_vec();
+            if names.is_transposed(gguf_name) {
+                shape.reverse();
+            }
             entries.push(TensorEntry {
                 hf_name,
                 gguf_name: gguf_name.clone(),
-                shape: info.shape.dims().to_vec(),
+                shape,
                 dtype: info.ggml_dtype,
             });
         }
@@ -199,12 +207,15 @@ impl GgufFile {
 
     /// Read one tensor by its HF name, as f32 on `device` in HF layout.
     pub fn read_hf_tensor(&mut self, hf_name: &str, device: &Device) -> Result<Tensor, GgufError> {
-        let gguf_name =
-            gguf_tensor_name(hf_name).ok_or_else(|| GgufError::MissingTensor(hf_name.into()))?;
+        let gguf_name = self
+            .names()?
+            .gguf_name(hf_name)
+            .ok_or_else(|| GgufError::MissingTensor(hf_name.into()))?;
         self.read_tensor(&gguf_name, device)
     }
 
-    /// Read one tensor by its GGUF name, dequantized to f32 on `device`, q/k rows in HF order.
+    /// Read one tensor by its GGUF name, dequantized to f32 on `device`, in HF layout (q/k rows
+    /// in HF order, GPT-2's `Conv1D` weights `[in, out]`).
     pub fn read_tensor(&mut self, gguf_name: &str, device: &Device) -> Result<Tensor, GgufError> {
         let info = self
             .content
@@ -239,10 +250,17 @@ impl GgufFile {
             .dequantize(device)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(tensor_error)?;
-        match heads {
-            Some(n_head) => unpermute_rows(&weight, n_head).map_err(tensor_error),
-            None => Ok(weight),
+        let weight = match heads {
+            Some(n_head) => unpermute_rows(&weight, n_head).map_err(tensor_error)?,
+            None => weight,
+        };
+        if self.names()?.is_transposed(gguf_name) {
+            return weight
+                .t()
+                .and_then(|w| w.contiguous())
+                .map_err(tensor_error);
         }
+        Ok(weight)
     }
 
     /// Iterate over all tensors as `(hf_name, f32 tensor)`, one read and dequantized at a time,
@@ -273,11 +291,10 @@ impl GgufFile {
         }
     }
 
-    fn check_architecture(&self) -> Result<(), GgufError> {
-        match self.architecture()? {
-            "llama" | "qwen2" => Ok(()),
-            other => Err(GgufError::UnsupportedArchitecture(other.into())),
-        }
+    /// The tensor names of the file's architecture; an error for one this crate cannot read.
+    fn names(&self) -> Result<&'static GgufNames, GgufError> {
+        let arch = self.architecture()?;
+        GgufNames::of(arch).ok_or_else(|| GgufError::UnsupportedArchitecture(arch.into()))
     }
 }
 
@@ -316,54 +333,115 @@ pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 const SKIPPED_TENSORS: &[&str] = &[ROPE_FREQS];
 
-/// Whole-name pairs `(gguf, hf)` outside the layers.
-const GLOBAL_NAMES: &[(&str, &str)] = &[
-    ("token_embd.weight", "model.embed_tokens.weight"),
-    ("output_norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-];
-
-/// Per-layer pairs `(gguf, hf)`: `blk.N.{gguf}` ↔ `model.layers.N.{hf}`, before `.weight`/`.bias`.
-const LAYER_NAMES: &[(&str, &str)] = &[
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-    ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
-];
-
-/// HF name of a llama.cpp tensor name, if it is one of a Llama's weights.
-pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
-    if let Some((_, hf)) = GLOBAL_NAMES.iter().find(|(g, _)| *g == gguf_name) {
-        return Some((*hf).to_string());
-    }
-    let (layer, rest) = gguf_name.strip_prefix("blk.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (base, suffix) = rest.split_once('.')?;
-    if suffix != "weight" && suffix != "bias" {
-        return None;
-    }
-    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == base)?;
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+/// How llama.cpp names one architecture's tensors, and which it stores transposed from HF.
+#[derive(Debug)]
+pub struct GgufNames {
+    /// Whole-name pairs `(gguf, hf)` outside the layers.
+    global: &'static [(&'static str, &'static str)],
+    /// HF prefix of layer `N`'s tensors, before `N`.
+    layer_prefix: &'static str,
+    /// Per-layer pairs `(gguf, hf)`: `blk.N.{gguf}` ↔ `{layer_prefix}N.{hf}`, before
+    /// `.weight`/`.bias`.
+    layer: &'static [(&'static str, &'static str)],
+    /// Layer tensors (GGUF base names) whose HF weight is `[in, out]` (GPT-2's `Conv1D`), which
+    /// llama.cpp stores as `[out, in]` like every other matrix.
+    transposed: &'static [&'static str],
 }
 
-/// llama.cpp name of an HF Llama tensor name (inverse of [`hf_tensor_name`]).
-pub fn gguf_tensor_name(hf_name: &str) -> Option<String> {
-    if let Some((gguf, _)) = GLOBAL_NAMES.iter().find(|(_, h)| *h == hf_name) {
-        return Some((*gguf).to_string());
+/// Llama, Mistral and Qwen2 (llama.cpp's `llama` and `qwen2`).
+const LLAMA_NAMES: GgufNames = GgufNames {
+    global: &[
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layer_prefix: "model.layers.",
+    layer: &[
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+        ("attn_norm", "input_layernorm"),
+        ("ffn_norm", "post_attention_layernorm"),
+    ],
+    transposed: &[],
+};
+
+/// GPT-2 (llama.cpp's `gpt2`; `convert_hf_to_gguf.py` transposes the four `Conv1D` weights).
+const GPT2_NAMES: GgufNames = GgufNames {
+    global: &[
+        ("token_embd.weight", "transformer.wte.weight"),
+        ("position_embd.weight", "transformer.wpe.weight"),
+        ("output_norm.weight", "transformer.ln_f.weight"),
+        ("output_norm.bias", "transformer.ln_f.bias"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layer_prefix: "transformer.h.",
+    layer: &[
+        ("attn_norm", "ln_1"),
+        ("attn_qkv", "attn.c_attn"),
+        ("attn_output", "attn.c_proj"),
+        ("ffn_norm", "ln_2"),
+        ("ffn_up", "mlp.c_fc"),
+        ("ffn_down", "mlp.c_proj"),
+    ],
+    transposed: &["attn_qkv", "attn_output", "ffn_up", "ffn_down"],
+};
+
+/// GGUF architectures this crate reads and writes.
+pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "gpt2"];
+
+impl GgufNames {
+    /// The names of GGUF architecture `arch`, if it is one of [`ARCHITECTURES`].
+    pub fn of(arch: &str) -> Option<&'static GgufNames> {
+        match arch {
+            "llama" | "qwen2" => Some(&LLAMA_NAMES),
+            "gpt2" => Some(&GPT2_NAMES),
+            _ => None,
+        }
     }
-    let (layer, rest) = hf_name.strip_prefix("model.layers.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (base, suffix) = rest.rsplit_once('.')?;
-    if suffix != "weight" && suffix != "bias" {
-        return None;
+
+    /// HF name of a llama.cpp tensor name, if it is one of the architecture's weights.
+    pub fn hf_name(&self, gguf_name: &str) -> Option<String> {
+        if let Some((_, hf)) = self.global.iter().find(|(g, _)| *g == gguf_name) {
+            return Some((*hf).to_string());
+        }
+        let (layer, rest) = gguf_name.strip_prefix("blk.")?.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let (base, suffix) = rest.split_once('.')?;
+        if suffix != "weight" && suffix != "bias" {
+            return None;
+        }
+        let (_, hf) = self.layer.iter().find(|(g, _)| *g == base)?;
+        Some(format!("{}{layer}.{hf}.{suffix}", self.layer_prefix))
     }
-    let (gguf, _) = LAYER_NAMES.iter().find(|(_, h)| *h == base)?;
-    Some(format!("blk.{layer}.{gguf}.{suffix}"))
+
+    /// llama.cpp name of an HF tensor name (inverse of [`GgufNames::hf_name`]).
+    pub fn gguf_name(&self, hf_name: &str) -> Option<String> {
+        if let Some((gguf, _)) = self.global.iter().find(|(_, h)| *h == hf_name) {
+            return Some((*gguf).to_string());
+        }
+        let (layer, rest) = hf_name.strip_prefix(self.layer_prefix)?.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let (base, suffix) = rest.rsplit_once('.')?;
+        if suffix != "weight" && suffix != "bias" {
+            return None;
+        }
+        let (gguf, _) = self.layer.iter().find(|(_, h)| *h == base)?;
+        Some(format!("blk.{layer}.{gguf}.{suffix}"))
+    }
+
+    /// True if the GGUF tensor `gguf_name` is the transpose of its HF tensor.
+    pub fn is_transposed(&self, gguf_name: &str) -> bool {
+        gguf_name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(_, rest)| rest.strip_suffix(".weight"))
+            .is_some_and(|base| self.transposed.contains(&base))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -648,31 +726,44 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for layer in [0, 7, 29] {
-            for (gguf, _) in LAYER_NAMES {
-                for suffix in ["weight", "bias"] {
-                    let g = format!("blk.{layer}.{gguf}.{suffix}");
-                    let h = hf_tensor_name(&g).expect("a layer name maps");
-                    assert_eq!(gguf_tensor_name(&h).as_deref(), Some(g.as_str()));
+        for arch in ARCHITECTURES {
+            let names = GgufNames::of(arch).unwrap();
+            for layer in [0, 7, 29] {
+                for (gguf, _) in names.layer {
+                    for suffix in ["weight", "bias"] {
+                        let g = format!("blk.{layer}.{gguf}.{suffix}");
+                        let h = names.hf_name(&g).expect("a layer name maps");
+                        assert_eq!(names.gguf_name(&h).as_deref(), Some(g.as_str()));
+                    }
                 }
             }
-        }
-        for (g, h) in GLOBAL_NAMES {
-            assert_eq!(hf_tensor_name(g).as_deref(), Some(*h));
-            assert_eq!(gguf_tensor_name(h).as_deref(), Some(*g));
+            for (g, h) in names.global {
+                assert_eq!(names.hf_name(g).as_deref(), Some(*h));
+                assert_eq!(names.gguf_name(h).as_deref(), Some(*g));
+            }
         }
         assert_eq!(
-            hf_tensor_name("blk.3.ffn_norm.weight").as_deref(),
+            LLAMA_NAMES.hf_name("blk.3.ffn_norm.weight").as_deref(),
             Some("model.layers.3.post_attention_layernorm.weight")
         );
+        assert_eq!(
+            GPT2_NAMES.hf_name("blk.3.attn_qkv.bias").as_deref(),
+            Some("transformer.h.3.attn.c_attn.bias")
+        );
+        assert!(GPT2_NAMES.is_transposed("blk.1.ffn_down.weight"));
+        assert!(!GPT2_NAMES.is_transposed("blk.1.ffn_down.bias"));
+        assert!(!GPT2_NAMES.is_transposed("token_embd.weight"));
+        assert!(!LLAMA_NAMES.is_transposed("blk.1.ffn_down.weight"));
         for bad in [
             "blk.x.attn_q.weight",
             "blk.0.attn_qq.weight",
             "blk.0.attn_q.scale",
             "foo",
         ] {
-            assert_eq!(hf_tensor_name(bad), None, "{bad}");
+            assert_eq!(LLAMA_NAMES.hf_name(bad), None, "{bad}");
         }
+        assert_eq!(GPT2_NAMES.hf_name("blk.0.attn_q.weight"), None);
+        assert!(GgufNames::of("bert").is_none());
     }
 
     /// A `[rows, cols]` matrix whose entry is `row * 1000 + col`, so any permutation shows.

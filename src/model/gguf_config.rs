@@ -1,5 +1,5 @@
-//! An HF `config.json` for a Llama or Qwen2 GGUF, derived from its `{arch}.*` and `tokenizer.*`
-//! metadata (and its `rope_freqs.weight`, see [`apply_rope_freqs`]).
+//! An HF `config.json` for a Llama, Qwen2 or GPT-2 GGUF, derived from its `{arch}.*` and
+//! `tokenizer.*` metadata (and its `rope_freqs.weight`, see [`apply_rope_freqs`]).
 //!
 //! The output is a plain `serde_json::Value` in config.json form, so the same config parser reads
 //! an HF folder and a GGUF file alike.
@@ -18,6 +18,7 @@ pub fn hf_config(content: &Content) -> Result<Json, GgufError> {
     let (model_type, class) = match arch {
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        "gpt2" => return gpt2_config(content, &md),
         _ => return Err(GgufError::UnsupportedArchitecture(arch.into())),
     };
     let key = |name: &str| format!("{arch}.{name}");
@@ -77,15 +78,52 @@ pub fn hf_config(content: &Content) -> Result<Json, GgufError> {
         "mlp_bias": has_tensor("blk.0.ffn_up.bias"),
     });
     if let Json::Object(map) = &mut config {
-        for (hf, gguf) in [
-            ("bos_token_id", "tokenizer.ggml.bos_token_id"),
-            ("eos_token_id", "tokenizer.ggml.eos_token_id"),
-            ("pad_token_id", "tokenizer.ggml.padding_token_id"),
-        ] {
-            if let Some(id) = md.opt_usize(gguf)? {
-                map.insert(hf.into(), json!(id));
-            }
+        special_token_ids(&md, map)?;
+    }
+    Ok(config)
+}
+
+/// `bos_token_id`, `eos_token_id` and `pad_token_id` from the tokenizer metadata.
+fn special_token_ids(md: &Metadata<'_>, map: &mut Map<String, Json>) -> Result<(), GgufError> {
+    for (hf, gguf) in [
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(id) = md.opt_usize(gguf)? {
+            map.insert(hf.into(), json!(id));
         }
+    }
+    Ok(())
+}
+
+/// `GPT2LMHeadModel` config from a `gpt2` GGUF. llama.cpp's GPT-2 uses the tanh GELU
+/// (`gelu_new`) and no dropout is stored, so the probabilities are transformers' defaults.
+fn gpt2_config(content: &Content, md: &Metadata<'_>) -> Result<Json, GgufError> {
+    let n_embd = md.usize("gpt2.embedding_length")?;
+    let vocab_size = match md.opt_usize("gpt2.vocab_size")? {
+        Some(n) => n,
+        None => content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| GgufError::MissingTensor("token_embd.weight".into()))?,
+    };
+    let mut config = json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab_size,
+        "n_positions": md.usize("gpt2.context_length")?,
+        "n_embd": n_embd,
+        "n_layer": md.usize("gpt2.block_count")?,
+        "n_head": md.usize("gpt2.attention.head_count")?,
+        "n_inner": md.opt_usize("gpt2.feed_forward_length")?.unwrap_or(4 * n_embd),
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": md.f64("gpt2.attention.layer_norm_epsilon")?,
+        "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
+    });
+    if let Json::Object(map) = &mut config {
+        special_token_ids(md, map)?;
     }
     Ok(config)
 }

@@ -181,10 +181,10 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
         };
         let mut file = GgufFile::open(path).map_err(gguf_err)?;
         let config_json = file.hf_config().map_err(gguf_err)?;
-        let cfg = LlamaConfig::from_json(&config_json).map_err(|what| ModelError::Config {
+        let config_error = |what| ModelError::Config {
             path: path.display().to_string(),
             what,
-        })?;
+        };
         let tok = file.tokenizer().map_err(gguf_err)?;
         let tokenizer = TextTokenizer::new(
             tok.tokenizer,
@@ -199,7 +199,13 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
             .map(|e| e.hf_name)
             .collect();
         let mut src = Gguf { file, names };
-        let model = Model::Llama(build(&cfg, &mut src, opts)?);
+        let model = if config_json["model_type"] == "gpt2" {
+            let cfg = Gpt2Config::from_json(&config_json).map_err(config_error)?;
+            Model::Gpt2(Gpt2::load(&cfg, &mut src, opts)?)
+        } else {
+            let cfg = LlamaConfig::from_json(&config_json).map_err(config_error)?;
+            Model::Llama(build(&cfg, &mut src, opts)?)
+        };
         return Ok(LoadedModel {
             model,
             tokenizer: Some(tokenizer),
