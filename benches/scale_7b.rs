@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         weight_dtype,
         ..Default::default()
     };
-    let plan = plan_memory(&cfg, &settings);
+    let plan = plan_memory(&cfg.clone().into(), &settings);
     println!(
         "scale check: Llama-2-7B shape, {layers} layers, r 16 all-linear, NF4, batch {batch} x seq {seq}, checkpointing on, {} rayon threads",
         rayon::current_num_threads()

@@ -130,17 +130,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let plan = plan_memory(&cfg, &s);
-    println!(
-        "model {}: {} layers, hidden {}, ffn {}, {} heads ({} kv), vocab {}, {:.2} B parameters",
-        args.model,
-        cfg.num_hidden_layers,
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.vocab_size,
-        cfg.parameter_count() as f64 / 1e9
-    );
+    println!("model {}: {}", args.model, cfg.describe());
     println!("{plan}");
     let limit = match args.device_memory.or_else(total_memory_bytes) {
         Some(l) => l,
@@ -159,7 +149,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         format_bytes(limit),
         100.0 * plan.peak as f64 / limit as f64
     );
-    let seq_max = cfg.max_position_embeddings.max(args.seq_len);
+    let seq_max = cfg.max_positions().max(args.seq_len);
     match largest_seq_len(&cfg, &s, limit, 64, seq_max) {
         Some(t) => println!(
             "longest seq-len that fits at batch {}: {t} (multiples of 64, up to {seq_max})",
@@ -175,7 +165,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         if let Some(kept) = largest_keep_layers(&cfg, &s, limit) {
             println!(
                 "most layers --keep-layers can keep (no recompute) within it: {kept} of {}",
-                cfg.num_hidden_layers
+                cfg.layers()
             );
         }
     }

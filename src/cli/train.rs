@@ -404,18 +404,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
     // Planned from the config alone, so an oversized run is refused before anything loads.
-    // The plan models Llama-family decoders; other families train without one, and the options
-    // that need it are refused rather than ignored.
-    let model_type = crate::plan::presets::model_type(&args.model.model);
-    let plan = if let Some(kind) = model_type.filter(|t| matches!(t.as_str(), "gpt2" | "bert")) {
-        anyhow::ensure!(
-            memory_limit.is_none() && recipe.keep_layers != KeepLayers::Auto,
-            "--memory-limit and --keep-layers auto need the memory plan, which does not cover \
-             `{kind}` models yet"
-        );
-        println!("memory plan: not available for `{kind}` models");
-        None
-    } else {
+    let plan = {
         let cfg = crate::plan::presets::resolve_config(&args.model.model.display().to_string())?;
         let mut plan_settings = crate::plan::PlanSettings {
             seq_len: recipe.seq_len,
@@ -446,7 +435,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             );
             println!(
             "--keep-layers auto: the top {n} of {} layers keep their activations within --memory-limit {}",
-            cfg.num_hidden_layers,
+            cfg.layers(),
             crate::plan::format_bytes(limit)
         );
             recipe.keep_layers = KeepLayers::Count(n);

@@ -28,6 +28,8 @@ pub struct Rope {
     /// The same tables as plain f32 vectors, for the fused attention op.
     cos_host: Arc<Vec<f32>>,
     sin_host: Arc<Vec<f32>>,
+    /// False for [`Rope::identity`], whose `apply` is a no-op.
+    rotates: bool,
 }
 
 impl Rope {
@@ -50,7 +52,10 @@ impl Rope {
     /// Tables that rotate nothing (cos 1, sin 0): attention without rotary positions.
     pub fn identity(head_dim: usize, max_positions: usize, device: &Device) -> Result<Self> {
         let n = max_positions * head_dim;
-        Self::from_tables(vec![1.0; n], vec![0.0; n], max_positions, head_dim, device)
+        let mut rope =
+            Self::from_tables(vec![1.0; n], vec![0.0; n], max_positions, head_dim, device)?;
+        rope.rotates = false;
+        Ok(rope)
     }
 
     fn from_tables(
@@ -65,6 +70,7 @@ impl Rope {
             sin: Tensor::from_vec(sin.clone(), (max_positions, d), device)?,
             cos_host: Arc::new(cos),
             sin_host: Arc::new(sin),
+            rotates: true,
         })
     }
 
@@ -81,6 +87,9 @@ impl Rope {
     /// Rotate `x` of shape `[b, heads, t, d]` by the positions `pos` (`[b, t]`, u32).
     pub fn apply(&self, x: &Tensor, pos: &Tensor) -> Result<Tensor> {
         let (b, _, t, d) = x.dims4()?;
+        if !self.rotates {
+            return Ok(x.clone());
+        }
         let flat = pos.flatten_all()?;
         let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, d))?;
         let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, d))?;

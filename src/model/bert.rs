@@ -141,7 +141,8 @@ impl BertConfig {
         })
     }
 
-    fn head_dim(&self) -> usize {
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
 }

@@ -1,24 +1,22 @@
 //! A plan held against a memory budget: `qlora train --memory-limit` refuses a run that would
 //! not fit, with the numbers and what would.
 
-use crate::model::config::LlamaConfig;
-
 use super::{
     format_bytes, largest_keep_layers, largest_seq_len, plan_memory, MemoryPlan, OptimPlan,
-    PlanSettings,
+    PlanModel, PlanSettings,
 };
 
 /// The most top layers whose graphs can be kept (`--keep-layers auto`) with the run's plan
 /// still within `limit`: 0 when even full recompute does not fit (the plan then refuses the run).
 pub fn most_kept_layers(
-    cfg: &LlamaConfig,
+    model: &PlanModel,
     settings: &PlanSettings,
     optim_8bit: bool,
     optim_resident_mb: Option<f64>,
     limit: usize,
 ) -> usize {
     let s = training_settings(settings, optim_8bit, optim_resident_mb);
-    largest_keep_layers(cfg, &s, limit).unwrap_or(0)
+    largest_keep_layers(model, &s, limit).unwrap_or(0)
 }
 
 /// `settings` with the optimizer state `qlora train`'s flags choose.
@@ -59,14 +57,14 @@ pub struct OverBudget {
 /// The plan of a `qlora train` run (optimizer state as its flags choose it), checked against
 /// `limit` when one is given.
 pub fn plan_for_training(
-    cfg: &LlamaConfig,
+    model: &PlanModel,
     settings: &PlanSettings,
     optim_8bit: bool,
     optim_resident_mb: Option<f64>,
     limit: Option<usize>,
 ) -> Result<MemoryPlan, OverBudget> {
     let s = training_settings(settings, optim_8bit, optim_resident_mb);
-    let plan = plan_memory(cfg, &s);
+    let plan = plan_memory(model, &s);
     let Some(limit) = limit else {
         return Ok(plan);
     };
@@ -74,7 +72,7 @@ pub fn plan_for_training(
         return Ok(plan);
     }
     let mut hints = Vec::new();
-    if let Some(t) = largest_seq_len(cfg, &s, limit, 64, s.seq_len) {
+    if let Some(t) = largest_seq_len(model, &s, limit, 64, s.seq_len) {
         hints.push(format!("--seq-len {t} fits"));
     }
     if !s.grad_checkpointing {
@@ -82,7 +80,7 @@ pub fn plan_for_training(
             grad_checkpointing: true,
             ..s.clone()
         };
-        if plan_memory(cfg, &on).fits(limit) {
+        if plan_memory(model, &on).fits(limit) {
             hints.push("--grad-checkpointing true fits".to_string());
         }
     }
@@ -108,7 +106,7 @@ mod tests {
 
     #[test]
     fn refuses_over_budget_with_the_numbers_and_a_fitting_seq_len() {
-        let cfg = preset_config("llama-2-7b").unwrap();
+        let cfg = PlanModel::from(preset_config("llama-2-7b").unwrap());
         let s = PlanSettings {
             batch_size: 1,
             seq_len: 4096,

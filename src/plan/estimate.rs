@@ -9,9 +9,10 @@
 
 use candle_core::DType;
 
-use crate::model::config::{LlamaConfig, PROJECTIONS};
+use crate::model::config::LlamaConfig;
 use crate::model::loader::BaseFormat;
 
+use super::shape::{PlanLinear, PlanModel};
 use super::{OptimPlan, PlanSettings};
 
 /// Second-level block of the double-quantized absmax (bitsandbytes' fixed 256).
@@ -39,54 +40,45 @@ fn size(dtype: DType) -> usize {
     dtype.size_in_bytes()
 }
 
-/// Whether projection `proj` has a bias under `cfg`.
-fn has_bias(cfg: &LlamaConfig, proj: &str) -> bool {
-    match proj {
-        "q_proj" | "k_proj" | "v_proj" => cfg.attention_bias,
-        "o_proj" => cfg.o_proj_bias,
-        _ => cfg.mlp_bias,
-    }
-}
-
 /// The frozen base: `(linear weights incl. biases, embeddings + head + norms)`.
-pub fn base_bytes(cfg: &LlamaConfig, s: &PlanSettings) -> (usize, usize) {
-    let mut linear = 0;
-    for proj in PROJECTIONS {
-        let Some((out, inp)) = cfg.projection_shape(proj) else {
-            continue;
+pub fn base_bytes(model: &PlanModel, s: &PlanSettings) -> (usize, usize) {
+    let bytes = |lin: &PlanLinear| {
+        let w = match s.base {
+            BaseFormat::Quantized(_) => {
+                quantized_bytes(lin.out * lin.inp, s.blocksize, s.double_quant)
+            }
+            BaseFormat::Dense => lin.out * lin.inp * size(s.weight_dtype),
         };
-        linear += match s.base {
-            BaseFormat::Quantized(_) => quantized_bytes(out * inp, s.blocksize, s.double_quant),
-            BaseFormat::Dense => out * inp * size(s.weight_dtype),
-        };
-        if has_bias(cfg, proj) {
-            linear += out * size(s.compute_dtype);
+        w + if lin.bias {
+            lin.out * size(s.compute_dtype)
+        } else {
+            0
         }
-    }
-    let (v, h, l) = (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers);
-    let heads = if cfg.tie_word_embeddings { 1 } else { 2 };
-    let dense = (heads * v * h + (2 * l + 1) * h) * size(s.weight_dtype);
-    (l * linear, dense)
+    };
+    let layer: usize = model.linears().iter().map(bytes).sum();
+    let extra: usize = model.extra_linears().iter().map(bytes).sum();
+    let dense = model.dense_elems() * size(s.weight_dtype);
+    (model.layers() * layer + extra, dense)
 }
 
 /// RoPE cos and sin tables (f32, one row per position up to the sequence length).
-pub fn rope_bytes(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
-    2 * s.seq_len * cfg.head_dim * 4
+pub fn rope_bytes(model: &PlanModel, s: &PlanSettings) -> usize {
+    2 * s.seq_len * model.head_dim() * 4
 }
 
-/// Trainable adapter parameters (A `[r, in]` and B `[out, r]` on each targeted projection).
-pub fn adapter_params(cfg: &LlamaConfig, s: &PlanSettings) -> Vec<usize> {
+/// Trainable adapter parameters (A `[r, in]` and B `[out, r]` on each targeted linear layer).
+pub fn adapter_params(model: &PlanModel, s: &PlanSettings) -> Vec<usize> {
     let mut out = Vec::new();
-    for _ in 0..cfg.num_hidden_layers {
-        for proj in PROJECTIONS {
-            if !s.targets_projection(proj) {
-                continue;
-            }
-            if let Some((o, i)) = cfg.projection_shape(proj) {
-                out.push(s.rank * i);
-                out.push(o * s.rank);
-            }
+    let layer = model.linears();
+    for _ in 0..model.layers() {
+        for lin in layer.iter().filter(|l| s.targets(&l.path)) {
+            out.push(s.rank * lin.inp);
+            out.push(lin.out * s.rank);
         }
+    }
+    for lin in model.extra_linears().iter().filter(|l| s.targets(&l.path)) {
+        out.push(s.rank * lin.inp);
+        out.push(lin.out * s.rank);
     }
     out
 }
@@ -137,16 +129,11 @@ pub fn uses_fused_ops(s: &PlanSettings) -> bool {
 /// dropped-out input (the mask is a hash, never stored), `x·Aᵀ`, its scaling (on the rank-r
 /// intermediate), `·Bᵀ` and the sum. On both, the adapter weights cast to the compute dtype, and
 /// a bias adds one more.
-fn projection_elems(
-    cfg: &LlamaConfig,
-    s: &PlanSettings,
-    proj: &str,
-    out: usize,
-    inp: usize,
-) -> usize {
+fn projection_elems(s: &PlanSettings, lin: &PlanLinear) -> usize {
     let n = s.batch_size * s.seq_len;
+    let (out, inp) = (lin.out, lin.inp);
     let mut e = n * out;
-    if s.targets_projection(proj) {
+    if s.targets(&lin.path) {
         if s.adapter_dtype != s.compute_dtype {
             e += s.rank * (inp + out);
         }
@@ -157,10 +144,26 @@ fn projection_elems(
             }
         }
     }
-    if has_bias(cfg, proj) {
+    if lin.bias {
         e += n * out;
     }
     e
+}
+
+/// A Llama config's projections by short name (`q_proj`).
+fn llama_projections(cfg: &LlamaConfig) -> impl Fn(&str) -> PlanLinear {
+    let lins = PlanModel::Llama(cfg.clone()).linears();
+    move |name: &str| {
+        lins.iter()
+            .find(|l| l.path.ends_with(name))
+            .cloned()
+            .unwrap_or_else(|| PlanLinear {
+                path: name.into(),
+                out: 0,
+                inp: 0,
+                bias: false,
+            })
+    }
 }
 
 /// Elements one decoder layer's graph keeps on the fused f32 path, op by op
@@ -172,14 +175,11 @@ pub fn fused_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
     let n = s.batch_size * s.seq_len;
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let q = cfg.num_attention_heads * cfg.head_dim;
-    let kv = cfg.num_key_value_heads * cfg.head_dim;
-    let projections = projection_elems(cfg, s, "q_proj", q, h)
-        + projection_elems(cfg, s, "k_proj", kv, h)
-        + projection_elems(cfg, s, "v_proj", kv, h)
-        + projection_elems(cfg, s, "o_proj", h, q)
-        + projection_elems(cfg, s, "gate_proj", i, h)
-        + projection_elems(cfg, s, "up_proj", i, h)
-        + projection_elems(cfg, s, "down_proj", h, i);
+    let projections: usize = PlanModel::Llama(cfg.clone())
+        .linears()
+        .iter()
+        .map(|lin| projection_elems(s, lin))
+        .sum();
     n * h + 2 * n * h + projections + n * q + n * i + 2 * n * h
 }
 
@@ -192,22 +192,24 @@ pub fn composite_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> (usiz
     let q = cfg.num_attention_heads * cfg.head_dim;
     let kv = cfg.num_key_value_heads * cfg.head_dim;
     let scores = s.batch_size * cfg.num_attention_heads * s.seq_len * s.seq_len;
-    let linear = |proj: &str, out: usize, inp: usize| {
+    let proj = llama_projections(cfg);
+    let linear = |name: &str| {
+        let lin = proj(name);
         // The composite dropout multiplies by a stored mask: one more input-sized tensor.
-        let dropout_mask = if s.dropout && s.targets_projection(proj) {
-            n * inp
+        let dropout_mask = if s.dropout && s.targets(&lin.path) {
+            n * lin.inp
         } else {
             0
         };
-        projection_elems(cfg, s, proj, out, inp) + dropout_mask
+        projection_elems(s, &lin) + dropout_mask
     };
     // RMSNorm: x², x / rms, · weight.
     let norm = 3 * n * h;
     // RoPE: -x2, cat, x·cos, rot·sin, sum (the negated half counts half) + gathered cos/sin.
     let rope = |width: usize| 9 * n * width / 2 + 2 * n * cfg.head_dim;
-    let attention = linear("q_proj", q, h)
-        + linear("k_proj", kv, h)
-        + linear("v_proj", kv, h)
+    let attention = linear("q_proj")
+        + linear("k_proj")
+        + linear("v_proj")
         // q, k, v made contiguous per head, and kᵀ made contiguous.
         + n * q
         + 3 * n * kv
@@ -215,19 +217,70 @@ pub fn composite_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> (usiz
         + rope(kv)
         // probs · v, then heads back to [b, t, h·d].
         + 2 * n * q
-        + linear("o_proj", h, q);
+        + linear("o_proj");
     // silu(gate), silu · up.
-    let mlp =
-        linear("gate_proj", i, h) + linear("up_proj", i, h) + 2 * n * i + linear("down_proj", h, i);
+    let mlp = linear("gate_proj") + linear("up_proj") + 2 * n * i + linear("down_proj");
     // Two norms, two residual sums; scores, · 1/√d, + mask, - max, exp, / sum.
     (6 * scores, 2 * norm + attention + mlp + 2 * n * h)
 }
 
-/// Activation bytes of one micro-batch.
-pub fn activations(cfg: &LlamaConfig, s: &PlanSettings) -> Activations {
+/// Bytes one GPT-2 or BERT layer's graph keeps, op by op (`Gpt2::layer`, `Bert::layer`,
+/// `LayerNorm::forward`, `attention`): `(attention-score sized, row sized)`. LayerNorm computes
+/// in f32 whatever the compute dtype: its mean, centred input, square, normalised input, scale
+/// and shift (and, for another dtype, the f32 copy in and the cast back).
+pub fn layer_norm_family_graph_bytes(model: &PlanModel, s: &PlanSettings) -> (usize, usize) {
+    let drops_probs = model.drops_attention_probs();
     let cd = size(s.compute_dtype);
     let n = s.batch_size * s.seq_len;
-    let (h, l) = (cfg.hidden_size, cfg.num_hidden_layers);
+    let (h, i) = (model.hidden(), model.intermediate());
+    let fused = uses_fused_ops(s);
+    let projections: usize = model
+        .linears()
+        .iter()
+        .map(|lin| {
+            let dropout_mask = if !fused && s.dropout && s.targets(&lin.path) {
+                n * lin.inp
+            } else {
+                0
+            };
+            projection_elems(s, lin) + dropout_mask
+        })
+        .sum();
+    // GPT-2 splits its fused qkv output into three contiguous copies.
+    let split = if matches!(model, PlanModel::Gpt2(_)) {
+        3 * n * h
+    } else {
+        0
+    };
+    let scores = s.batch_size * model.heads() * s.seq_len * s.seq_len;
+    let (score_elems, attention) = if fused && !drops_probs {
+        (0, n * h)
+    } else {
+        // q, k, v per head and kᵀ made contiguous, probs · v, heads back to [b, t, h]; scores,
+        // · 1/√d, + mask, - max, exp, / sum, and the dropped-out probabilities.
+        let dropped = usize::from(drops_probs);
+        ((6 + dropped) * scores, 6 * n * h)
+    };
+    let sublayer_dropouts = if model.drops_sublayer_outputs() {
+        2 * n * h
+    } else {
+        0
+    };
+    let norm_bytes = if s.compute_dtype == DType::F32 {
+        (5 * n * h + 4 * n) * 4
+    } else {
+        (6 * n * h + 4 * n) * 4 + n * h * cd
+    };
+    // The input's copy, the activation, two residual sums.
+    let rows = n * h + projections + split + attention + sublayer_dropouts + n * i + 2 * n * h;
+    (score_elems * cd, rows * cd + 2 * norm_bytes)
+}
+
+/// Activation bytes of one micro-batch.
+pub fn activations(model: &PlanModel, s: &PlanSettings) -> Activations {
+    let cd = size(s.compute_dtype);
+    let n = s.batch_size * s.seq_len;
+    let (h, l) = (model.hidden(), model.layers());
     // With checkpointing each layer input is a fresh tensor; without, a layer's input is the
     // previous layer's output, which its kept graph already holds.
     let layer_inputs = if s.grad_checkpointing {
@@ -237,37 +290,63 @@ pub fn activations(cfg: &LlamaConfig, s: &PlanSettings) -> Activations {
     };
     // One `[t, t]` mask per row (packed or padded batches; a plain causal batch shares one).
     let mask = s.batch_size * s.seq_len * s.seq_len * cd;
-    let (layer_graph, layer_backward) = if uses_fused_ops(s) {
-        let graph = fused_layer_graph_elems(cfg, s) * cd;
-        // Per thread, the attention backward's block buffers: rotated q and k, dq, dk, dv of
-        // one head `[t, d]`, and `P`, `dS` for 64 queries.
-        let (t, d) = (s.seq_len, cfg.head_dim);
-        let attention_scratch = s.threads * (5 * t * d + 2 * 64 * t + t) * 4;
-        (
-            graph,
-            FUSED_BACKWARD_PER_100 * graph / 100 + attention_scratch,
-        )
-    } else {
-        let (score_elems, row_elems) = composite_layer_graph_elems(cfg, s);
-        (
-            (score_elems + row_elems) * cd,
-            (COMPOSITE_BACKWARD_SCORES_PER_10 * score_elems
-                + COMPOSITE_BACKWARD_ROWS_PER_10 * row_elems)
-                * cd
-                / 10,
-        )
+    // Per thread, the fused attention backward's block buffers: rotated q and k, dq, dk, dv of
+    // one head `[t, d]`, and `P`, `dS` for 64 queries.
+    let attention_scratch = {
+        let (t, d) = (s.seq_len, model.head_dim());
+        s.threads * (5 * t * d + 2 * 64 * t + t) * 4
+    };
+    let (layer_graph, layer_backward) = match model {
+        PlanModel::Llama(cfg) if uses_fused_ops(s) => {
+            let graph = fused_layer_graph_elems(cfg, s) * cd;
+            (
+                graph,
+                FUSED_BACKWARD_PER_100 * graph / 100 + attention_scratch,
+            )
+        }
+        PlanModel::Llama(cfg) => {
+            let (score_elems, row_elems) = composite_layer_graph_elems(cfg, s);
+            (
+                (score_elems + row_elems) * cd,
+                (COMPOSITE_BACKWARD_SCORES_PER_10 * score_elems
+                    + COMPOSITE_BACKWARD_ROWS_PER_10 * row_elems)
+                    * cd
+                    / 10,
+            )
+        }
+        _ => {
+            let (score_bytes, row_bytes) = layer_norm_family_graph_bytes(model, s);
+            let fit = match model {
+                PlanModel::Gpt2(_) => GPT2_BACKWARD,
+                _ => BERT_BACKWARD,
+            };
+            let (i, heads) = (model.intermediate(), model.heads());
+            let rows_phase = cd * n * (fit.hidden * h + fit.ffn * i) / 100;
+            let composite = !uses_fused_ops(s) || model.drops_attention_probs();
+            let attention_phase = if composite {
+                let scores = s.batch_size * heads * s.seq_len * s.seq_len;
+                cd * (fit.scores * scores + fit.attention_hidden * n * h) / 100
+            } else {
+                0
+            };
+            (score_bytes + row_bytes, rows_phase.max(attention_phase))
+        }
     };
     // Loss (`train::loss`, one pass per chunk): the top hidden state's copy, its norm, the
     // shifted rows' copy, one reused `[chunk, vocab]` f32 logits buffer and the hidden gradient
     // it fills (f32, kept for the backward); an f32 copy of the head when it is held in another
-    // dtype.
-    let rows = s.chunk_rows.min(n).max(1);
-    let head_f32 = if s.weight_dtype == DType::F32 {
-        0
+    // dtype. An encoder's classification loss keeps the top hidden state and its gradient.
+    let loss = if model.vocab_loss() {
+        let rows = s.chunk_rows.min(n).max(1);
+        let head_f32 = if s.weight_dtype == DType::F32 {
+            0
+        } else {
+            model.vocab() * h * 4
+        };
+        3 * n * h * cd + rows * model.vocab() * 4 + n * h * 4 + head_f32
     } else {
-        cfg.vocab_size * h * 4
+        n * h * (cd + 4)
     };
-    let loss = 3 * n * h * cd + rows * cfg.vocab_size * 4 + n * h * 4 + head_f32;
     Activations {
         layer_inputs,
         mask,
@@ -286,6 +365,43 @@ pub fn activations(cfg: &LlamaConfig, s: &PlanSettings) -> Activations {
 /// Llama-shaped (ffn ≈ 2.7 × hidden) configs of `tests/plan_memory.rs` (with it the whole step's
 /// plan lands 0.2-3.7% above the allocator's peak there; the test allows 10%).
 pub const FUSED_BACKWARD_PER_100: usize = 135;
+
+/// What a GPT-2 or BERT layer's backward holds beyond its graph, in hundredths of a tensor of
+/// each size: its peak is the larger of a phase in the MLP and LayerNorms (`[n, hidden]` and
+/// `[n, ffn]` gradients; LayerNorm's composite backward makes one per broadcast op) and, when
+/// the attention is composite (probability dropout, or a dtype other than f32), a phase in the
+/// attention (`[b, heads, t, t]` and `[n, hidden]` gradients). The dropped-out copies add
+/// nothing to either. Fitted with the counting allocator on `tests/plan_memory.rs`'s runs
+/// (f32, two threads, whose fused-attention scratch is inside the fit): the row phase by least
+/// squares over four shapes × two batch shapes (every point within 1%), the attention phase
+/// on the two shapes where it dominates.
+#[derive(Clone, Copy)]
+pub struct LayerNormBackward {
+    /// Per `[n, hidden]` tensor in the row phase, in hundredths.
+    pub hidden: usize,
+    /// Per `[n, ffn]` tensor in the row phase.
+    pub ffn: usize,
+    /// Per `[b, heads, t, t]` tensor in the attention phase.
+    pub scores: usize,
+    /// Per `[n, hidden]` tensor in the attention phase.
+    pub attention_hidden: usize,
+}
+
+/// GPT-2's fit (21.39, 20.04; 9.35, 30.54).
+pub const GPT2_BACKWARD: LayerNormBackward = LayerNormBackward {
+    hidden: 2139,
+    ffn: 2004,
+    scores: 935,
+    attention_hidden: 3054,
+};
+
+/// BERT's fit (14.70, 17.21; 9.45, 21.59).
+pub const BERT_BACKWARD: LayerNormBackward = LayerNormBackward {
+    hidden: 1470,
+    ffn: 1721,
+    scores: 945,
+    attention_hidden: 2159,
+};
 
 /// The composite path's backward, in tenths of the score-sized and row-sized parts of the
 /// graph; fitted with the counting allocator before the fused ops existed (f32 then took this

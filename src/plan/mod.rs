@@ -10,19 +10,21 @@ pub mod budget;
 pub mod estimate;
 pub mod presets;
 pub mod rss;
+pub mod shape;
 pub mod size;
 
 use std::fmt;
 
 use candle_core::DType;
 
-use crate::model::config::{LlamaConfig, PROJECTIONS};
+use crate::model::config::PROJECTIONS;
 use crate::model::loader::BaseFormat;
 use crate::quant::QuantType;
 use crate::train::layerwise::Checkpointing;
 use crate::train::loss::DEFAULT_CHUNK_ROWS;
 
 pub use budget::{most_kept_layers, plan_for_training, OverBudget};
+pub use shape::{PlanLinear, PlanModel};
 pub use size::{format_bytes, parse_bytes};
 
 /// How the optimizer's moments are held.
@@ -91,13 +93,12 @@ pub struct PlanSettings {
 }
 
 impl PlanSettings {
-    /// Whether the run puts an adapter on decoder projection `proj` (`q_proj`), by PEFT's
+    /// Whether the run puts an adapter on the linear layer at checkpoint path `path`, by PEFT's
     /// target rule.
-    pub fn targets_projection(&self, proj: &str) -> bool {
-        let path = crate::model::config::projection_path(0, proj);
+    pub fn targets(&self, path: &str) -> bool {
         self.targets
             .iter()
-            .any(|t| crate::lora::config::target_matches(t, &path))
+            .any(|t| crate::lora::config::target_matches(t, path))
     }
 
     /// Which layers the planned step recomputes.
@@ -170,15 +171,15 @@ impl MemoryPlan {
     }
 }
 
-/// Plan the memory of training `cfg` with settings `s`.
-pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
-    let (linear, dense) = estimate::base_bytes(cfg, s);
-    let params = estimate::adapter_params(cfg, s);
+/// Plan the memory of training `model` with settings `s`.
+pub fn plan_memory(model: &PlanModel, s: &PlanSettings) -> MemoryPlan {
+    let (linear, dense) = estimate::base_bytes(model, s);
+    let params = estimate::adapter_params(model, s);
     let trainable: usize = params.iter().sum();
     let adapter = trainable * s.adapter_dtype.size_in_bytes();
     let optim = estimate::optimizer_bytes(&params, &s.optim);
-    let act = estimate::activations(cfg, s);
-    let l = cfg.num_hidden_layers;
+    let act = estimate::activations(model, s);
+    let l = model.layers();
     let n = s.batch_size * s.seq_len;
     let base_name = match s.base {
         BaseFormat::Quantized(q) => format!(
@@ -196,23 +197,27 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
     let mut items = vec![
         PlanItem {
             name: "base linear weights",
-            detail: format!("{l} layers x 7 projections, {base_name}"),
+            detail: format!(
+                "{l} layers x {} linear layers, {base_name}",
+                model.linears().len()
+            ),
             bytes: linear,
         },
         PlanItem {
             name: "embeddings, head, norms",
             detail: format!(
-                "{} x {} {}, {:?}",
-                cfg.vocab_size,
-                cfg.hidden_size,
-                if cfg.tie_word_embeddings {
-                    "tied"
-                } else {
-                    "x 2 (untied head)"
-                },
+                "{} x {} vocabulary, {} ({:?})",
+                model.vocab(),
+                model.hidden(),
+                model.model_type(),
                 s.weight_dtype
             ),
-            bytes: dense + estimate::rope_bytes(cfg, s),
+            bytes: dense
+                + if model.rotary() {
+                    estimate::rope_bytes(model, s)
+                } else {
+                    0
+                },
         },
         PlanItem {
             name: "adapters",
@@ -245,9 +250,9 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
         PlanItem {
             name: "layer inputs kept",
             detail: if s.grad_checkpointing {
-                format!("{} x [{n}, {}] (checkpointing)", l + 1, cfg.hidden_size)
+                format!("{} x [{n}, {}] (checkpointing)", l + 1, model.hidden())
             } else {
-                format!("embeddings [{n}, {}]", cfg.hidden_size)
+                format!("embeddings [{n}, {}]", model.hidden())
             },
             bytes: act.layer_inputs + act.mask,
         },
@@ -258,11 +263,15 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
     // alive through the loss and the first layer backward.
     let loss_item = PlanItem {
         name: "loss head",
-        detail: format!(
-            "{} rows x {} vocab f32 logits, softmax, gradient",
-            s.chunk_rows.min(n),
-            cfg.vocab_size
-        ),
+        detail: if model.vocab_loss() {
+            format!(
+                "{} rows x {} vocab f32 logits, softmax, gradient",
+                s.chunk_rows.min(n),
+                model.vocab()
+            )
+        } else {
+            "top hidden states, pooled classification loss".to_string()
+        },
         bytes: act.loss,
     };
     let backward_item = PlanItem {
@@ -308,7 +317,12 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
     }
     // Forward panels are 64 rows x in; backward panels up to 2048 rows x 128 columns
     // (quant/src/cpu/gemm.rs); a thread keeps the largest it has used.
-    let widest = cfg.intermediate_size.max(cfg.hidden_size);
+    let widest = model
+        .linears()
+        .iter()
+        .map(|l| l.inp.max(l.out))
+        .max()
+        .unwrap_or(0);
     let scratch = match s.base {
         BaseFormat::Quantized(_) => s.threads * 4 * (64 * widest).max(widest.min(2048) * 128),
         BaseFormat::Dense => 0,
@@ -334,10 +348,10 @@ pub fn plan_memory(cfg: &LlamaConfig, s: &PlanSettings) -> MemoryPlan {
 
 /// Peak bytes of one step's activations (layer inputs, mask, layer graphs, the loss head and
 /// the backward's gradients in flight), over what the model and optimizer already hold.
-pub fn activation_peak(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
-    let a = estimate::activations(cfg, s);
+pub fn activation_peak(model: &PlanModel, s: &PlanSettings) -> usize {
+    let a = estimate::activations(model, s);
     let inputs = a.layer_inputs + a.mask;
-    match s.checkpointing().kept_graphs(cfg.num_hidden_layers) {
+    match s.checkpointing().kept_graphs(model.layers()) {
         0 => inputs + a.loss.max(a.layer_graph + a.layer_backward),
         kept => inputs + kept * a.layer_graph + a.loss.max(a.layer_backward),
     }
@@ -345,7 +359,7 @@ pub fn activation_peak(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
 
 /// The longest sequence (a multiple of `step`, at most `max`) whose plan fits `limit`, if any.
 pub fn largest_seq_len(
-    cfg: &LlamaConfig,
+    model: &PlanModel,
     s: &PlanSettings,
     limit: usize,
     step: usize,
@@ -353,7 +367,7 @@ pub fn largest_seq_len(
 ) -> Option<usize> {
     largest(step, max, limit, |t| {
         plan_memory(
-            cfg,
+            model,
             &PlanSettings {
                 seq_len: t,
                 ..s.clone()
@@ -366,10 +380,10 @@ pub fn largest_seq_len(
 /// The most top layers (`--keep-layers`) whose graphs fit `limit` with checkpointing on, if even
 /// none (every layer recomputed) fits. Each kept layer adds one layer graph to the peak, so the
 /// fit is monotone in the count.
-pub fn largest_keep_layers(cfg: &LlamaConfig, s: &PlanSettings, limit: usize) -> Option<usize> {
-    (0..=cfg.num_hidden_layers).rev().find(|&n| {
+pub fn largest_keep_layers(model: &PlanModel, s: &PlanSettings, limit: usize) -> Option<usize> {
+    (0..=model.layers()).rev().find(|&n| {
         plan_memory(
-            cfg,
+            model,
             &PlanSettings {
                 grad_checkpointing: true,
                 keep_layers: n,
@@ -382,14 +396,14 @@ pub fn largest_keep_layers(cfg: &LlamaConfig, s: &PlanSettings, limit: usize) ->
 
 /// The largest batch size (at most `max`) whose plan fits `limit`, if any.
 pub fn largest_batch(
-    cfg: &LlamaConfig,
+    model: &PlanModel,
     s: &PlanSettings,
     limit: usize,
     max: usize,
 ) -> Option<usize> {
     largest(1, max, limit, |b| {
         plan_memory(
-            cfg,
+            model,
             &PlanSettings {
                 batch_size: b,
                 ..s.clone()

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use super::shape::PlanModel;
 use crate::model::config::LlamaConfig;
 use crate::model::error::ModelError;
 use crate::model::gguf::GgufFile;
@@ -50,18 +51,11 @@ pub fn preset_config(name: &str) -> Option<LlamaConfig> {
     preset_json(name).and_then(|v| LlamaConfig::from_json(&v).ok())
 }
 
-/// `model_type` of the config.json in the model folder `path` (`None` for a GGUF file, a
-/// preset name, or an unreadable config: [`resolve_config`] reports those).
-pub fn model_type(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path.join("config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("model_type")?.as_str().map(str::to_string)
-}
-
-/// A config from a preset name, a `.gguf` file, an HF folder or a `config.json` path.
-pub fn resolve_config(model: &str) -> Result<LlamaConfig, ModelError> {
+/// A config from a preset name, a `.gguf` file, an HF folder or a `config.json` path, as the
+/// family it names.
+pub fn resolve_config(model: &str) -> Result<PlanModel, ModelError> {
     if let Some(cfg) = preset_config(model) {
-        return Ok(cfg);
+        return Ok(cfg.into());
     }
     let path = Path::new(model);
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
@@ -73,7 +67,7 @@ pub fn resolve_config(model: &str) -> Result<LlamaConfig, ModelError> {
             .map_err(gguf_err)?
             .hf_config()
             .map_err(gguf_err)?;
-        return LlamaConfig::from_json(&v).map_err(|what| ModelError::Config {
+        return PlanModel::from_json(&v).map_err(|what| ModelError::Config {
             path: path.display().to_string(),
             what,
         });
@@ -89,5 +83,13 @@ pub fn resolve_config(model: &str) -> Result<LlamaConfig, ModelError> {
             hint: "give a preset (llama-2-7b, llama-3-8b, mistral-7b, qwen2-7b), a .gguf file, an HF model folder or its config.json",
         });
     }
-    LlamaConfig::from_file(&file)
+    let text = std::fs::read_to_string(&file).map_err(|e| ModelError::io(&file, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: file.clone(),
+        source,
+    })?;
+    PlanModel::from_json(&v).map_err(|what| ModelError::Config {
+        path: file.display().to_string(),
+        what,
+    })
 }

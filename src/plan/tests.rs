@@ -7,6 +7,7 @@ use serde_json::json;
 use super::estimate::{self, adapter_params, base_bytes, optimizer_bytes, quantized_bytes};
 use super::presets::{preset_config, PRESETS};
 use super::*;
+use crate::model::config::LlamaConfig;
 use crate::model::loader::LoadOptions;
 use crate::model::random_source::generate_model;
 
@@ -68,7 +69,11 @@ fn base_bytes_equal_what_the_loader_builds() {
                 layer.input_layernorm.elem_count() + layer.post_attention_layernorm.elem_count();
         }
         let s = PlanSettings::default();
-        assert_eq!(base_bytes(&cfg, &s), (linear, dense * 4), "tied {tie}");
+        assert_eq!(
+            base_bytes(&PlanModel::from(cfg.clone()), &s),
+            (linear, dense * 4),
+            "tied {tie}"
+        );
     }
 }
 
@@ -86,7 +91,9 @@ fn presets_have_their_published_sizes() {
         assert_eq!(cfg.parameter_count(), params, "{name}");
         let s = PlanSettings::default();
         assert_eq!(
-            adapter_params(&cfg, &s).iter().sum::<usize>(),
+            adapter_params(&PlanModel::from(cfg.clone()), &s)
+                .iter()
+                .sum::<usize>(),
             lora,
             "{name} r16"
         );
@@ -127,11 +134,11 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
         threads: 2,
         ..Default::default()
     };
-    let p = plan_memory(&cfg, &s);
+    let p = plan_memory(&PlanModel::from(cfg.clone()), &s);
     // 3.11 GiB of NF4 linear weights, 1 GiB of f32 embeddings + head, activations of one layer.
     assert!(p.peak > 5 << 30 && p.fits(7 << 30), "{p}");
     let bf16 = plan_memory(
-        &cfg,
+        &PlanModel::from(cfg.clone()),
         &PlanSettings {
             weight_dtype: DType::BF16,
             ..s.clone()
@@ -152,18 +159,21 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
     );
     // A bf16 head is widened to f32 for the loss (500 MiB): with bf16 weights the loss head
     // is the peak of the step, with f32 ones the recomputed layer and its backward are.
-    let loss = estimate::activations(&cfg, &bf16.settings).loss;
+    let loss = estimate::activations(&PlanModel::from(cfg.clone()), &bf16.settings).loss;
     assert_eq!(item(&bf16, "loss head"), loss, "{bf16}");
     assert!(loss > 32000 * 4096 * 4, "{bf16}");
     let layer = item(&p, "layer activations") + item(&p, "layer backward");
-    assert!(layer > estimate::activations(&cfg, &s).loss, "{p}");
+    assert!(
+        layer > estimate::activations(&PlanModel::from(cfg.clone()), &s).loss,
+        "{p}"
+    );
     assert!(bf16.peak < p.peak, "{bf16}\n{p}");
     assert_eq!(p.peak, p.items.iter().map(|i| i.bytes).sum::<usize>());
     let limit = 8 << 30;
-    let t = largest_seq_len(&cfg, &s, limit, 64, 65_536).unwrap();
+    let t = largest_seq_len(&PlanModel::from(cfg.clone()), &s, limit, 64, 65_536).unwrap();
     let fits = |t| {
         plan_memory(
-            &cfg,
+            &PlanModel::from(cfg.clone()),
             &PlanSettings {
                 seq_len: t,
                 ..s.clone()
@@ -172,10 +182,10 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
         .fits(limit)
     };
     assert!(fits(t) && !fits(t + 64), "seq {t}");
-    let b = largest_batch(&cfg, &s, limit, 1024).unwrap();
+    let b = largest_batch(&PlanModel::from(cfg.clone()), &s, limit, 1024).unwrap();
     let fits = |b| {
         plan_memory(
-            &cfg,
+            &PlanModel::from(cfg.clone()),
             &PlanSettings {
                 batch_size: b,
                 ..s.clone()
@@ -184,10 +194,13 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
         .fits(limit)
     };
     assert!(fits(b) && !fits(b + 1), "batch {b}");
-    assert_eq!(largest_batch(&cfg, &s, 1 << 30, 1024), None);
+    assert_eq!(
+        largest_batch(&PlanModel::from(cfg.clone()), &s, 1 << 30, 1024),
+        None
+    );
     // Checkpointing off keeps every layer's graph (32 x ~150 MiB): far more memory.
     let off = plan_memory(
-        &cfg,
+        &PlanModel::from(cfg.clone()),
         &PlanSettings {
             grad_checkpointing: false,
             ..s.clone()
@@ -201,7 +214,7 @@ fn each_kept_layer_adds_one_layer_graph() {
     let cfg = preset_config("llama-2-7b").unwrap();
     let with = |grad_checkpointing: bool, keep_layers: usize| {
         plan_memory(
-            &cfg,
+            &PlanModel::from(cfg.clone()),
             &PlanSettings {
                 batch_size: 1,
                 grad_checkpointing,
@@ -210,7 +223,8 @@ fn each_kept_layer_adds_one_layer_graph() {
             },
         )
     };
-    let graph = estimate::activations(&cfg, &with(true, 0).settings).layer_graph;
+    let graph =
+        estimate::activations(&PlanModel::from(cfg.clone()), &with(true, 0).settings).layer_graph;
     assert_eq!(with(true, 4).peak - with(true, 3).peak, graph);
     assert!(with(true, 1).peak >= with(true, 0).peak);
     // Keeping all 32 (or more) is checkpointing off, plus the 32 layer inputs it keeps apart.
@@ -237,7 +251,7 @@ fn largest_keep_layers_is_the_most_that_fit() {
     };
     let peak = |n: usize| {
         plan_memory(
-            &cfg,
+            &PlanModel::from(cfg.clone()),
             &PlanSettings {
                 keep_layers: n,
                 ..s.clone()
@@ -247,14 +261,26 @@ fn largest_keep_layers_is_the_most_that_fit() {
     };
     // A limit between 7 and 8 kept layers keeps 7; one below full recompute keeps none.
     let limit = (peak(7) + peak(8)) / 2;
-    assert_eq!(largest_keep_layers(&cfg, &s, limit), Some(7));
-    assert_eq!(largest_keep_layers(&cfg, &s, peak(32)), Some(32));
-    assert_eq!(largest_keep_layers(&cfg, &s, peak(0) - 1), None);
-    assert_eq!(budget::most_kept_layers(&cfg, &s, false, None, limit), 7);
     assert_eq!(
-        budget::most_kept_layers(&cfg, &s, false, None, peak(0) - 1),
+        largest_keep_layers(&PlanModel::from(cfg.clone()), &s, limit),
+        Some(7)
+    );
+    assert_eq!(
+        largest_keep_layers(&PlanModel::from(cfg.clone()), &s, peak(32)),
+        Some(32)
+    );
+    assert_eq!(
+        largest_keep_layers(&PlanModel::from(cfg.clone()), &s, peak(0) - 1),
+        None
+    );
+    assert_eq!(
+        budget::most_kept_layers(&PlanModel::from(cfg.clone()), &s, false, None, limit),
+        7
+    );
+    assert_eq!(
+        budget::most_kept_layers(&PlanModel::from(cfg.clone()), &s, false, None, peak(0) - 1),
         0
     );
     // 8-bit optimizer state is smaller: the same limit keeps more layers.
-    assert!(budget::most_kept_layers(&cfg, &s, true, None, limit) > 7);
+    assert!(budget::most_kept_layers(&PlanModel::from(cfg.clone()), &s, true, None, limit) > 7);
 }
