@@ -74,6 +74,16 @@ pub struct TrainOptions {
     /// all-linear or a comma list of projections [default: all-linear].
     #[arg(long)]
     pub targets: Option<String>,
+    /// Per-module ranks, PEFT's `rank_pattern`: `PATTERN=R,...` (`down_proj=32`); a pattern is a
+    /// regular expression matched against the end of the module path at a dot.
+    #[arg(long, value_name = "PATTERN=R,...")]
+    pub rank_pattern: Option<String>,
+    /// Per-module alphas, PEFT's `alpha_pattern`: `PATTERN=ALPHA,...`.
+    #[arg(long, value_name = "PATTERN=ALPHA,...")]
+    pub alpha_pattern: Option<String>,
+    /// Adapt only these layers (PEFT's `layers_to_transform`): `0,1,5`.
+    #[arg(long, value_name = "N,...")]
+    pub layers_to_transform: Option<String>,
     /// Adapter weights dtype: bf16 | f32 [default: bf16].
     #[arg(long)]
     pub adapter_dtype: Option<String>,
@@ -252,6 +262,41 @@ fn read_config(path: &Path) -> anyhow::Result<TrainOptions> {
         .with_context(|| format!("{}: not a valid training config", path.display()))
 }
 
+/// Parse `PATTERN=VALUE,...` (a piece without `=` continues the previous pattern, so a
+/// regular expression may hold commas).
+fn parse_pattern<T>(
+    s: Option<&str>,
+    flag: &str,
+    value: impl Fn(&str) -> Option<T>,
+) -> anyhow::Result<Vec<(String, T)>> {
+    let Some(s) = s else {
+        return Ok(Vec::new());
+    };
+    let mut pieces: Vec<String> = Vec::new();
+    for piece in s.split(',') {
+        match pieces.last_mut() {
+            Some(last) if !piece.contains('=') => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => pieces.push(piece.to_string()),
+        }
+    }
+    pieces
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (k, v) = p
+                .rsplit_once('=')
+                .ok_or_else(|| anyhow::anyhow!("{flag} `{p}`: expected PATTERN=VALUE"))?;
+            let v = value(v.trim()).ok_or_else(|| {
+                anyhow::anyhow!("{flag} `{p}`: `{}` is not a valid value", v.trim())
+            })?;
+            Ok((k.trim().to_string(), v))
+        })
+        .collect()
+}
+
 impl TrainOptions {
     /// These options (flags) over those of the `config` TOML file: a flag wins over the file.
     pub fn merged_with(mut self, config: Option<&Path>) -> anyhow::Result<TrainOptions> {
@@ -282,6 +327,9 @@ impl TrainOptions {
                 alpha,
                 dropout,
                 targets,
+                rank_pattern,
+                alpha_pattern,
+                layers_to_transform,
                 adapter_dtype,
                 init,
                 rslora,
@@ -327,7 +375,29 @@ impl TrainOptions {
             init: LoraInit::parse(o.init.as_deref().unwrap_or("kaiming"))
                 .map_err(anyhow::Error::msg)?,
             dtype: adapter_dtype,
+            rank_pattern: parse_pattern(o.rank_pattern.as_deref(), "--rank-pattern", |v| {
+                v.parse::<usize>().ok().filter(|&r| r > 0)
+            })?,
+            alpha_pattern: parse_pattern(o.alpha_pattern.as_deref(), "--alpha-pattern", |v| {
+                v.parse::<f64>().ok().filter(|a| a.is_finite())
+            })?,
+            layers_to_transform: o
+                .layers_to_transform
+                .as_deref()
+                .map(|s| {
+                    s.split(',')
+                        .map(|x| x.trim().parse::<usize>())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|_| {
+                            anyhow::anyhow!(
+                                "--layers-to-transform `{s}`: expected layer indices like 0,1,5"
+                            )
+                        })
+                })
+                .transpose()?,
+            ..Default::default()
         };
+        lora.validate_patterns().map_err(anyhow::Error::msg)?;
         Ok(TrainRecipe {
             steps: o.steps,
             epochs: o.epochs.unwrap_or(1),
@@ -411,6 +481,8 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             batch_size: recipe.batch_size,
             rank: recipe.lora.rank,
             targets: recipe.lora.targets.clone(),
+            rank_pattern: recipe.lora.rank_pattern.clone(),
+            layers_to_transform: recipe.lora.layers_to_transform.clone(),
             dropout: recipe.lora.dropout > 0.0,
             grad_checkpointing: recipe.grad_checkpointing,
             keep_layers: recipe.keep_layers.count(),

@@ -56,6 +56,18 @@ pub struct LoraConfig {
     pub init: LoraInit,
     /// Storage dtype of A and B (bf16 by default; f32 on request).
     pub dtype: DType,
+    /// PEFT's `rank_pattern`: `(pattern, r)` in the config's order; the first pattern that
+    /// matches a module's path (see [`pattern_key`]) sets its rank.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// PEFT's `alpha_pattern`, as `rank_pattern` for alpha.
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// PEFT's `layers_to_transform`: only modules in these layers get adapters (`None`: all).
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// PEFT's `layers_pattern`: the path component before the layer index (`layers`, `h`);
+    /// empty means the first numbered component after the second.
+    pub layers_pattern: Vec<String>,
+    /// PEFT's `exclude_modules` (list form): modules that match get no adapter.
+    pub exclude_modules: Vec<String>,
 }
 
 impl Default for LoraConfig {
@@ -69,8 +81,50 @@ impl Default for LoraConfig {
             use_dora: false,
             init: LoraInit::Kaiming,
             dtype: DType::BF16,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            layers_to_transform: None,
+            layers_pattern: Vec::new(),
+            exclude_modules: Vec::new(),
         }
     }
+}
+
+/// The regular expression PEFT matches a pattern key with: the whole path, or its last dotted
+/// components (`re.match(rf"(.*\.)?({key})$", path)`).
+fn pattern_regex(key: &str) -> Result<fancy_regex::Regex, String> {
+    fancy_regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+        .map_err(|e| format!("pattern `{key}` is not a regular expression: {e}"))
+}
+
+/// The first of `keys` that matches module path `path`, as PEFT's `get_pattern_key` picks it.
+pub fn pattern_key<'a>(keys: impl IntoIterator<Item = &'a str>, path: &str) -> Option<&'a str> {
+    keys.into_iter().find(|k| {
+        pattern_regex(k)
+            .ok()
+            .is_some_and(|re| re.is_match(path).unwrap_or(false))
+    })
+}
+
+/// The layer index PEFT reads from a module path for `layers_to_transform`: after one of
+/// `patterns` (`layers.3.`), or with none given, the first number after the second component.
+pub fn layer_index(path: &str, patterns: &[String]) -> Option<usize> {
+    let parse = |re: &str| {
+        fancy_regex::Regex::new(re)
+            .ok()?
+            .captures(path)
+            .ok()??
+            .get(1)?
+            .as_str()
+            .parse()
+            .ok()
+    };
+    if patterns.is_empty() {
+        return parse(r"^.*?\.[^.]*\.(\d+)\.");
+    }
+    patterns
+        .iter()
+        .find_map(|p| parse(&format!(r"^(?:|.*?\.){p}\.(\d+)\.")))
 }
 
 impl LoraConfig {
@@ -85,9 +139,64 @@ impl LoraConfig {
 
     /// True when adapters go on the linear layer at checkpoint path `path`
     /// (`model.layers.0.self_attn.q_proj`): PEFT's rule, a target names the whole path or its
-    /// last dotted components, and `all-linear` names every layer but the output head.
+    /// last dotted components, and `all-linear` names every layer but the output head; then
+    /// `exclude_modules` and `layers_to_transform` narrow it.
     pub fn targets_module(&self, path: &str) -> bool {
-        self.targets.iter().any(|t| target_matches(t, path))
+        if !self.targets.iter().any(|t| target_matches(t, path))
+            || self.exclude_modules.iter().any(|t| target_matches(t, path))
+        {
+            return false;
+        }
+        match &self.layers_to_transform {
+            Some(layers) if !layers.is_empty() => {
+                layer_index(path, &self.layers_pattern).is_some_and(|i| layers.contains(&i))
+            }
+            _ => true,
+        }
+    }
+
+    /// Rank of the adapter on the module at `path` (`rank_pattern`, else `r`).
+    pub fn rank_for(&self, path: &str) -> usize {
+        pattern_key(self.rank_pattern.iter().map(|(k, _)| k.as_str()), path)
+            .and_then(|k| self.rank_pattern.iter().find(|(p, _)| p == k))
+            .map_or(self.rank, |(_, r)| *r)
+    }
+
+    /// Alpha of the adapter on the module at `path` (`alpha_pattern`, else `lora_alpha`).
+    pub fn alpha_for(&self, path: &str) -> f64 {
+        pattern_key(self.alpha_pattern.iter().map(|(k, _)| k.as_str()), path)
+            .and_then(|k| self.alpha_pattern.iter().find(|(p, _)| p == k))
+            .map_or(self.alpha, |(_, a)| *a)
+    }
+
+    /// The config of the single module at `path`: its rank and alpha, no patterns.
+    pub fn for_module(&self, path: &str) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank_for(path),
+            alpha: self.alpha_for(path),
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Check the patterns: every key a regular expression, every rank positive.
+    pub fn validate_patterns(&self) -> Result<(), String> {
+        for (k, r) in &self.rank_pattern {
+            pattern_regex(k).map_err(|e| format!("rank_pattern: {e}"))?;
+            if *r == 0 {
+                return Err(format!("rank_pattern `{k}`: the rank must be positive"));
+            }
+        }
+        for (k, a) in &self.alpha_pattern {
+            pattern_regex(k).map_err(|e| format!("alpha_pattern: {e}"))?;
+            if !a.is_finite() {
+                return Err(format!(
+                    "alpha_pattern `{k}`: alpha must be a finite number"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -143,6 +252,61 @@ mod tests {
         assert!(!c.targets_module("model.layers.0.mlp.gate_proj"));
         // A suffix must end at a dot: `proj` does not name `c_proj`.
         assert!(!target_matches("proj", "transformer.h.0.attn.c_proj"));
+    }
+
+    #[test]
+    fn patterns_pick_ranks_and_alphas_like_peft() {
+        let c = LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            rank_pattern: vec![("down_proj".into(), 32), (r"layers\.1\..*q_proj".into(), 4)],
+            alpha_pattern: vec![("mlp.down_proj".into(), 64.0)],
+            ..Default::default()
+        };
+        c.validate_patterns().unwrap();
+        assert_eq!(c.rank_for("model.layers.0.mlp.down_proj"), 32);
+        assert_eq!(c.rank_for("model.layers.1.self_attn.q_proj"), 4);
+        assert_eq!(c.rank_for("model.layers.0.self_attn.q_proj"), 8);
+        // A key matches whole dotted components only: `proj` does not name `down_proj`.
+        let p = LoraConfig {
+            rank_pattern: vec![("proj".into(), 2)],
+            ..c.clone()
+        };
+        assert_eq!(p.rank_for("model.layers.0.mlp.down_proj"), 8);
+        let m = c.for_module("model.layers.2.mlp.down_proj");
+        assert_eq!((m.rank, m.alpha, m.scale()), (32, 64.0, 2.0));
+        assert!(LoraConfig {
+            rank_pattern: vec![("(".into(), 2)],
+            ..Default::default()
+        }
+        .validate_patterns()
+        .is_err());
+    }
+
+    #[test]
+    fn layers_to_transform_reads_the_layer_index_like_peft() {
+        assert_eq!(layer_index("model.layers.12.mlp.up_proj", &[]), Some(12));
+        assert_eq!(layer_index("transformer.h.3.attn.c_attn", &[]), Some(3));
+        assert_eq!(
+            layer_index("bert.encoder.layer.5.attention.self.query", &[]),
+            Some(5)
+        );
+        assert_eq!(
+            layer_index("model.layers.7.mlp.up_proj", &["layers".into()]),
+            Some(7)
+        );
+        assert_eq!(
+            layer_index("model.layers.7.mlp.up_proj", &["h".into()]),
+            None
+        );
+        let c = LoraConfig {
+            layers_to_transform: Some(vec![0, 2]),
+            exclude_modules: vec!["k_proj".into()],
+            ..Default::default()
+        };
+        assert!(c.targets_module("model.layers.2.self_attn.q_proj"));
+        assert!(!c.targets_module("model.layers.1.self_attn.q_proj"));
+        assert!(!c.targets_module("model.layers.0.self_attn.k_proj"));
     }
 
     #[test]

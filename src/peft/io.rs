@@ -71,14 +71,61 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
             )))
         }
     };
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if v.get(key)
-            .and_then(Value::as_object)
-            .is_some_and(|m| !m.is_empty())
-        {
-            return Err(bad(format!("`{key}` is not supported")));
+    refuse_unimplemented(&v).map_err(bad)?;
+    let patterns: Patterns = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let rank_pattern = patterns
+        .rank_pattern
+        .0
+        .into_iter()
+        .map(|(k, r)| match r.as_u64() {
+            Some(r) => Ok((k, r as usize)),
+            None => Err(bad(format!("rank_pattern `{k}`: {r} is not a rank"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let alpha_pattern = patterns
+        .alpha_pattern
+        .0
+        .into_iter()
+        .map(|(k, a)| match a.as_f64() {
+            Some(a) => Ok((k, a)),
+            None => Err(bad(format!("alpha_pattern `{k}`: {a} is not a number"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let layers_to_transform = match v.get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(vec![n
+            .as_u64()
+            .ok_or_else(|| bad(format!("layers_to_transform {n} is not a layer index")))?
+            as usize]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| x.as_u64().map(|i| i as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("layers_to_transform must list layer indices".into()))?,
+        ),
+        Some(other) => {
+            return Err(bad(format!(
+                "layers_to_transform {other} is not a layer list"
+            )))
         }
-    }
+    };
+    let strings = |key: &str| -> Result<Vec<String>, ModelError> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::String(s)) if key == "layers_pattern" => Ok(vec![s.clone()]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad(format!("`{key}` must be a list of names"))),
+            Some(other) => Err(bad(format!(
+                "`{key}` {other} is not supported (a list of module names; a regular expression \
+                 is not)"
+            ))),
+        }
+    };
+    let layers_pattern = strings("layers_pattern")?;
+    let exclude_modules = strings("exclude_modules")?;
     // `fan_in_fan_out` only says how the base layer stores its weight (GPT-2's Conv1D); the
     // model knows that per layer, and A and B have the same shapes either way.
     if let Some(b) = v.get("bias").and_then(Value::as_str) {
@@ -89,9 +136,16 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
     let init = match v.get("init_lora_weights") {
         Some(Value::String(s)) if s.starts_with("pissa") => LoraInit::Pissa,
         Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
+        // Methods that also rewrite the base weights (OLoRA, CorDA, LoftQ, ...) or that need
+        // data to initialise (EVA): the saved adapter is meaningless without them.
+        Some(Value::String(s)) => {
+            return Err(bad(format!(
+                "init_lora_weights `{s}` is not supported (true, false, gaussian, pissa)"
+            )))
+        }
         _ => LoraInit::Kaiming,
     };
-    Ok(LoraConfig {
+    let cfg = LoraConfig {
         rank,
         alpha,
         dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
@@ -103,7 +157,111 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
         use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
         init,
         dtype: DType::F32,
-    })
+        rank_pattern,
+        alpha_pattern,
+        layers_to_transform,
+        layers_pattern,
+        exclude_modules,
+    };
+    cfg.validate_patterns().map_err(bad)?;
+    Ok(cfg)
+}
+
+/// A JSON object's entries in file order (PEFT tries `rank_pattern` keys in that order).
+#[derive(Default)]
+struct Ordered(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_unit<E>(self) -> Result<Ordered, E> {
+                Ok(Ordered::default())
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Ordered, M::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = m.next_entry::<String, Value>()? {
+                    out.push(entry);
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// The two pattern maps of `adapter_config.json`, in file order.
+#[derive(serde::Deserialize)]
+struct Patterns {
+    #[serde(default)]
+    rank_pattern: Ordered,
+    #[serde(default)]
+    alpha_pattern: Ordered,
+}
+
+/// `adapter_config.json` keys this tool reads, or that do not change the math.
+const KNOWN_KEYS: &[&str] = &[
+    "alpha_pattern",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "bias",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "inference_mode",
+    "init_lora_weights",
+    "layers_pattern",
+    "layers_to_transform",
+    "lora_alpha",
+    "lora_dropout",
+    "megatron_core",
+    "modules_to_save",
+    "peft_type",
+    "peft_version",
+    "r",
+    "rank_pattern",
+    "revision",
+    "target_modules",
+    "task_type",
+    "use_dora",
+    "use_rslora",
+    // Only read with `use_qalora` / a LoftQ init, both refused.
+    "qalora_group_size",
+    "loftq_config",
+];
+
+/// Refuse every other key unless it holds PEFT's default (`null`, `false`, `{}` or `[]`): a
+/// feature this tool does not implement (`lora_bias`, `use_qalora`, `layer_replication`,
+/// `trainable_token_indices`, `target_parameters`, `megatron_config`, ...) is named, never
+/// ignored.
+fn refuse_unimplemented(v: &Value) -> Result<(), String> {
+    let Some(map) = v.as_object() else {
+        return Err("is not a JSON object".into());
+    };
+    for (key, value) in map {
+        if KNOWN_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        let default = match value {
+            Value::Null | Value::Bool(false) => true,
+            Value::Object(o) => o.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            _ => false,
+        };
+        if !default {
+            return Err(format!(
+                "`{key}: {value}` is not supported by qlora (remove it, or set it to PEFT's \
+                 default, to load the rest)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Load a PEFT adapter folder onto `model` (replacing any adapters it has). Tensors are kept in
@@ -158,8 +316,9 @@ pub fn load_adapter(
             used.insert(key);
             Ok(t.clone())
         };
-        let a = fetch("lora_A.weight", &[cfg.rank, inp])?;
-        let b = fetch("lora_B.weight", &[out, cfg.rank])?;
+        let module = cfg.for_module(&m.path);
+        let a = fetch("lora_A.weight", &[module.rank, inp])?;
+        let b = fetch("lora_B.weight", &[out, module.rank])?;
         stored_dtype.get_or_insert(a.dtype());
         let magnitude = if cfg.use_dora {
             let key = peft_key(&m.path, "lora_magnitude_vector");
@@ -177,7 +336,7 @@ pub fn load_adapter(
         let adapter = LoraAdapter {
             a: var(a)?,
             b: var(b)?,
-            scale: cfg.scale(),
+            scale: module.scale(),
             dropout: cfg.dropout,
             magnitude: magnitude.map(var).transpose()?,
             dropout_key: 0,
@@ -407,8 +566,14 @@ pub fn config_json(cfg: &LoraConfig, model: &Model, base_model: &str) -> Value {
     targets.sort();
     targets.dedup();
     let fan_in_fan_out = adapted.iter().any(|m| m.layout == WeightLayout::InOut);
+    let pattern = |entries: Vec<(String, Value)>| Value::Object(entries.into_iter().collect());
     json!({
-        "alpha_pattern": {},
+        "alpha_pattern": pattern(cfg.alpha_pattern.iter().map(|(k, a)| (k.clone(), alpha_json(*a))).collect()),
+        "exclude_modules": if cfg.exclude_modules.is_empty() {
+            Value::Null
+        } else {
+            json!(cfg.exclude_modules)
+        },
         "auto_mapping": null,
         "base_model_name_or_path": base_model,
         "bias": "none",
@@ -416,15 +581,14 @@ pub fn config_json(cfg: &LoraConfig, model: &Model, base_model: &str) -> Value {
         "inference_mode": true,
         "init_lora_weights": cfg.init.peft_value(),
         "layer_replication": null,
-        "layers_pattern": null,
-        "layers_to_transform": null,
-        "loftq_config": {},
-        // PEFT writes an integral alpha as an integer.
-        "lora_alpha": if cfg.alpha.fract() == 0.0 && cfg.alpha.abs() < 1e15 {
-            json!(cfg.alpha as i64)
+        "layers_pattern": if cfg.layers_pattern.is_empty() {
+            Value::Null
         } else {
-            json!(cfg.alpha)
+            json!(cfg.layers_pattern)
         },
+        "layers_to_transform": cfg.layers_to_transform,
+        "loftq_config": {},
+        "lora_alpha": alpha_json(cfg.alpha),
         "lora_bias": false,
         "lora_dropout": cfg.dropout,
         "megatron_config": null,
@@ -436,13 +600,22 @@ pub fn config_json(cfg: &LoraConfig, model: &Model, base_model: &str) -> Value {
         },
         "peft_type": "LORA",
         "r": cfg.rank,
-        "rank_pattern": {},
+        "rank_pattern": pattern(cfg.rank_pattern.iter().map(|(k, r)| (k.clone(), json!(r))).collect()),
         "revision": null,
         "target_modules": targets,
         "task_type": if model.classifier().is_some() { "SEQ_CLS" } else { "CAUSAL_LM" },
         "use_dora": cfg.use_dora,
         "use_rslora": cfg.use_rslora,
     })
+}
+
+/// An alpha as PEFT writes it: an integer when integral.
+fn alpha_json(a: f64) -> Value {
+    if a.fract() == 0.0 && a.abs() < 1e15 {
+        json!(a as i64)
+    } else {
+        json!(a)
+    }
 }
 
 /// Write `model`'s adapters to a new folder `dir` in PEFT format, atomically (temp folder, then

@@ -46,12 +46,20 @@ pub fn check_targets(model: &Model, targets: &[String]) -> Result<(), String> {
 
 /// Put fresh adapters on every targeted linear layer of `model` (deterministic for a `seed`).
 pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), ModelError> {
+    cfg.validate_patterns()
+        .map_err(|why| ModelError::invalid("--rank-pattern/--alpha-pattern", why))?;
     check_targets(model, &cfg.targets).map_err(|why| ModelError::invalid("--target", why))?;
     let mut rng = StdRng::seed_from_u64(seed);
     let device = model.device().clone();
     for m in model.linears_mut() {
         let adapter = if cfg.targets_module(&m.path) {
-            Some(init_adapter(cfg, &mut m.linear.base, &mut rng, &device)?)
+            let module = cfg.for_module(&m.path);
+            Some(init_adapter(
+                &module,
+                &mut m.linear.base,
+                &mut rng,
+                &device,
+            )?)
         } else {
             None
         };

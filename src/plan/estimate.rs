@@ -69,16 +69,14 @@ pub fn rope_bytes(model: &PlanModel, s: &PlanSettings) -> usize {
 /// Trainable adapter parameters (A `[r, in]` and B `[out, r]` on each targeted linear layer).
 pub fn adapter_params(model: &PlanModel, s: &PlanSettings) -> Vec<usize> {
     let mut out = Vec::new();
-    let layer = model.linears();
-    for _ in 0..model.layers() {
-        for lin in layer.iter().filter(|l| s.targets(&l.path)) {
-            out.push(s.rank * lin.inp);
-            out.push(lin.out * s.rank);
-        }
-    }
-    for lin in model.extra_linears().iter().filter(|l| s.targets(&l.path)) {
-        out.push(s.rank * lin.inp);
-        out.push(lin.out * s.rank);
+    let extra = model.extra_linears();
+    let all = (0..model.layers())
+        .flat_map(|l| model.linears_in(l))
+        .chain(extra);
+    for lin in all.filter(|l| s.targets(&l.path)) {
+        let r = s.rank_for(&lin.path);
+        out.push(r * lin.inp);
+        out.push(lin.out * r);
     }
     out
 }
@@ -134,11 +132,12 @@ fn projection_elems(s: &PlanSettings, lin: &PlanLinear) -> usize {
     let (out, inp) = (lin.out, lin.inp);
     let mut e = n * out;
     if s.targets(&lin.path) {
+        let r = s.rank_for(&lin.path);
         if s.adapter_dtype != s.compute_dtype {
-            e += s.rank * (inp + out);
+            e += r * (inp + out);
         }
         if !uses_fused_ops(s) {
-            e += 2 * n * s.rank + 2 * n * out;
+            e += 2 * n * r + 2 * n * out;
             if s.dropout {
                 e += n * inp;
             }

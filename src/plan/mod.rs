@@ -65,6 +65,10 @@ pub struct PlanSettings {
     pub rank: usize,
     /// Projections carrying adapters (short names).
     pub targets: Vec<String>,
+    /// PEFT's `rank_pattern` (`(pattern, r)`), overriding `rank` per module.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// PEFT's `layers_to_transform`: only these layers carry adapters.
+    pub layers_to_transform: Option<Vec<usize>>,
     /// LoRA dropout is on (it keeps a masked copy of each adapter input; the composite path a
     /// mask too).
     pub dropout: bool,
@@ -99,6 +103,19 @@ impl PlanSettings {
         self.targets
             .iter()
             .any(|t| crate::lora::config::target_matches(t, path))
+            && match &self.layers_to_transform {
+                Some(layers) if !layers.is_empty() => {
+                    crate::lora::config::layer_index(path, &[]).is_some_and(|i| layers.contains(&i))
+                }
+                _ => true,
+            }
+    }
+
+    /// The rank of the adapter on the module at `path`.
+    pub fn rank_for(&self, path: &str) -> usize {
+        crate::lora::config::pattern_key(self.rank_pattern.iter().map(|(k, _)| k.as_str()), path)
+            .and_then(|k| self.rank_pattern.iter().find(|(p, _)| p == k))
+            .map_or(self.rank, |(_, r)| *r)
     }
 
     /// Which layers the planned step recomputes.
@@ -119,6 +136,8 @@ impl Default for PlanSettings {
             batch_size: 4,
             rank: 16,
             targets: PROJECTIONS.iter().map(|p| p.to_string()).collect(),
+            rank_pattern: Vec::new(),
+            layers_to_transform: None,
             dropout: true,
             grad_checkpointing: true,
             keep_layers: 0,

@@ -125,8 +125,13 @@ impl PlanModel {
         !matches!(self, PlanModel::Bert(_))
     }
 
-    /// One layer's linear layers, in checkpoint order.
+    /// One layer's linear layers, in checkpoint order (paths of layer 0).
     pub fn linears(&self) -> Vec<PlanLinear> {
+        self.linears_in(0)
+    }
+
+    /// Layer `layer`'s linear layers, in checkpoint order.
+    pub fn linears_in(&self, layer: usize) -> Vec<PlanLinear> {
         let lin = |path: String, out: usize, inp: usize, bias: bool| PlanLinear {
             path,
             out,
@@ -143,12 +148,12 @@ impl PlanModel {
                         "o_proj" => c.o_proj_bias,
                         _ => c.mlp_bias,
                     };
-                    Some(lin(projection_path(0, p), out, inp, bias))
+                    Some(lin(projection_path(layer, p), out, inp, bias))
                 })
                 .collect(),
             PlanModel::Gpt2(c) => {
                 let (h, i) = (c.n_embd, c.n_inner);
-                let p = |name: &str| format!("transformer.h.0.{name}");
+                let p = |name: &str| format!("transformer.h.{layer}.{name}");
                 vec![
                     lin(p("attn.c_attn"), 3 * h, h, true),
                     lin(p("attn.c_proj"), h, h, true),
@@ -158,7 +163,7 @@ impl PlanModel {
             }
             PlanModel::Bert(c) => {
                 let (h, i) = (c.hidden_size, c.intermediate_size);
-                let p = |name: &str| format!("bert.encoder.layer.0.{name}");
+                let p = |name: &str| format!("bert.encoder.layer.{layer}.{name}");
                 vec![
                     lin(p("attention.self.query"), h, h, true),
                     lin(p("attention.self.key"), h, h, true),

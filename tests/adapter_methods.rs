@@ -1,0 +1,221 @@
+//! Adapter methods beyond plain LoRA against PEFT itself (`tests/fixtures/methods/`, made by
+//! `scripts/make_method_fixtures.py`): per-module ranks and alphas, `layers_to_transform` with
+//! `exclude_modules`, and the refusal of PEFT fields this tool does not implement.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use common::{fixtures, input_ids, load_as, max_abs, safetensors};
+use qlora::model::loader::BaseFormat;
+use qlora::peft;
+use qlora::quant::QuantType;
+
+/// f32 logits against PEFT's (the standard's tolerance for f32 logits).
+const TOL: f32 = 1e-4;
+
+fn methods(name: &str) -> PathBuf {
+    fixtures().join("methods").join(name)
+}
+
+/// `adapter_config.json` of `dir` as JSON.
+fn config(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join(peft::io::CONFIG_FILE)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn rank_alpha_patterns_and_layer_selection_give_pefts_logits() {
+    let r = safetensors(&methods("patterns").join("reference.safetensors"));
+    let ids = input_ids(&r);
+    for name in ["patterns", "layers"] {
+        let dir = methods("patterns").join(name);
+        for base in [BaseFormat::Dense, BaseFormat::Quantized(QuantType::Nf4)] {
+            let mut m = load_as(&fixtures().join("arch/llama3"), base);
+            let cfg = peft::load_adapter(&mut m.model, &dir, None).unwrap();
+            let got: Tensor = m.model.forward(&ids).unwrap();
+            // On NF4: PEFT on the weights bitsandbytes' codes stand for (decoded by the format).
+            let key = match base {
+                BaseFormat::Dense => format!("logits_{name}"),
+                _ => format!("logits_{name}_4bit_decoded"),
+            };
+            let d = max_abs(&got, &r[&key]);
+            println!("{name} ({base:?}): logits within {d:.2e} of PEFT's");
+            assert!(d <= TOL, "{name} ({base:?}): logits differ by {d}");
+            // Written back as PEFT wrote it.
+            let ours = peft::config_json(&cfg, &m.model, "../../arch/llama3");
+            let theirs = config(&dir);
+            for key in [
+                "rank_pattern",
+                "alpha_pattern",
+                "layers_to_transform",
+                "exclude_modules",
+                "r",
+                "lora_alpha",
+                "target_modules",
+            ] {
+                assert_eq!(ours[key], theirs[key], "{name}: {key}");
+            }
+        }
+    }
+    // The patterns act: rank 8 on down_proj, 2 on layer 1's q_proj, 4 elsewhere; layer 0 and
+    // k_proj carry nothing under `layers`.
+    let mut m = load_as(&fixtures().join("arch/llama3"), BaseFormat::Dense);
+    peft::load_adapter(&mut m.model, &methods("patterns").join("patterns"), None).unwrap();
+    let ranks: Vec<(String, usize)> = m
+        .model
+        .linears()
+        .iter()
+        .filter_map(|l| Some((l.path.clone(), l.linear.adapter.as_ref()?.a.dims()[0])))
+        .collect();
+    let rank = |p: &str| ranks.iter().find(|(q, _)| q == p).map(|(_, r)| *r);
+    assert_eq!(rank("model.layers.0.mlp.down_proj"), Some(8));
+    assert_eq!(rank("model.layers.1.self_attn.q_proj"), Some(2));
+    assert_eq!(rank("model.layers.0.self_attn.q_proj"), Some(4));
+    let mut m = load_as(&fixtures().join("arch/llama3"), BaseFormat::Dense);
+    peft::load_adapter(&mut m.model, &methods("patterns").join("layers"), None).unwrap();
+    let adapted: Vec<String> = m
+        .model
+        .linears()
+        .iter()
+        .filter(|l| l.linear.adapter.is_some())
+        .map(|l| l.path.clone())
+        .collect();
+    assert_eq!(
+        adapted,
+        [
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+            "model.layers.1.mlp.up_proj"
+        ]
+    );
+}
+
+/// A copy of the adapter folder `src` in a temp dir with its config edited by `edit`.
+fn edited(src: &Path, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [peft::io::CONFIG_FILE, peft::io::WEIGHTS_FILE] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut v = config(src);
+    edit(&mut v);
+    std::fs::write(tmp.path().join(peft::io::CONFIG_FILE), v.to_string()).unwrap();
+    tmp
+}
+
+#[test]
+fn unimplemented_or_inconsistent_peft_fields_are_refused_by_name() {
+    let src = methods("patterns").join("patterns");
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("lora_bias", serde_json::json!(true), "lora_bias"),
+        ("use_qalora", serde_json::json!(true), "use_qalora"),
+        (
+            "layer_replication",
+            serde_json::json!([[0, 1]]),
+            "layer_replication",
+        ),
+        (
+            "trainable_token_indices",
+            serde_json::json!([5, 6]),
+            "trainable_token_indices",
+        ),
+        ("init_lora_weights", serde_json::json!("olora"), "olora"),
+        (
+            "exclude_modules",
+            serde_json::json!(".*k_proj"),
+            "exclude_modules",
+        ),
+        ("rank_pattern", serde_json::json!({"(": 3}), "rank_pattern"),
+        ("rank_pattern", serde_json::json!({"down_proj": 0}), "rank"),
+        (
+            "some_future_field",
+            serde_json::json!(1.5),
+            "some_future_field",
+        ),
+    ];
+    for (key, value, expect) in cases {
+        let tmp = edited(&src, |v| v[key] = value.clone());
+        let mut m = load_as(&fixtures().join("arch/llama3"), BaseFormat::Dense);
+        let e = peft::load_adapter(&mut m.model, tmp.path(), None)
+            .expect_err(key)
+            .to_string();
+        assert!(
+            e.contains(expect) && e.contains("adapter_config.json"),
+            "{key}: {e}"
+        );
+    }
+    // A rank pattern the stored tensors disagree with names the tensor and both shapes.
+    let tmp = edited(&src, |v| v["rank_pattern"]["down_proj"] = 6.into());
+    let mut m = load_as(&fixtures().join("arch/llama3"), BaseFormat::Dense);
+    let e = peft::load_adapter(&mut m.model, tmp.path(), None)
+        .expect_err("shape")
+        .to_string();
+    assert!(e.contains("down_proj.lora_A.weight"), "{e}");
+}
+
+#[test]
+fn train_writes_rank_and_alpha_patterns_peft_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let data = methods("embedding").join("train/data.jsonl");
+    let o = common::qlora(&[
+        "train",
+        "--model",
+        common::arg(&fixtures().join("arch/llama3")),
+        "--data",
+        common::arg(&data),
+        "--out",
+        common::arg(&out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--val-split",
+        "0",
+        "--rank",
+        "4",
+        "--rank-pattern",
+        "down_proj=8,layers\\.1\\..*q_proj=2",
+        "--alpha-pattern",
+        "v_proj=3",
+        "--layers-to-transform",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let adapter = out.join("adapter");
+    let v = config(&adapter);
+    assert_eq!(
+        v["rank_pattern"],
+        serde_json::json!({"down_proj": 8, "layers\\.1\\..*q_proj": 2})
+    );
+    assert_eq!(v["alpha_pattern"], serde_json::json!({"v_proj": 3}));
+    assert_eq!(v["layers_to_transform"], serde_json::json!([1]));
+    let t = safetensors(&adapter.join(peft::io::WEIGHTS_FILE));
+    let dims = |k: &str| t[&format!("base_model.model.model.layers.{k}.lora_A.weight")].dims()[0];
+    assert_eq!(dims("1.mlp.down_proj"), 8);
+    assert_eq!(dims("1.self_attn.q_proj"), 2);
+    assert_eq!(dims("1.self_attn.k_proj"), 4);
+    assert!(
+        !t.keys().any(|k| k.contains("layers.0.")),
+        "layer 0 adapted"
+    );
+    // A bad pattern is refused before anything is written.
+    let bad = tmp.path().join("bad");
+    let o = common::qlora(&[
+        "train",
+        "--model",
+        common::arg(&fixtures().join("arch/llama3")),
+        "--data",
+        common::arg(&data),
+        "--out",
+        common::arg(&bad),
+        "--rank-pattern",
+        "down_proj=zero",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--rank-pattern"), "{e}");
+    assert!(!bad.exists());
+}
