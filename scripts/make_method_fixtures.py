@@ -143,6 +143,10 @@ def embedding(out):
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
     ref["logits_qwen2_4bit"] = logits(q.eval(), ids_of("qwen2"))
+    dq = peft.PeftModel.from_pretrained(decoded("qwen2"), os.path.join(d, "qwen2")).eval()
+    ref["logits_qwen2_4bit_decoded"] = logits(dq, ids_of("qwen2"))
+    print("qwen2 4-bit: bitsandbytes' CPU forward vs the decoded codes:",
+          (ref["logits_qwen2_4bit"] - ref["logits_qwen2_4bit_decoded"]).abs().max().item())
     save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(d, "reference.safetensors"))
     train(os.path.join(d, "train"))
 

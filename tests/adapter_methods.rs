@@ -219,3 +219,47 @@ fn train_writes_rank_and_alpha_patterns_peft_reads() {
     assert!(!o.status.success() && e.contains("--rank-pattern"), "{e}");
     assert!(!bad.exists());
 }
+
+/// The reference's input ids of `name` as u32.
+fn ids_of(r: &std::collections::HashMap<String, Tensor>, name: &str) -> Tensor {
+    r[&format!("input_ids_{name}")]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap()
+}
+
+#[test]
+fn embedding_lora_gives_pefts_logits_on_full_precision_and_4bit_bases() {
+    let r = safetensors(&methods("embedding").join("reference.safetensors"));
+    for name in ["qwen2", "llama3"] {
+        let ids = ids_of(&r, name);
+        let mut m = load_as(&fixtures().join("arch").join(name), BaseFormat::Dense);
+        let plain = m.model.forward(&ids).unwrap();
+        peft::load_adapter(&mut m.model, &methods("embedding").join(name), None).unwrap();
+        assert!(m.model.token_embedding().adapter.is_some());
+        let got = m.model.forward(&ids).unwrap();
+        let d = max_abs(&got, &r[&format!("logits_{name}")]);
+        println!("{name} + embedding adapter: logits within {d:.2e} of PEFT's");
+        assert!(d <= TOL, "{name}: {d}");
+        assert!(
+            max_abs(&plain, &got) > 0.1,
+            "{name}: the adapter barely shows"
+        );
+    }
+    // bitsandbytes' 4-bit Qwen2 with the same adapter (the embedding stays full precision),
+    // against PEFT on the weights its codes stand for (bitsandbytes' CPU forward is off for the
+    // `[64, 96]` down projections, see tests/fixtures/arch/README.md).
+    let ids = ids_of(&r, "qwen2");
+    let mut q = load_as(
+        &fixtures().join("arch/qwen2/bnb4"),
+        BaseFormat::Quantized(QuantType::Nf4),
+    );
+    peft::load_adapter(&mut q.model, &methods("embedding").join("qwen2"), None).unwrap();
+    let got = q.model.forward(&ids).unwrap();
+    let d = max_abs(&got, &r["logits_qwen2_4bit_decoded"]);
+    println!(
+        "qwen2 bnb 4-bit + embedding adapter: logits within {d:.2e} of PEFT's on the decoded \
+         codes (bitsandbytes' CPU forward: {:.2e} away)",
+        max_abs(&got, &r["logits_qwen2_4bit"])
+    );
+    assert!(d <= TOL, "4-bit: {d}");
+}

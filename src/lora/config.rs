@@ -155,6 +155,20 @@ impl LoraConfig {
         }
     }
 
+    /// True when an adapter goes on the token embedding at `path` (`model.embed_tokens`): named
+    /// by a target (`all-linear` does not), not excluded, and no `layers_to_transform` (the
+    /// embedding is in no layer, so PEFT skips it then).
+    pub fn targets_embedding(&self, path: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t != ALL_LINEAR && target_matches(t, path))
+            && !self.exclude_modules.iter().any(|t| target_matches(t, path))
+            && self
+                .layers_to_transform
+                .as_ref()
+                .is_none_or(|l| l.is_empty())
+    }
+
     /// Rank of the adapter on the module at `path` (`rank_pattern`, else `r`).
     pub fn rank_for(&self, path: &str) -> usize {
         pattern_key(self.rank_pattern.iter().map(|(k, _)| k.as_str()), path)

@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod config;
 pub mod dropout;
+pub mod embedding;
 pub mod fused;
 pub mod init;
 pub mod merge;

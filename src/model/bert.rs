@@ -22,8 +22,10 @@ use super::layer_norm::LayerNorm;
 use super::linear::Linear;
 use super::loader::{check_shape, load_linear, LoadOptions, TensorSource};
 use super::transformer::{
-    Family, LayerContext, ModelInfo, ModuleMut, ModuleRef, ParamRef, WeightLayout,
+    embedding_lookup, Family, LayerContext, ModelInfo, ModuleMut, ModuleRef, ParamRef,
+    TokenEmbedding, TokenEmbeddingMut, WeightLayout,
 };
+use crate::lora::embedding::EmbeddingAdapter;
 use crate::lora::DropoutSeed;
 
 /// BERT's `config.json`.
@@ -221,6 +223,8 @@ pub struct Bert {
     pub pooler: Option<Linear>,
     /// The classification head, when the model classifies.
     pub classifier: Option<SequenceClassifier>,
+    /// LoRA on the word embeddings.
+    pub embed_adapter: Option<EmbeddingAdapter>,
     /// Seed of the training-mode dropout masks (set by the trainer before each step).
     dropout_seed: DropoutSeed,
     rope: Rope,
@@ -353,6 +357,7 @@ impl Bert {
             layers,
             pooler,
             classifier: None,
+            embed_adapter: None,
             dropout_seed: DropoutSeed::default(),
             rope,
             compute_dtype: opts.compute_dtype,
@@ -405,7 +410,13 @@ impl Family for Bert {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
-        let words = self.word_embeddings.index_select(&ids.flatten_all()?, 0)?;
+        let dt = self.word_embeddings.dtype();
+        let words = embedding_lookup(
+            &self.word_embeddings,
+            self.embed_adapter.as_ref(),
+            &ids.flatten_all()?,
+            dt,
+        )?;
         let at = self
             .position_embeddings
             .index_select(&pos.flatten_all()?, 0)?;
@@ -479,6 +490,24 @@ impl Family for Bert {
 
     fn lm_head(&self) -> Option<&Tensor> {
         None
+    }
+
+    fn token_embedding(&self) -> TokenEmbedding<'_> {
+        TokenEmbedding {
+            path: "bert.embeddings.word_embeddings",
+            weight: &self.word_embeddings,
+            adapter: self.embed_adapter.as_ref(),
+            tied_head: false,
+        }
+    }
+
+    fn token_embedding_mut(&mut self) -> TokenEmbeddingMut<'_> {
+        TokenEmbeddingMut {
+            path: "bert.embeddings.word_embeddings",
+            weight: &mut self.word_embeddings,
+            adapter: &mut self.embed_adapter,
+            head: None,
+        }
     }
 
     fn linears(&self) -> Vec<ModuleRef<'_>> {

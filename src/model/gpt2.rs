@@ -22,9 +22,11 @@ use super::layer_norm::LayerNorm;
 use super::linear::Linear;
 use super::loader::{check_shape, load_linear, LoadOptions, TensorSource};
 use super::transformer::{
-    Family, LayerContext, ModelInfo, ModuleMut, ModuleRef, ParamRef, WeightLayout,
+    embedding_lookup, Family, LayerContext, ModelInfo, ModuleMut, ModuleRef, ParamRef,
+    TokenEmbedding, TokenEmbeddingMut, WeightLayout,
 };
 use crate::lora::dropout::HashDropout;
+use crate::lora::embedding::EmbeddingAdapter;
 use crate::lora::DropoutSeed;
 
 /// The MLP activations GPT-2 checkpoints name.
@@ -268,6 +270,8 @@ pub struct Gpt2 {
     pub ln_f: LayerNorm,
     /// Untied head `[vocab, n_embd]`, if the checkpoint has one.
     pub lm_head: Option<Tensor>,
+    /// LoRA on the token embedding.
+    pub embed_adapter: Option<EmbeddingAdapter>,
     /// No rotation: GPT-2's positions are the learned `wpe` rows.
     rope: Rope,
     /// Seed of the training-mode dropout masks (set by the trainer before each step).
@@ -408,6 +412,7 @@ impl Gpt2 {
             h,
             ln_f,
             lm_head,
+            embed_adapter: None,
             rope,
             dropout_seed: DropoutSeed::default(),
             compute_dtype,
@@ -458,11 +463,18 @@ impl Family for Gpt2 {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let e = self.cfg.n_embd;
-        let tok = self.wte.index_select(&ids.flatten_all()?, 0)?;
-        let at = self.wpe.index_select(&pos.flatten_all()?, 0)?;
-        let h = (tok + at)?
-            .reshape((b, t, e))?
-            .to_dtype(self.compute_dtype)?;
+        let cd = self.compute_dtype;
+        let tok = embedding_lookup(
+            &self.wte,
+            self.embed_adapter.as_ref(),
+            &ids.flatten_all()?,
+            cd,
+        )?;
+        let at = self
+            .wpe
+            .index_select(&pos.flatten_all()?, 0)?
+            .to_dtype(cd)?;
+        let h = (tok + at)?.reshape((b, t, e))?;
         self.dropout(h, self.cfg.embd_pdrop, train, 0)
     }
 
@@ -511,6 +523,24 @@ impl Family for Gpt2 {
 
     fn lm_head(&self) -> Option<&Tensor> {
         Some(self.lm_head.as_ref().unwrap_or(&self.wte))
+    }
+
+    fn token_embedding(&self) -> TokenEmbedding<'_> {
+        TokenEmbedding {
+            path: "transformer.wte",
+            weight: &self.wte,
+            adapter: self.embed_adapter.as_ref(),
+            tied_head: self.lm_head.is_none(),
+        }
+    }
+
+    fn token_embedding_mut(&mut self) -> TokenEmbeddingMut<'_> {
+        TokenEmbeddingMut {
+            path: "transformer.wte",
+            weight: &mut self.wte,
+            adapter: &mut self.embed_adapter,
+            head: Some(&mut self.lm_head),
+        }
     }
 
     fn linears(&self) -> Vec<ModuleRef<'_>> {

@@ -19,8 +19,10 @@ use super::config::{base_inv_freq, projection_path, LlamaConfig, RopeScaling};
 use super::linear::Linear;
 use super::ops;
 use super::transformer::{
-    Family, LayerContext, ModelInfo, ModuleMut, ModuleRef, ParamRef, WeightLayout,
+    embedding_lookup, Family, LayerContext, ModelInfo, ModuleMut, ModuleRef, ParamRef,
+    TokenEmbedding, TokenEmbeddingMut, WeightLayout,
 };
+use crate::lora::embedding::EmbeddingAdapter;
 
 /// RMSNorm in f32 (as transformers does), result cast back to the input dtype, times the weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -244,6 +246,8 @@ pub struct Llama {
     pub norm: Tensor,
     /// Output head `[vocab, hidden]`; `None` when tied to the embeddings.
     pub lm_head: Option<Tensor>,
+    /// LoRA on the token embedding.
+    pub embed_adapter: Option<EmbeddingAdapter>,
     /// RoPE tables.
     pub rope: Rope,
     /// Dtype activations are computed in.
@@ -284,6 +288,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            embed_adapter: None,
             rope,
             compute_dtype,
             classifier: None,
@@ -322,9 +327,13 @@ impl Family for Llama {
         _train: bool,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let e = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
-        e.reshape((b, t, self.cfg.hidden_size))?
-            .to_dtype(self.compute_dtype)
+        embedding_lookup(
+            &self.embed_tokens,
+            self.embed_adapter.as_ref(),
+            &ids.flatten_all()?,
+            self.compute_dtype,
+        )?
+        .reshape((b, t, self.cfg.hidden_size))
     }
 
     fn num_layers(&self) -> usize {
@@ -348,6 +357,25 @@ impl Family for Llama {
 
     fn finish(&self, h: &Tensor) -> Result<Tensor> {
         rms_norm(h, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    fn token_embedding(&self) -> TokenEmbedding<'_> {
+        TokenEmbedding {
+            path: "model.embed_tokens",
+            weight: &self.embed_tokens,
+            adapter: self.embed_adapter.as_ref(),
+            tied_head: self.lm_head.is_none() && self.lm_head().is_some(),
+        }
+    }
+
+    fn token_embedding_mut(&mut self) -> TokenEmbeddingMut<'_> {
+        let decoder_head = !(self.cfg.sequence_classification && !self.cfg.tie_word_embeddings);
+        TokenEmbeddingMut {
+            path: "model.embed_tokens",
+            weight: &mut self.embed_tokens,
+            adapter: &mut self.embed_adapter,
+            head: decoder_head.then_some(&mut self.lm_head),
+        }
     }
 
     /// The LM head; a `*ForSequenceClassification` checkpoint (untied, no `lm_head.weight`)

@@ -17,6 +17,7 @@ use super::classifier::{last_real_token, SequenceClassifier};
 use super::gpt2::Gpt2;
 use super::linear::Linear;
 use super::llama::Llama;
+use crate::lora::embedding::EmbeddingAdapter;
 use crate::lora::DropoutSeed;
 
 /// The numbers every family has, in the names of HF configs.
@@ -94,6 +95,46 @@ pub struct ModuleMut<'a> {
     pub linear: &'a mut Linear,
 }
 
+/// A model's token embedding table and the adapter on it.
+#[derive(Debug)]
+pub struct TokenEmbedding<'a> {
+    /// Checkpoint path without `.weight` (`model.embed_tokens`, `transformer.wte`).
+    pub path: &'static str,
+    /// `[vocab, dim]`.
+    pub weight: &'a Tensor,
+    /// LoRA on the lookup.
+    pub adapter: Option<&'a EmbeddingAdapter>,
+    /// The language-model head is this table (tied).
+    pub tied_head: bool,
+}
+
+/// The token embedding, mutably (to attach, load or merge its adapter).
+#[derive(Debug)]
+pub struct TokenEmbeddingMut<'a> {
+    /// See [`TokenEmbedding::path`].
+    pub path: &'static str,
+    /// `[vocab, dim]`.
+    pub weight: &'a mut Tensor,
+    /// LoRA on the lookup.
+    pub adapter: &'a mut Option<EmbeddingAdapter>,
+    /// A decoder's untied head slot (`None` inside: tied to `weight`); `None` for encoders.
+    pub head: Option<&'a mut Option<Tensor>>,
+}
+
+/// Rows `ids` (flat u32) of `weight` with `adapter`'s update, in `dtype`: `[n, dim]`.
+pub fn embedding_lookup(
+    weight: &Tensor,
+    adapter: Option<&EmbeddingAdapter>,
+    ids: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    let rows = weight.index_select(ids, 0)?.to_dtype(dtype)?;
+    match adapter {
+        Some(a) => rows + a.delta(ids, dtype)?,
+        None => Ok(rows),
+    }
+}
+
 /// A checkpoint tensor, by where its value lives in the model.
 #[derive(Clone, Copy, Debug)]
 pub enum ParamRef<'a> {
@@ -154,6 +195,10 @@ pub trait Family: std::fmt::Debug + Send + Sync {
     fn linears_mut(&mut self) -> Vec<ModuleMut<'_>>;
     /// Every checkpoint tensor under its HF name, in checkpoint order (the classifier apart).
     fn params(&self) -> Vec<(String, ParamRef<'_>)>;
+    /// The token embedding and its adapter.
+    fn token_embedding(&self) -> TokenEmbedding<'_>;
+    /// The token embedding, mutably.
+    fn token_embedding_mut(&mut self) -> TokenEmbeddingMut<'_>;
     /// Take the trainer's dropout seed handle (families whose own layers drop activations in
     /// training mode: BERT).
     fn share_dropout_seed(&mut self, _seed: &DropoutSeed) {}

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::check_targets;
 use crate::atomic_dir::AtomicDir;
 use crate::lora::config::ALL_LINEAR;
+use crate::lora::embedding::{EmbeddingAdapter, EMBEDDING_A, EMBEDDING_B};
 use crate::lora::{LoraAdapter, LoraConfig, LoraInit};
 use crate::model::classifier::{ClassifierConfig, SequenceClassifier};
 use crate::model::error::ModelError;
@@ -344,6 +345,7 @@ pub fn load_adapter(
         };
         m.linear.set_adapter(Some(adapter))?;
     }
+    load_embedding_adapter(model, &cfg, &tensors, &path, dtype, &mut used)?;
     if let Some(c) = model.classifier_mut() {
         if head_modules.contains(&c.module) {
             for (suffix, var) in c.parameters() {
@@ -384,6 +386,65 @@ pub fn load_adapter(
     }
     cfg.dtype = dtype.or(stored_dtype).unwrap_or(DType::F32);
     Ok(cfg)
+}
+
+/// PEFT's key of the full embedding table it saves beside an embedding adapter.
+pub const EMBEDDING_BASE: &str = "base_layer.weight";
+
+/// The adapter on the token embedding, when `cfg` targets it: `lora_embedding_A` `[r, vocab]`,
+/// `lora_embedding_B` `[dim, r]`. PEFT also saves the whole table (`base_layer.weight`) and, when
+/// it loads the adapter, copies it over the model's, so a table that differs replaces the
+/// model's here too (and, as in PEFT, a head tied to it).
+fn load_embedding_adapter(
+    model: &mut Model,
+    cfg: &LoraConfig,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    dtype: Option<DType>,
+    used: &mut std::collections::BTreeSet<String>,
+) -> Result<(), ModelError> {
+    let device = model.device().clone();
+    let emb = model.token_embedding_mut();
+    if !cfg.targets_embedding(emb.path) {
+        *emb.adapter = None;
+        return Ok(());
+    }
+    let (vocab, dim) = emb.weight.dims2()?;
+    let module = cfg.for_module(emb.path);
+    let mut fetch = |suffix: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
+        let key = peft_key(emb.path, suffix);
+        let t = tensors
+            .get(&key)
+            .ok_or_else(|| ModelError::TensorNotFound {
+                name: key.clone(),
+                dir: path.to_path_buf(),
+            })?;
+        if t.dims() != shape {
+            return Err(ModelError::Shape {
+                name: key,
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        used.insert(key);
+        Ok(t.clone())
+    };
+    let a = fetch(EMBEDDING_A, &[module.rank, vocab])?;
+    let b = fetch(EMBEDDING_B, &[dim, module.rank])?;
+    if tensors.contains_key(&peft_key(emb.path, EMBEDDING_BASE)) {
+        let table = fetch(EMBEDDING_BASE, &[vocab, dim])?;
+        *emb.weight = table.to_dtype(emb.weight.dtype())?.to_device(&device)?;
+    }
+    let dt = dtype.unwrap_or(a.dtype());
+    let var = |t: Tensor| -> Result<Var, ModelError> {
+        Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(&device)?)?)
+    };
+    *emb.adapter = Some(EmbeddingAdapter {
+        a: var(a)?,
+        b: var(b)?,
+        scale: module.scale(),
+    });
+    Ok(())
 }
 
 /// PEFT's names of a classification head in `modules_to_save` (`SEQ_CLS` lists both).
@@ -541,6 +602,14 @@ pub fn adapter_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>, ModelE
     let mut out = BTreeMap::new();
     for (key, var) in super::trainable_vars(model) {
         out.insert(key, var.as_tensor().to_device(&Device::Cpu)?);
+    }
+    // As PEFT saves an adapted embedding: the whole table beside the adapter.
+    let emb = model.token_embedding();
+    if emb.adapter.is_some() {
+        out.insert(
+            peft_key(emb.path, EMBEDDING_BASE),
+            emb.weight.to_device(&Device::Cpu)?,
+        );
     }
     Ok(out)
 }

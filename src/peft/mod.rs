@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::lora::config::{target_matches, ALL_LINEAR};
+use crate::lora::embedding::EmbeddingAdapter;
 use crate::lora::init::init_adapter;
 use crate::lora::{DropoutSeed, LoraConfig};
 use crate::model::error::ModelError;
@@ -25,7 +26,8 @@ use crate::model::transformer::Model;
 /// Refuse targets that name no linear layer of `model` (a typo would otherwise train nothing
 /// there without a word).
 pub fn check_targets(model: &Model, targets: &[String]) -> Result<(), String> {
-    let paths: Vec<String> = model.linears().into_iter().map(|m| m.path).collect();
+    let mut paths: Vec<String> = model.linears().into_iter().map(|m| m.path).collect();
+    paths.push(model.token_embedding().path.to_string());
     for t in targets.iter().filter(|t| t.as_str() != ALL_LINEAR) {
         if !paths.iter().any(|p| target_matches(t, p)) {
             let mut names: Vec<&str> = paths
@@ -65,6 +67,20 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), 
         };
         m.linear.set_adapter(adapter)?;
     }
+    let emb = model.token_embedding_mut();
+    *emb.adapter = if cfg.targets_embedding(emb.path) {
+        let module = cfg.for_module(emb.path);
+        Some(EmbeddingAdapter::new(
+            module.rank,
+            emb.weight.dims2()?,
+            module.scale(),
+            cfg.dtype,
+            &mut rng,
+            &device,
+        )?)
+    } else {
+        None
+    };
     Ok(())
 }
 
@@ -94,6 +110,12 @@ pub fn trainable_vars(model: &Model) -> Vec<(String, Var)> {
             for (suffix, var) in a.parameters() {
                 out.push((peft_key(&m.path, suffix), var.clone()));
             }
+        }
+    }
+    let emb = model.token_embedding();
+    if let Some(a) = emb.adapter {
+        for (suffix, var) in a.parameters() {
+            out.push((peft_key(emb.path, suffix), var.clone()));
         }
     }
     if let Some(c) = model.classifier() {

@@ -185,6 +185,17 @@ pub fn loss_and_grads_layerwise(
             .remove(xv.as_tensor())
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {i}: no input gradient")))?;
     }
+    // An adapter on the token embedding: its update enters the first hidden state, whose
+    // gradient `g` now is.
+    if model.token_embedding().adapter.is_some() {
+        let e = model.embed(&batch.ids, &pos, None, true)?;
+        let mut store = (e * g.detach())?.sum_all()?.backward()?;
+        for (slot, v) in grads.iter_mut().zip(vars) {
+            if let Some(gv) = store.remove(v.as_tensor()) {
+                *slot = Some(gv);
+            }
+        }
+    }
     Ok((loss_value, grads))
 }
 
