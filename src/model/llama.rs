@@ -369,7 +369,7 @@ impl Family for Llama {
     }
 
     fn token_embedding_mut(&mut self) -> TokenEmbeddingMut<'_> {
-        let decoder_head = !(self.cfg.sequence_classification && !self.cfg.tie_word_embeddings);
+        let decoder_head = !self.cfg.sequence_classification || self.cfg.tie_word_embeddings;
         TokenEmbeddingMut {
             path: "model.embed_tokens",
             weight: &mut self.embed_tokens,
