@@ -263,3 +263,103 @@ fn embedding_lora_gives_pefts_logits_on_full_precision_and_4bit_bases() {
     );
     assert!(d <= TOL, "4-bit: {d}");
 }
+
+/// 20 steps through `qlora train` from PEFT's initial embedding adapter give PEFT's loss at every
+/// step, and its final embedding adapter.
+#[test]
+fn embedding_lora_trains_as_peft_does() {
+    let train = methods("embedding").join("train");
+    let (_tmp, out, worst) =
+        common::train_like_peft_from(&fixtures().join("arch/qwen2"), &train, 16);
+    println!("embedding LoRA, 20 steps: worst loss difference {worst:.2e} relative");
+    let ours = safetensors(&out.join("adapter").join(peft::io::WEIGHTS_FILE));
+    let theirs = safetensors(&train.join("adapter_final").join(peft::io::WEIGHTS_FILE));
+    let mut keys: Vec<&String> = theirs.keys().collect();
+    keys.sort();
+    assert_eq!(ours.len(), theirs.len(), "{keys:?}");
+    for k in keys {
+        let d = max_abs(&ours[k], &theirs[k]);
+        assert!(d < 1e-4, "{k}: {d}");
+    }
+}
+
+/// `qlora merge --base original --dtype f32` of the embedding adapters. Llama 3 (untied head):
+/// PEFT's `merge_and_unload`. Qwen2 (head tied to the embedding): PEFT's merge changes the head
+/// with the embedding, and its merged model's logits move 0.43 from the adapter's; ours writes
+/// the head apart (`tie_word_embeddings: false`), so the merged model computes base + adapter,
+/// with PEFT's merged embedding.
+#[test]
+fn embedding_merge_equals_peft_and_keeps_a_tied_head() {
+    let r = safetensors(&methods("embedding").join("reference.safetensors"));
+    for name in ["llama3", "qwen2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let o = common::qlora(&[
+            "merge",
+            "--model",
+            common::arg(&fixtures().join("arch").join(name)),
+            "--adapter",
+            common::arg(&methods("embedding").join(name)),
+            "--out",
+            common::arg(&out),
+            "--base",
+            "original",
+            "--dtype",
+            "f32",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let merged = load_as(&out, BaseFormat::Dense);
+        assert!(merged.model.token_embedding().adapter.is_none());
+        let got = merged.model.forward(&ids_of(&r, name)).unwrap();
+        let emb = merged.model.token_embedding().weight.clone();
+        let d_emb = max_abs(&emb, &r[&format!("embed_{name}_merged")]);
+        assert!(d_emb < 1e-6, "{name}: merged embedding differs by {d_emb}");
+        let head = merged.model.lm_head().unwrap().clone();
+        let (want, want_head) = if name == "qwen2" {
+            // Untied on export: the head is the original table.
+            let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["tie_word_embeddings"], false);
+            assert!(
+                max_abs(&got, &r["logits_qwen2_merged"]) > 0.1,
+                "PEFT's tied merge"
+            );
+            (format!("logits_{name}"), format!("head_{name}"))
+        } else {
+            (
+                format!("logits_{name}_merged"),
+                format!("head_{name}_merged"),
+            )
+        };
+        let d = max_abs(&got, &r[&want]);
+        println!("{name}: merged logits within {d:.2e} of PEFT's `{want}`");
+        assert!(d <= TOL, "{name}: merged logits differ by {d}");
+        assert!(max_abs(&head, &r[&want_head]) < 1e-6, "{name}: head");
+    }
+}
+
+/// loralib's `merge_weights`: merged for eval (same outputs), unmerged for training (the table
+/// and a tied head back as they were, up to f32 rounding of `E + Δ − Δ`).
+#[test]
+fn embedding_merge_in_memory_is_reversible() {
+    let r = safetensors(&methods("embedding").join("reference.safetensors"));
+    for name in ["qwen2", "llama3"] {
+        let ids = ids_of(&r, name);
+        let mut m = load_as(&fixtures().join("arch").join(name), BaseFormat::Dense);
+        let table = m.model.token_embedding().weight.clone();
+        let tied = m.model.token_embedding().tied_head;
+        peft::load_adapter(&mut m.model, &methods("embedding").join(name), None).unwrap();
+        let before = m.model.forward(&ids).unwrap();
+        let merged = peft::merge::merge_model(&mut m.model).unwrap();
+        let d = max_abs(&m.model.forward(&ids).unwrap(), &before);
+        assert!(d < 1e-5, "{name}: merged outputs differ by {d}");
+        peft::merge::unmerge_model(&mut m.model, merged, true).unwrap();
+        let emb = m.model.token_embedding();
+        assert!(emb.adapter.is_some());
+        assert_eq!(emb.tied_head, tied, "{name}: the head is tied again");
+        let d = max_abs(emb.weight, &table);
+        assert!(d < 1e-6, "{name}: table restored within {d}");
+        let d = max_abs(&m.model.forward(&ids).unwrap(), &before);
+        assert!(d < 1e-5, "{name}: unmerged outputs differ by {d}");
+    }
+}

@@ -125,6 +125,9 @@ fn export_config(
         ));
     };
     config.remove("quantization_config");
+    if super::tensors::unties_head(model) {
+        config.insert("tie_word_embeddings".into(), json!(false));
+    }
     // A model that classifies is saved as transformers' classifier of its family, with the
     // head's classes (a head added by training is not in the source config).
     if let Some(head) = model.classifier() {

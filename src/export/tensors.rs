@@ -20,6 +20,21 @@ pub struct TensorSpec {
     pub linear_weight: bool,
     /// How the checkpoint stores it (`[in, out]` for GPT-2's Conv1D weights).
     pub layout: WeightLayout,
+    /// What an adapter on the token embedding does to this tensor.
+    pub embedding: EmbeddingRole,
+}
+
+/// A tensor's part in merging a token-embedding adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddingRole {
+    /// Not the token embedding.
+    None,
+    /// The token embedding, its adapter merged in.
+    Merged,
+    /// The head of a model whose head is tied to the embedding: the embedding as it was, so
+    /// the merged model computes what base + adapter computed (PEFT's `merge_and_unload`
+    /// changes a tied head with the embedding; its unmerged model does not).
+    UntiedHead,
 }
 
 impl TensorSpec {
@@ -31,7 +46,10 @@ impl TensorSpec {
 
 /// Every tensor of `model` in HF checkpoint order.
 pub fn tensor_specs(model: &Model) -> Vec<TensorSpec> {
-    model
+    let emb = model.token_embedding();
+    let emb_name = format!("{}.weight", emb.path);
+    let adapted = emb.adapter.is_some();
+    let mut specs: Vec<TensorSpec> = model
         .checkpoint_params()
         .into_iter()
         .enumerate()
@@ -48,15 +66,38 @@ pub fn tensor_specs(model: &Model) -> Vec<TensorSpec> {
                 }
                 ParamRef::Bias(lin) => (vec![lin.base.shape().0], false, WeightLayout::OutIn),
             };
+            let embedding = if adapted && name == emb_name {
+                EmbeddingRole::Merged
+            } else {
+                EmbeddingRole::None
+            };
             TensorSpec {
                 name,
                 index,
                 shape,
                 linear_weight,
                 layout,
+                embedding,
             }
         })
-        .collect()
+        .collect();
+    if adapted && emb.tied_head {
+        if let Some(table) = specs.iter().find(|s| s.embedding == EmbeddingRole::Merged) {
+            specs.push(TensorSpec {
+                name: "lm_head.weight".into(),
+                embedding: EmbeddingRole::UntiedHead,
+                ..table.clone()
+            });
+        }
+    }
+    specs
+}
+
+/// Whether the export writes the head apart from a tied embedding (see
+/// [`EmbeddingRole::UntiedHead`]); its config must then say `tie_word_embeddings: false`.
+pub fn unties_head(model: &Model) -> bool {
+    let emb = model.token_embedding();
+    emb.adapter.is_some() && emb.tied_head
 }
 
 /// The tensor `spec` names, in f32 on the CPU; a linear weight with an adapter comes merged
@@ -69,10 +110,14 @@ pub fn read_merged(model: &Model, spec: &TensorSpec) -> Result<Tensor, ModelErro
     let missing = || ModelError::invalid(spec.name.clone(), "not in the model");
     let params = model.checkpoint_params();
     let (name, param) = params.get(spec.index).ok_or_else(missing)?;
-    if *name != spec.name {
+    if *name != spec.name && spec.embedding != EmbeddingRole::UntiedHead {
         return Err(missing());
     }
     match *param {
+        ParamRef::Dense(t) if spec.embedding == EmbeddingRole::Merged => {
+            let adapter = model.token_embedding().adapter.ok_or_else(missing)?;
+            Ok((f32_cpu(t)? + adapter.delta_weight()?.to_device(&cpu)?)?)
+        }
         ParamRef::Dense(t) => f32_cpu(t),
         ParamRef::Bias(lin) => f32_cpu(lin.bias.as_ref().ok_or_else(missing)?),
         ParamRef::Weight(lin, layout) => {
@@ -97,7 +142,7 @@ pub fn read_merged(model: &Model, spec: &TensorSpec) -> Result<Tensor, ModelErro
     }
 }
 
-/// Linear layers of `model` that carry an adapter.
+/// Linear layers (and the token embedding) of `model` that carry an adapter.
 pub fn adapted_projections(model: &Model) -> usize {
-    model.adapted_linears()
+    model.adapted_linears() + usize::from(model.token_embedding().adapter.is_some())
 }

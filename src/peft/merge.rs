@@ -3,6 +3,7 @@
 
 use candle_core::DType;
 
+use crate::lora::embedding::EmbeddingAdapter;
 use crate::lora::merge::{merged_weight, unmerge_weight, MergedAdapter};
 use crate::model::error::ModelError;
 use crate::model::linear::{BaseWeight, Linear};
@@ -14,6 +15,59 @@ use crate::model::transformer::Model;
 pub struct MergedModel {
     /// One slot per linear layer; `None` where the layer had no adapter.
     pub slots: Vec<Option<MergedAdapter>>,
+    /// The token embedding's adapter, if it had one.
+    pub embedding: Option<MergedEmbedding>,
+}
+
+/// A token-embedding adapter folded into its table.
+#[derive(Clone, Debug)]
+pub struct MergedEmbedding {
+    /// The adapter.
+    pub adapter: EmbeddingAdapter,
+    /// The head was tied to the table and got its own copy of the unmerged table, so the
+    /// merged model computes what base + adapter computed.
+    pub untied: bool,
+}
+
+/// Fold the token embedding's adapter into the table (a tied head keeps the table as it was).
+fn merge_embedding(model: &mut Model) -> candle_core::Result<Option<MergedEmbedding>> {
+    let emb = model.token_embedding_mut();
+    let Some(adapter) = emb.adapter.take() else {
+        return Ok(None);
+    };
+    let untied = match emb.head {
+        Some(slot) if slot.is_none() => {
+            *slot = Some(emb.weight.clone());
+            true
+        }
+        _ => false,
+    };
+    let delta = adapter.delta_weight()?.to_device(emb.weight.device())?;
+    let dtype = emb.weight.dtype();
+    *emb.weight = (emb.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+    Ok(Some(MergedEmbedding { adapter, untied }))
+}
+
+/// Take a merged embedding adapter out of the table again (re-tying the head).
+fn unmerge_embedding(
+    model: &mut Model,
+    merged: MergedEmbedding,
+    reattach: bool,
+) -> candle_core::Result<()> {
+    let emb = model.token_embedding_mut();
+    let delta = merged
+        .adapter
+        .delta_weight()?
+        .to_device(emb.weight.device())?;
+    let dtype = emb.weight.dtype();
+    *emb.weight = (emb.weight.to_dtype(DType::F32)? - delta)?.to_dtype(dtype)?;
+    if merged.untied {
+        if let Some(slot) = emb.head {
+            *slot = None;
+        }
+    }
+    *emb.adapter = reattach.then_some(merged.adapter);
+    Ok(())
 }
 
 /// Fold `lin`'s adapter into its weight. The base becomes dense (a 4-bit base is dequantized
@@ -61,7 +115,13 @@ pub fn merge_model(model: &mut Model) -> Result<MergedModel, ModelError> {
             )
         })?);
     }
-    Ok(MergedModel { slots })
+    let embedding = merge_embedding(model).map_err(|e| {
+        ModelError::invalid(
+            model.token_embedding().path,
+            format!("cannot merge the embedding adapter: {e}"),
+        )
+    })?;
+    Ok(MergedModel { slots, embedding })
 }
 
 /// Subtract the adapters [`merge_model`] folded in; with `reattach` they become separate
@@ -92,6 +152,15 @@ pub fn unmerge_model(
             })?;
         }
     }
+    drop(linears);
+    if let Some(e) = merged.embedding {
+        unmerge_embedding(model, e, reattach).map_err(|e| {
+            ModelError::invalid(
+                model.token_embedding().path,
+                format!("cannot unmerge the embedding adapter: {e}"),
+            )
+        })?;
+    }
     Ok(())
 }
 
@@ -119,5 +188,6 @@ pub fn switch_adapters(
         m.linear.set_adapter(src.linear.adapter.clone())?;
     }
     drop(to);
+    *model.token_embedding_mut().adapter = next.token_embedding().adapter.cloned();
     merge_model(model)
 }

@@ -66,9 +66,18 @@ pub fn arg(p: &Path) -> &str {
 /// `train/losses.json` (PEFT's) within 1e-3 relative and returns the run folder (kept alive by
 /// the returned temp dir) and the worst relative difference.
 pub fn train_like_peft(model: &Path, seq_len: usize) -> (tempfile::TempDir, PathBuf, f64) {
+    train_like_peft_from(model, &model.join("train"), seq_len)
+}
+
+/// [`train_like_peft`] with the PEFT run's files (`adapter_init/`, `data.jsonl`,
+/// `losses.json`) in `train`.
+pub fn train_like_peft_from(
+    model: &Path,
+    train: &Path,
+    seq_len: usize,
+) -> (tempfile::TempDir, PathBuf, f64) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let train = model.join("train");
     let (init, data) = (train.join("adapter_init"), train.join("data.jsonl"));
     let seq = seq_len.to_string();
     let o = qlora(&[
