@@ -363,3 +363,64 @@ fn embedding_merge_in_memory_is_reversible() {
         assert!(d < 1e-5, "{name}: unmerged outputs differ by {d}");
     }
 }
+
+/// Our embedding adapter loads in PEFT and gives our logits there: `ours/embedding/` is what
+/// `qlora train` wrote (`scripts/peft_reads_ours.py`), `peft_logits` what PEFT computes with it.
+/// The same run again writes the same tensors (within f32 summation order across CPUs).
+#[test]
+fn peft_reads_our_embedding_adapter() {
+    let ours = methods("ours/embedding");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let data = methods("embedding").join("train/data.jsonl");
+    let o = common::qlora(&[
+        "train",
+        "--model",
+        common::arg(&fixtures().join("arch/qwen2")),
+        "--data",
+        common::arg(&data),
+        "--out",
+        common::arg(&run),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--lr",
+        "1e-2",
+        "--val-split",
+        "0",
+        "--no-shuffle",
+        "--adapter-dtype",
+        "f32",
+        "--quant",
+        "none",
+        "--seed",
+        "7",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--dropout",
+        "0",
+        "--targets",
+        "embed_tokens,q_proj,v_proj",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again = safetensors(&run.join("adapter").join(peft::io::WEIGHTS_FILE));
+    let kept = safetensors(&ours.join(peft::io::WEIGHTS_FILE));
+    assert_eq!(again.len(), kept.len());
+    for (k, t) in &kept {
+        let d = max_abs(&again[k], t);
+        assert!(d < 1e-5, "{k}: the run wrote other values ({d})");
+    }
+    let r = safetensors(&fixtures().join("arch/qwen2/reference.safetensors"));
+    let mut m = load_as(&fixtures().join("arch/qwen2"), BaseFormat::Dense);
+    peft::load_adapter(&mut m.model, &ours, None).unwrap();
+    let got = m.model.forward(&input_ids(&r)).unwrap();
+    let peft_logits = &safetensors(&ours.join("peft_logits.safetensors"))["logits"];
+    let d = max_abs(&got, peft_logits);
+    println!("our embedding adapter in PEFT: logits within {d:.2e} of ours");
+    assert!(d <= TOL, "{d}");
+}

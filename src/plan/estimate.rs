@@ -78,6 +78,13 @@ pub fn adapter_params(model: &PlanModel, s: &PlanSettings) -> Vec<usize> {
         out.push(r * lin.inp);
         out.push(lin.out * r);
     }
+    // LoRA on the token embedding: A `[r, vocab]`, B `[dim, r]`.
+    let path = model.embedding_path();
+    if s.targets_embedding(path) {
+        let r = s.rank_for(path);
+        out.push(r * model.vocab());
+        out.push(model.hidden() * r);
+    }
     out
 }
 

@@ -111,6 +111,17 @@ impl PlanSettings {
             }
     }
 
+    /// Whether the run puts an adapter on the token embedding at `path` (named by a target;
+    /// `all-linear` does not, nor does a run limited to some layers).
+    pub fn targets_embedding(&self, path: &str) -> bool {
+        self.layers_to_transform
+            .as_ref()
+            .is_none_or(|l| l.is_empty())
+            && self.targets.iter().any(|t| {
+                t != crate::lora::config::ALL_LINEAR && crate::lora::config::target_matches(t, path)
+            })
+    }
+
     /// The rank of the adapter on the module at `path`.
     pub fn rank_for(&self, path: &str) -> usize {
         crate::lora::config::pattern_key(self.rank_pattern.iter().map(|(k, _)| k.as_str()), path)

@@ -189,6 +189,15 @@ impl PlanModel {
         }
     }
 
+    /// Checkpoint path of the token embedding (a LoRA target too).
+    pub fn embedding_path(&self) -> &'static str {
+        match self {
+            PlanModel::Llama(_) => "model.embed_tokens",
+            PlanModel::Gpt2(_) => "transformer.wte",
+            PlanModel::Bert(_) => "bert.embeddings.word_embeddings",
+        }
+    }
+
     /// Elements of the dense tensors held in the weight dtype: embeddings, head, norms.
     pub fn dense_elems(&self) -> usize {
         let (v, h, l) = (self.vocab(), self.hidden(), self.layers());
