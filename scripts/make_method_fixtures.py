@@ -182,13 +182,85 @@ def train(t):
     print("embedding train: losses[0]", losses[0], "losses[19]", losses[19])
 
 
+ADALORA = dict(init_r=6, target_r=3, tinit=3, tfinal=5, deltaT=2, beta1=0.85, beta2=0.85,
+               orth_reg_weight=0.5, total_step=20, lora_alpha=16, lora_dropout=0.0,
+               target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+TINY = os.path.join(ARCH, "..")
+
+
+def orth_reg(pm):
+    """PEFT's AdaLoRA regulariser: mean over A and B of ‖AAᵀ − I‖_F / ‖BᵀB − I‖_F."""
+    total, n = 0.0, 0
+    for name, p in pm.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and "default" in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            total = total + torch.norm(cov - torch.eye(*cov.shape), p="fro")
+            n += 1
+    return total / n
+
+
+def adalora(out):
+    """20 AdaLoRA steps on bitsandbytes' 4-bit tiny-llama (../bnb4/model): budget 24 -> 12
+    triplets over q_proj and v_proj, tinit 3, tfinal 5, deltaT 2, so ranks are masked at steps 4,
+    6, ..., 14, fixed at step 15 and kept after; PEFT's loop: forward, backward, optimizer step,
+    update_and_allocate(step), zero grads."""
+    d = os.path.join(out, "adalora")
+    os.makedirs(d)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.join(TINY, "bnb4", "model"), dtype=torch.float32, device_map="cpu",
+        attn_implementation="eager")
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    torch.manual_seed(50)
+    pm = peft.get_peft_model(model, peft.AdaLoraConfig(**ADALORA))
+    # PEFT starts E at zero; draw it so every parameter moves from step 0.
+    g = torch.Generator().manual_seed(51)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_E" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_adapter(pm, os.path.join(d, "adapter_init"), "../../../bnb4/model")
+    g = torch.Generator().manual_seed(52)
+    data = torch.randint(3, 512, (8, 16), generator=g)
+    with open(os.path.join(d, "data.jsonl"), "w") as f:
+        for row in data.tolist():
+            f.write(json.dumps({"input_ids": row}) + "\n")
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                            foreach=False)
+    pm.train()
+    losses, regs, budgets = [], [], []
+    for step in range(20):
+        batch = data[4 * (step % 2): 4 * (step % 2) + 4]
+        with torch.no_grad():
+            regs.append(orth_reg(pm).item())
+        loss = pm(input_ids=batch, labels=batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        budgets.append(pm.base_model.rankallocator.budget_schedule(step)[0])
+        opt.zero_grad()
+    rank_pattern = pm.peft_config["default"].rank_pattern
+    save_adapter(pm, os.path.join(d, "adapter_final"), "../../../bnb4/model")
+    with open(os.path.join(d, "losses.json"), "w") as f:
+        json.dump({"losses": losses, "orth_reg": regs, "budget": budgets, "batch_size": 4,
+                   "seq_len": 16, "lr": 1e-3,
+                   "rank_pattern": {k: [bool(x) for x in v] for k, v in rank_pattern.items()}},
+                  f, indent=2)
+    print("adalora: losses[0]", losses[0], "losses[19]", losses[19],
+          "kept", {k: sum(v) for k, v in rank_pattern.items()})
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/methods"
-    for name in ["patterns", "embedding"]:
+    for name in ["patterns", "embedding", "adalora"]:
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     patterns(out)
     embedding(out)
+    adalora(out)
     versions = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,

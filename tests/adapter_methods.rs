@@ -270,7 +270,7 @@ fn embedding_lora_gives_pefts_logits_on_full_precision_and_4bit_bases() {
 fn embedding_lora_trains_as_peft_does() {
     let train = methods("embedding").join("train");
     let (_tmp, out, worst) =
-        common::train_like_peft_from(&fixtures().join("arch/qwen2"), &train, 16);
+        common::train_like_peft_from(&fixtures().join("arch/qwen2"), &train, 16, "none");
     println!("embedding LoRA, 20 steps: worst loss difference {worst:.2e} relative");
     let ours = safetensors(&out.join("adapter").join(peft::io::WEIGHTS_FILE));
     let theirs = safetensors(&train.join("adapter_final").join(peft::io::WEIGHTS_FILE));
@@ -423,4 +423,66 @@ fn peft_reads_our_embedding_adapter() {
     let d = max_abs(&got, peft_logits);
     println!("our embedding adapter in PEFT: logits within {d:.2e} of ours");
     assert!(d <= TOL, "{d}");
+}
+
+/// 20 AdaLoRA steps on bitsandbytes' 4-bit tiny-llama from PEFT's initial AdaLoRA adapter: every
+/// step's loss (PEFT's `output.loss`, the orthogonality penalty included) and penalty, the
+/// final `rank_pattern` (budget 24 → 12 triplets, masked at steps 4, 6, ..., 15) and the pruned
+/// adapter PEFT saves.
+#[test]
+fn adalora_trains_as_peft_does() {
+    let d = methods("adalora");
+    let (_tmp, out, worst) =
+        common::train_like_peft_from(&fixtures().join("bnb4/model"), &d, 16, "nf4");
+    println!("AdaLoRA, 20 steps: worst loss difference {worst:.2e} relative");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("losses.json")).unwrap()).unwrap();
+    let regs: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("orth_reg").and_then(|x| x.as_f64()))
+        .collect();
+    let want_regs: Vec<f64> = want["orth_reg"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(regs.len(), 20);
+    for (step, (g, w)) in regs.iter().zip(&want_regs).enumerate() {
+        assert!(
+            (g - w).abs() / w < 1e-4,
+            "step {step}: orth_reg {g} vs PEFT {w}"
+        );
+    }
+    let adapter = out.join("adapter");
+    let ours = config(&adapter);
+    let theirs = config(&d.join("adapter_final"));
+    assert_eq!(ours["peft_type"], "ADALORA");
+    assert_eq!(
+        ours["rank_pattern"], theirs["rank_pattern"],
+        "final rank pattern"
+    );
+    for key in [
+        "init_r",
+        "target_r",
+        "tinit",
+        "tfinal",
+        "deltaT",
+        "total_step",
+        "orth_reg_weight",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    let ours = safetensors(&adapter.join(peft::io::WEIGHTS_FILE));
+    let theirs = safetensors(&d.join("adapter_final").join(peft::io::WEIGHTS_FILE));
+    assert_eq!(ours.len(), theirs.len());
+    let mut worst_t = 0f32;
+    for (k, t) in &theirs {
+        assert_eq!(ours[k].dims(), t.dims(), "{k}");
+        worst_t = worst_t.max(max_abs(&ours[k], t));
+    }
+    println!("AdaLoRA final adapter within {worst_t:.2e} of PEFT's");
+    assert!(worst_t < 1e-4, "{worst_t}");
 }

@@ -8,6 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::model_args::ModelArgs;
+use crate::lora::adalora::AdaLoraConfig;
 use crate::lora::{parse_targets, LoraConfig, LoraInit};
 use crate::model::classifier::{ClassifierConfig, SequenceClassifier};
 use crate::model::loader::BaseFormat;
@@ -84,6 +85,34 @@ pub struct TrainOptions {
     /// Adapt only these layers (PEFT's `layers_to_transform`): `0,1,5`.
     #[arg(long, value_name = "N,...")]
     pub layers_to_transform: Option<String>,
+    /// AdaLoRA (PEFT's `AdaLoraConfig`): SVD-form adapters whose ranks are pruned from
+    /// --init-r to an average of --target-r over the run.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub adalora: Option<bool>,
+    /// AdaLoRA: initial rank of every module [default: 12].
+    #[arg(long)]
+    pub init_r: Option<usize>,
+    /// AdaLoRA: average rank at the end [default: 8].
+    #[arg(long)]
+    pub target_r: Option<usize>,
+    /// AdaLoRA: steps before the budget starts to fall [default: 0].
+    #[arg(long)]
+    pub tinit: Option<usize>,
+    /// AdaLoRA: steps at the final budget [default: 0].
+    #[arg(long)]
+    pub tfinal: Option<usize>,
+    /// AdaLoRA: steps between two rank allocations [default: 1].
+    #[arg(long)]
+    pub delta_t: Option<usize>,
+    /// AdaLoRA: weight of the orthogonality penalty [default: 0.5].
+    #[arg(long)]
+    pub orth_reg_weight: Option<f64>,
+    /// AdaLoRA: EMA factor of the importance [default: 0.85].
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// AdaLoRA: EMA factor of its uncertainty [default: 0.85].
+    #[arg(long)]
+    pub beta2: Option<f64>,
     /// Adapter weights dtype: bf16 | f32 [default: bf16].
     #[arg(long)]
     pub adapter_dtype: Option<String>,
@@ -330,6 +359,15 @@ impl TrainOptions {
                 rank_pattern,
                 alpha_pattern,
                 layers_to_transform,
+                adalora,
+                init_r,
+                target_r,
+                tinit,
+                tfinal,
+                delta_t,
+                orth_reg_weight,
+                beta1,
+                beta2,
                 adapter_dtype,
                 init,
                 rslora,
@@ -364,7 +402,7 @@ impl TrainOptions {
             "f32" => DType::F32,
             other => anyhow::bail!("--adapter-dtype `{other}`: expected bf16 or f32"),
         };
-        let lora = LoraConfig {
+        let mut lora = LoraConfig {
             rank: o.rank.unwrap_or(16),
             alpha: o.alpha.unwrap_or(32.0),
             dropout: o.dropout.unwrap_or(0.05),
@@ -395,8 +433,31 @@ impl TrainOptions {
                         })
                 })
                 .transpose()?,
+            adalora: o.adalora.unwrap_or(false).then(|| {
+                let d = AdaLoraConfig::default();
+                AdaLoraConfig {
+                    init_r: o.init_r.unwrap_or(d.init_r),
+                    target_r: o.target_r.unwrap_or(d.target_r),
+                    tinit: o.tinit.unwrap_or(d.tinit),
+                    tfinal: o.tfinal.unwrap_or(d.tfinal),
+                    delta_t: o.delta_t.unwrap_or(d.delta_t),
+                    beta1: o.beta1.unwrap_or(d.beta1),
+                    beta2: o.beta2.unwrap_or(d.beta2),
+                    orth_reg_weight: o.orth_reg_weight.unwrap_or(d.orth_reg_weight),
+                    // The run's steps, set once the data is known.
+                    total_step: 0,
+                    rank_pattern: None,
+                }
+            }),
             ..Default::default()
         };
+        if let Some(a) = &lora.adalora {
+            anyhow::ensure!(
+                !lora.use_dora && lora.rank_pattern.is_empty() && lora.alpha_pattern.is_empty(),
+                "--adalora cannot be combined with --dora, --rank-pattern or --alpha-pattern"
+            );
+            lora.rank = a.init_r;
+        }
         lora.validate_patterns().map_err(anyhow::Error::msg)?;
         Ok(TrainRecipe {
             steps: o.steps,
@@ -534,7 +595,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         .map(|d| d.join("adapter"))
         .or(args.init_adapter.clone());
     let adapter_dtype = recipe.lora.dtype;
-    let lora_cfg = match &init_from {
+    let mut lora_cfg = match &init_from {
         Some(dir) => peft::load_adapter(&mut m.model, dir, Some(adapter_dtype)).with_context(
             || match &args.resume {
                 Some(r) => format!("loading the adapter of --resume {}", r.display()),
@@ -556,6 +617,26 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     }
     let (mut train_batches, val_batches) = (data.train, data.val);
     let mut settings = recipe.settings(&train_batches);
+    if let Some(a) = lora_cfg.adalora.as_mut() {
+        if init_from.is_none() {
+            a.total_step = settings.steps;
+        } else {
+            anyhow::ensure!(
+                a.rank_pattern.is_none(),
+                "--init-adapter: this AdaLoRA adapter's ranks are already pruned (it has a \
+                 rank_pattern); training it further is not supported"
+            );
+            if a.total_step != settings.steps {
+                println!(
+                    "note: the AdaLoRA adapter's total_step is {}, this run takes {} steps; its \
+                     budget schedule follows total_step",
+                    a.total_step, settings.steps
+                );
+            }
+        }
+        a.validate()
+            .map_err(|e| anyhow::anyhow!("AdaLoRA settings: {e}"))?;
+    }
     settings.resume = args.resume.clone();
     settings.stop = Some(interrupt_flag()?);
     let (steps, lr, kind, warmup) = (

@@ -52,6 +52,9 @@ pub struct LoraAdapter {
     pub dropout: f32,
     /// DoRA magnitude vector `[out]`; `None` for plain LoRA.
     pub magnitude: Option<Var>,
+    /// AdaLoRA's singular values `[r, 1]` (`lora_E`): the update is `B · (A ⊙ E)`, A and B the
+    /// singular vectors; `None` for LoRA.
+    pub e: Option<Var>,
     /// Distinguishes this adapter's dropout masks from the others'.
     pub dropout_key: u64,
     /// Shared dropout seed (see [`DropoutSeed`]).
@@ -69,6 +72,18 @@ impl LoraAdapter {
         (self.b.dims()[0], self.a.dims()[1])
     }
 
+    /// The down projection as the update uses it: A, or AdaLoRA's `A ⊙ E` (differentiable in
+    /// both).
+    pub fn effective_a(&self) -> Result<Tensor> {
+        match &self.e {
+            None => Ok(self.a.as_tensor().clone()),
+            Some(e) => self
+                .a
+                .as_tensor()
+                .broadcast_mul(&e.as_tensor().to_dtype(self.a.dtype())?),
+        }
+    }
+
     /// The low-rank term `scale · (dropout(x) · Aᵀ) · Bᵀ` in `x`'s dtype; `x` is `[m, in]`.
     pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dt = x.dtype();
@@ -77,7 +92,7 @@ impl LoraAdapter {
         } else {
             x.clone()
         };
-        let a = self.a.as_tensor().to_dtype(dt)?;
+        let a = self.effective_a()?.to_dtype(dt)?;
         let b = self.b.as_tensor().to_dtype(dt)?;
         // The scale goes on the rank-r intermediate ([m, r]), not on the [m, out] result.
         (x.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)
@@ -112,7 +127,7 @@ impl LoraAdapter {
         };
         match FusedLoraLinear::new(base, x, self.scale, dropout) {
             Some(op) => op
-                .forward(x, self.a.as_tensor(), self.b.as_tensor())
+                .forward(x, &self.effective_a()?, self.b.as_tensor())
                 .map(Some),
             None => Ok(None),
         }
@@ -120,13 +135,17 @@ impl LoraAdapter {
 
     /// `scale · B · A` as an `[out, in]` f32 tensor (for merging).
     pub fn delta_weight(&self) -> Result<Tensor> {
-        let a = self.a.as_tensor().to_dtype(DType::F32)?;
+        let a = self.effective_a()?.to_dtype(DType::F32)?;
         let b = self.b.as_tensor().to_dtype(DType::F32)?;
         b.matmul(&a)? * self.scale
     }
 
     /// Every trainable tensor of this adapter, with its PEFT suffix (`lora_A.weight`, ...).
     pub fn parameters(&self) -> Vec<(&'static str, &Var)> {
+        // AdaLoRA's are parameters of their own in PEFT, saved without `.weight`.
+        if let Some(e) = &self.e {
+            return vec![("lora_A", &self.a), ("lora_E", e), ("lora_B", &self.b)];
+        }
         let mut p = vec![("lora_A.weight", &self.a), ("lora_B.weight", &self.b)];
         if let Some(m) = &self.magnitude {
             p.push(("lora_magnitude_vector", m));

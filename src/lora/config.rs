@@ -68,6 +68,8 @@ pub struct LoraConfig {
     pub layers_pattern: Vec<String>,
     /// PEFT's `exclude_modules` (list form): modules that match get no adapter.
     pub exclude_modules: Vec<String>,
+    /// AdaLoRA (`peft_type: ADALORA`): SVD-form adapters of rank `init_r` and a rank budget.
+    pub adalora: Option<super::adalora::AdaLoraConfig>,
 }
 
 impl Default for LoraConfig {
@@ -86,6 +88,7 @@ impl Default for LoraConfig {
             layers_to_transform: None,
             layers_pattern: Vec::new(),
             exclude_modules: Vec::new(),
+            adalora: None,
         }
     }
 }
@@ -130,6 +133,9 @@ pub fn layer_index(path: &str, patterns: &[String]) -> Option<usize> {
 impl LoraConfig {
     /// The scale applied to `B·A`.
     pub fn scale(&self) -> f64 {
+        if let Some(a) = &self.adalora {
+            return a.scale(self.alpha);
+        }
         if self.use_rslora {
             self.alpha / (self.rank as f64).sqrt()
         } else {
@@ -169,8 +175,12 @@ impl LoraConfig {
                 .is_none_or(|l| l.is_empty())
     }
 
-    /// Rank of the adapter on the module at `path` (`rank_pattern`, else `r`).
+    /// Rank of the adapter on the module at `path` (`rank_pattern`, else `r`; for AdaLoRA the
+    /// singular values its pattern keeps, else `init_r`).
     pub fn rank_for(&self, path: &str) -> usize {
+        if let Some(a) = &self.adalora {
+            return a.rank_of(path);
+        }
         pattern_key(self.rank_pattern.iter().map(|(k, _)| k.as_str()), path)
             .and_then(|k| self.rank_pattern.iter().find(|(p, _)| p == k))
             .map_or(self.rank, |(_, r)| *r)

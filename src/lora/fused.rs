@@ -362,6 +362,7 @@ mod tests {
             scale: 1.75,
             dropout,
             magnitude: None,
+            e: None,
             dropout_key: 5,
             dropout_seed: seed,
         }

@@ -30,6 +30,9 @@ pub fn init_adapter(
             format!("rank {r} is larger than the layer ({out} x {inp})"),
         ));
     }
+    if cfg.adalora.is_some() {
+        return adalora_adapter(cfg, (out, inp), rng, device);
+    }
     let (a, b) = match cfg.init {
         LoraInit::Kaiming => {
             // kaiming_uniform_(a=√5) on [r, in] has bound gain·√(3/fan_in) = 1/√in.
@@ -58,6 +61,7 @@ pub fn init_adapter(
         scale: cfg.scale(),
         dropout: cfg.dropout,
         magnitude: None,
+        e: None,
         dropout_key: 0,
         dropout_seed: Default::default(),
     };
@@ -69,6 +73,41 @@ pub fn init_adapter(
         adapter.magnitude = Some(Var::from_tensor(&norms.to_dtype(cfg.dtype)?)?);
     }
     Ok(adapter)
+}
+
+/// AdaLoRA's start (PEFT's `reset_lora_parameters`): A and B `N(0, 0.02)`, E zero, so the
+/// layer is unchanged at step 0.
+fn adalora_adapter(
+    cfg: &LoraConfig,
+    (out, inp): (usize, usize),
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<LoraAdapter, LoraError> {
+    if cfg.use_dora {
+        return Err(LoraError::invalid(
+            "AdaLoRA",
+            "DoRA adapters cannot be AdaLoRA's",
+        ));
+    }
+    let r = cfg.rank;
+    let normal =
+        Normal::new(0.0f32, 0.02).map_err(|e| LoraError::invalid("AdaLoRA init", e.to_string()))?;
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| normal.sample(rng)).collect() };
+    let to_var = |v: Vec<f32>, shape: (usize, usize)| -> Result<Var, LoraError> {
+        Ok(Var::from_tensor(
+            &Tensor::from_vec(v, shape, device)?.to_dtype(cfg.dtype)?,
+        )?)
+    };
+    Ok(LoraAdapter {
+        a: to_var(draw(r * inp), (r, inp))?,
+        b: to_var(draw(out * r), (out, r))?,
+        e: Some(to_var(vec![0f32; r], (r, 1))?),
+        scale: cfg.scale(),
+        dropout: cfg.dropout,
+        magnitude: None,
+        dropout_key: 0,
+        dropout_seed: Default::default(),
+    })
 }
 
 /// PiSSA: `W = U S Vᵀ`; `A = √S_r V_rᵀ / √s`, `B = U_r √S_r / √s`; the base becomes

@@ -74,6 +74,7 @@ mod tests {
             scale: 2.0,
             dropout: 0.0,
             magnitude: dora.then(|| var(Tensor::rand(0.5f32, 1.5, out, &dev).unwrap())),
+            e: None,
             dropout_key: 0,
             dropout_seed: Default::default(),
         }

@@ -2,6 +2,7 @@
 //! rsLoRA, DoRA), its dropout and fused CPU op, initialisation, and folding it into one weight.
 //! Walking a model to attach, load, save or merge adapters is [`crate::peft`]'s job.
 
+pub mod adalora;
 pub mod adapter;
 pub mod config;
 pub mod dropout;

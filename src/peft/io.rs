@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::check_targets;
 use crate::atomic_dir::AtomicDir;
+use crate::lora::adalora::AdaLoraConfig;
 use crate::lora::config::ALL_LINEAR;
 use crate::lora::embedding::{EmbeddingAdapter, EMBEDDING_A, EMBEDDING_B};
 use crate::lora::{LoraAdapter, LoraConfig, LoraInit};
@@ -42,15 +43,23 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
         path: path.display().to_string(),
         what,
     };
-    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
-        if t != "LORA" {
-            return Err(bad(format!("peft_type `{t}` is not supported (only LORA)")));
+    let adalora = match v.get("peft_type").and_then(Value::as_str) {
+        None | Some("LORA") => None,
+        Some("ADALORA") => Some(read_adalora(&v).map_err(&bad)?),
+        Some(t) => {
+            return Err(bad(format!(
+                "peft_type `{t}` is not supported (LORA, ADALORA)"
+            )))
         }
-    }
-    let rank = v
-        .get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad("missing integer field `r`".into()))? as usize;
+    };
+    // AdaLoRA ignores `r` (PEFT writes its default 8): every module starts at `init_r`.
+    let rank = match &adalora {
+        Some(a) => a.init_r,
+        None => v
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("missing integer field `r`".into()))? as usize,
+    };
     if rank == 0 {
         return Err(bad("`r` must be positive".into()));
     }
@@ -73,7 +82,12 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
         }
     };
     refuse_unimplemented(&v).map_err(bad)?;
-    let patterns: Patterns = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let patterns: Patterns = if adalora.is_some() {
+        // AdaLoRA's `rank_pattern` is its masks, read with its other fields.
+        Patterns::default()
+    } else {
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+    };
     let rank_pattern = patterns
         .rank_pattern
         .0
@@ -163,8 +177,70 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
         layers_to_transform,
         layers_pattern,
         exclude_modules,
+        adalora,
     };
-    cfg.validate_patterns().map_err(bad)?;
+    cfg.validate_patterns().map_err(&bad)?;
+    if cfg.adalora.is_some() && cfg.use_dora {
+        return Err(bad(
+            "AdaLoRA with `use_dora` is not supported (nor is it by PEFT)".into(),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// AdaLoRA's fields of `adapter_config.json`; `rank_pattern` is `{"<module>.lora_E": [kept,
+/// ...]}` (or null before any masking).
+fn read_adalora(v: &Value) -> Result<AdaLoraConfig, String> {
+    let int = |k: &str| -> Result<usize, String> {
+        v.get(k)
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .ok_or(format!("AdaLoRA field `{k}` is missing or not an integer"))
+    };
+    let float = |k: &str| -> Result<f64, String> {
+        v.get(k)
+            .and_then(Value::as_f64)
+            .ok_or(format!("AdaLoRA field `{k}` is missing or not a number"))
+    };
+    let init_r = int("init_r")?;
+    let rank_pattern = match v.get("rank_pattern") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) if m.is_empty() => None,
+        Some(Value::Object(m)) => Some(
+            m.iter()
+                .map(|(k, mask)| {
+                    let path = k.strip_suffix(".lora_E").ok_or(format!(
+                        "rank_pattern key `{k}` is not an AdaLoRA module's `<path>.lora_E`"
+                    ))?;
+                    let mask: Vec<bool> = mask
+                        .as_array()
+                        .and_then(|a| a.iter().map(Value::as_bool).collect())
+                        .ok_or(format!("rank_pattern `{k}` is not a list of booleans"))?;
+                    if mask.len() != init_r {
+                        return Err(format!(
+                            "rank_pattern `{k}` has {} entries, init_r is {init_r}",
+                            mask.len()
+                        ));
+                    }
+                    Ok((path.to_string(), mask))
+                })
+                .collect::<Result<Vec<_>, String>>()?,
+        ),
+        Some(other) => return Err(format!("rank_pattern {other} is not an object")),
+    };
+    let cfg = AdaLoraConfig {
+        init_r,
+        target_r: int("target_r")?,
+        tinit: int("tinit")?,
+        tfinal: int("tfinal")?,
+        delta_t: int("deltaT")?,
+        beta1: float("beta1")?,
+        beta2: float("beta2")?,
+        orth_reg_weight: float("orth_reg_weight")?,
+        total_step: int("total_step")?,
+        rank_pattern,
+    };
+    cfg.validate()?;
     Ok(cfg)
 }
 
@@ -199,7 +275,7 @@ impl<'de> serde::Deserialize<'de> for Ordered {
 }
 
 /// The two pattern maps of `adapter_config.json`, in file order.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default)]
 struct Patterns {
     #[serde(default)]
     rank_pattern: Ordered,
@@ -235,6 +311,16 @@ const KNOWN_KEYS: &[&str] = &[
     // Only read with `use_qalora` / a LoftQ init, both refused.
     "qalora_group_size",
     "loftq_config",
+    // AdaLoRA's, read when `peft_type` is ADALORA.
+    "init_r",
+    "target_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
 ];
 
 /// Refuse every other key unless it holds PEFT's default (`null`, `false`, `{}` or `[]`): a
@@ -318,8 +404,19 @@ pub fn load_adapter(
             Ok(t.clone())
         };
         let module = cfg.for_module(&m.path);
-        let a = fetch("lora_A.weight", &[module.rank, inp])?;
-        let b = fetch("lora_B.weight", &[out, module.rank])?;
+        let ada = cfg.adalora.is_some();
+        let (sa, sb) = if ada {
+            ("lora_A", "lora_B")
+        } else {
+            ("lora_A.weight", "lora_B.weight")
+        };
+        let a = fetch(sa, &[module.rank, inp])?;
+        let b = fetch(sb, &[out, module.rank])?;
+        let e = if ada {
+            Some(fetch("lora_E", &[module.rank, 1])?)
+        } else {
+            None
+        };
         stored_dtype.get_or_insert(a.dtype());
         let magnitude = if cfg.use_dora {
             let key = peft_key(&m.path, "lora_magnitude_vector");
@@ -340,6 +437,7 @@ pub fn load_adapter(
             scale: module.scale(),
             dropout: cfg.dropout,
             magnitude: magnitude.map(var).transpose()?,
+            e: e.map(var).transpose()?,
             dropout_key: 0,
             dropout_seed: Default::default(),
         };
@@ -408,6 +506,12 @@ fn load_embedding_adapter(
     if !cfg.targets_embedding(emb.path) {
         *emb.adapter = None;
         return Ok(());
+    }
+    if cfg.adalora.is_some() {
+        return Err(ModelError::invalid(
+            emb.path,
+            "AdaLoRA on a token embedding is not supported (nor by PEFT)",
+        ));
     }
     let (vocab, dim) = emb.weight.dims2()?;
     let module = cfg.for_module(emb.path);
@@ -636,7 +740,7 @@ pub fn config_json(cfg: &LoraConfig, model: &Model, base_model: &str) -> Value {
     targets.dedup();
     let fan_in_fan_out = adapted.iter().any(|m| m.layout == WeightLayout::InOut);
     let pattern = |entries: Vec<(String, Value)>| Value::Object(entries.into_iter().collect());
-    json!({
+    let mut v = json!({
         "alpha_pattern": pattern(cfg.alpha_pattern.iter().map(|(k, a)| (k.clone(), alpha_json(*a))).collect()),
         "exclude_modules": if cfg.exclude_modules.is_empty() {
             Value::Null
@@ -675,7 +779,71 @@ pub fn config_json(cfg: &LoraConfig, model: &Model, base_model: &str) -> Value {
         "task_type": if model.classifier().is_some() { "SEQ_CLS" } else { "CAUSAL_LM" },
         "use_dora": cfg.use_dora,
         "use_rslora": cfg.use_rslora,
-    })
+    });
+    if let (Some(a), Value::Object(map)) = (&cfg.adalora, &mut v) {
+        // PEFT's AdaLoraConfig: `r` keeps its (ignored) default, `rank_pattern` holds the masks.
+        let pattern = a.rank_pattern.as_ref().map(|p| {
+            Value::Object(
+                p.iter()
+                    .map(|(path, mask)| (format!("{path}.lora_E"), json!(mask)))
+                    .collect(),
+            )
+        });
+        for (k, x) in [
+            ("peft_type", json!("ADALORA")),
+            ("r", json!(8)),
+            ("init_r", json!(a.init_r)),
+            ("target_r", json!(a.target_r)),
+            ("tinit", json!(a.tinit)),
+            ("tfinal", json!(a.tfinal)),
+            ("deltaT", json!(a.delta_t)),
+            ("beta1", json!(a.beta1)),
+            ("beta2", json!(a.beta2)),
+            ("orth_reg_weight", json!(a.orth_reg_weight)),
+            ("total_step", json!(a.total_step)),
+            ("rank_pattern", pattern.unwrap_or(Value::Null)),
+        ] {
+            map.insert(k.to_string(), x);
+        }
+        map.remove("use_dora");
+    }
+    v
+}
+
+/// AdaLoRA's adapters as PEFT saves them: only the singular triplets `pattern` keeps (rows of A
+/// and E, columns of B); modules already of the kept size stay as they are.
+fn prune_to_pattern(
+    tensors: &mut BTreeMap<String, Tensor>,
+    pattern: &[(String, Vec<bool>)],
+) -> Result<(), ModelError> {
+    for (path, keep) in pattern {
+        let idx: Vec<u32> = (0..keep.len() as u32)
+            .filter(|&k| keep[k as usize])
+            .collect();
+        for (suffix, dim) in [("lora_A", 0), ("lora_E", 0), ("lora_B", 1)] {
+            let key = peft_key(path, suffix);
+            let Some(t) = tensors.get(&key) else {
+                return Err(ModelError::invalid(
+                    key,
+                    "is in the AdaLoRA rank pattern but has no adapter",
+                ));
+            };
+            if t.dim(dim)? == idx.len() {
+                continue;
+            }
+            if t.dim(dim)? != keep.len() {
+                return Err(ModelError::Shape {
+                    name: key,
+                    expected: vec![keep.len()],
+                    got: t.dims().to_vec(),
+                });
+            }
+            let ids = Tensor::new(idx.as_slice(), t.device())?;
+            let pruned = t.index_select(&ids, dim)?;
+            tensors.insert(key, pruned);
+        }
+    }
+    Ok(())
 }
 
 /// An alpha as PEFT writes it: an integer when integral.
@@ -695,7 +863,10 @@ pub fn save_adapter(
     base_model: &str,
     dir: &Path,
 ) -> Result<(), ModelError> {
-    let tensors = adapter_tensors(model)?;
+    let mut tensors = adapter_tensors(model)?;
+    if let Some(pattern) = cfg.adalora.as_ref().and_then(|a| a.rank_pattern.as_ref()) {
+        prune_to_pattern(&mut tensors, pattern)?;
+    }
     let staging = AtomicDir::new(dir)
         .map_err(|e| ModelError::invalid(dir.display().to_string(), e.to_string()))?;
     let cfg_path = staging.path().join(CONFIG_FILE);

@@ -68,6 +68,12 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), 
         m.linear.set_adapter(adapter)?;
     }
     let emb = model.token_embedding_mut();
+    if cfg.adalora.is_some() && cfg.targets_embedding(emb.path) {
+        return Err(ModelError::invalid(
+            emb.path,
+            "AdaLoRA on a token embedding is not supported (nor by PEFT)",
+        ));
+    }
     *emb.adapter = if cfg.targets_embedding(emb.path) {
         let module = cfg.for_module(emb.path);
         Some(EmbeddingAdapter::new(

@@ -98,7 +98,11 @@ impl TrainRecipe {
     pub fn load_data(&self, model: &LoadedModel, data: &Path) -> Result<RunData, ModelError> {
         let tok = model.tokenizer.as_ref();
         let info = model.model.info();
-        let dopts = DataOptions::new(self.seq_len, info.vocab_size);
+        let mut dopts = DataOptions::new(self.seq_len, info.vocab_size);
+        // Without a tokenizer, the config's `eos_token_id` is the end of a document.
+        if tok.is_none_or(|t| t.eos_token_ids().is_empty()) {
+            dopts.eos_token_id = info.eos_token_ids.first().copied();
+        }
         // A classifier reads labelled records, one example per row, padded within a batch.
         let labels = model.model.classifier().map(|c| LabelSpace {
             names: c.config.labels.clone(),

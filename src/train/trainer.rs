@@ -18,6 +18,7 @@ use super::layerwise::{loss_and_grads_layerwise, Checkpointing};
 use super::plot::{draw_curves, draw_loss_curves, Series};
 use super::step::Batch;
 use crate::data::batches::Batches;
+use crate::lora::adalora::{orth_reg, RankAllocator, Triplet};
 use crate::lora::LoraConfig;
 use crate::model::error::ModelError;
 use crate::model::transformer::Model;
@@ -195,6 +196,61 @@ fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
 }
 
 /// Train `model`'s adapters on batches from `train` (cycling over epochs) for
+/// AdaLoRA's orthogonality penalty over the model's adapters (its value), with
+/// `weight ×` its gradient added to the A and B entries of `grads`.
+fn adalora_penalty(
+    model: &Model,
+    vars: &[Var],
+    grads: &mut [Option<Tensor>],
+    weight: f64,
+) -> Result<f64, ModelError> {
+    let linears = model.linears();
+    let adapters: Vec<&crate::lora::LoraAdapter> = linears
+        .iter()
+        .filter_map(|m| m.linear.adapter.as_ref())
+        .collect();
+    let reg = orth_reg(&adapters)?;
+    let value = reg.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let store = (reg * weight)?.backward()?;
+    for (slot, v) in grads.iter_mut().zip(vars) {
+        if let Some(g) = store.get(v.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(x) => (x + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(value)
+}
+
+/// The AdaLoRA modules of `linears` with this step's gradients of A, E and B (found among
+/// `vars` by identity).
+fn adalora_triplets<'a>(
+    linears: &'a [crate::model::transformer::ModuleRef<'a>],
+    vars: &[Var],
+    grads: &'a [Option<Tensor>],
+) -> Result<Vec<Triplet<'a>>, ModelError> {
+    let grad_of = |v: &Var| -> Result<&'a Tensor, ModelError> {
+        vars.iter()
+            .position(|x| x.as_tensor().id() == v.as_tensor().id())
+            .and_then(|i| grads[i].as_ref())
+            .ok_or_else(|| ModelError::invalid("AdaLoRA", "an adapter tensor has no gradient"))
+    };
+    let mut out = Vec::new();
+    for m in linears {
+        let Some(a) = m.linear.adapter.as_ref() else {
+            continue;
+        };
+        let Some(e) = a.e.as_ref() else { continue };
+        out.push(Triplet {
+            path: &m.path,
+            adapter: a,
+            grads: [grad_of(&a.a)?, grad_of(e)?, grad_of(&a.b)?],
+        });
+    }
+    Ok(out)
+}
+
 /// `settings.steps` optimizer steps, validating on `val`; writes `metrics.jsonl`, `loss.svg`
 /// and the PEFT adapter under `out`.
 pub fn train(
@@ -206,6 +262,22 @@ pub fn train(
     settings: &TrainSettings,
     out: &Path,
 ) -> Result<TrainReport, ModelError> {
+    if lora_cfg.adalora.is_some() && settings.resume.is_some() {
+        return Err(ModelError::invalid(
+            "--resume",
+            "resuming an AdaLoRA run is not supported: its rank allocator's importance averages \
+             are not in the checkpoint, so the resumed run would allocate differently",
+        ));
+    }
+    let mut lora_cfg = lora_cfg.clone();
+    let mut allocator = lora_cfg.adalora.clone().map(|a| {
+        let ranks: Vec<usize> = model
+            .linears()
+            .iter()
+            .filter_map(|m| m.linear.adapter.as_ref().map(|a| a.rank()))
+            .collect();
+        RankAllocator::new(a, &ranks)
+    });
     // A checkpoint from another model is refused before anything is written.
     let resumed = match &settings.resume {
         Some(dir) => Some(checkpoint::read_trainer_state(dir, model)?),
@@ -307,6 +379,15 @@ pub fn train(
             .into_iter()
             .map(|g| g.map(|g| g * scale).transpose())
             .collect::<candle_core::Result<_>>()?;
+        // AdaLoRA: PEFT adds its orthogonality penalty to every forward's loss.
+        let orth = match &lora_cfg.adalora {
+            Some(a) => {
+                let reg = adalora_penalty(model, &vars, &mut grads, a.orth_reg_weight)?;
+                step_loss += a.orth_reg_weight * reg;
+                Some(reg)
+            }
+            None => None,
+        };
         let norm = global_norm(&grads)?;
         if settings.max_grad_norm > 0.0 && norm > settings.max_grad_norm {
             let c = settings.max_grad_norm / (norm + 1e-6);
@@ -317,17 +398,29 @@ pub fn train(
         }
         let lr = settings.schedule.lr_at(step);
         opt.step(&grads, lr)?;
+        if let (Some(alloc), Some(a)) = (allocator.as_mut(), lora_cfg.adalora.as_mut()) {
+            let linears = model.linears();
+            let triplets = adalora_triplets(&linears, &vars, &grads)?;
+            if let Some(p) =
+                alloc.update_and_allocate(step, &triplets, a.rank_pattern.as_deref())?
+            {
+                a.rank_pattern = Some(p);
+            }
+        }
         losses.push(step_loss);
         // Throughput counts training time only, not validation.
         train_secs += step_start.elapsed().as_secs_f64();
         let elapsed = start.elapsed().as_secs_f64();
         let tps = tokens as f64 / train_secs;
-        write_jsonl(
-            &mut metrics,
-            &metrics_path,
-            json!({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": norm,
-                   "tokens": tokens, "tokens_per_s": tps, "elapsed_s": elapsed}),
-        )?;
+        let mut rec = json!({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": norm,
+                   "tokens": tokens, "tokens_per_s": tps, "elapsed_s": elapsed});
+        if let (Some(reg), Some(a)) = (orth, &lora_cfg.adalora) {
+            rec["orth_reg"] = json!(reg);
+            if let Some(p) = &a.rank_pattern {
+                rec["adalora_rank"] = json!(p.iter().flat_map(|(_, m)| m).filter(|&&k| k).count());
+            }
+        }
+        write_jsonl(&mut metrics, &metrics_path, rec)?;
         bar.set_message(format!("loss {step_loss:.4} | {tps:.0} tok/s"));
         bar.inc(1);
         let last = step + 1 == settings.steps;
@@ -360,7 +453,7 @@ pub fn train(
                 train_seconds: train_secs,
                 fingerprint: fingerprint.clone(),
             };
-            let dir = checkpoint::save_checkpoint(out, model, lora_cfg, base_name, &opt, &state)?;
+            let dir = checkpoint::save_checkpoint(out, model, &lora_cfg, base_name, &opt, &state)?;
             bar.println(format!("checkpoint: {}", dir.display()));
             checkpoints.push(dir);
         }
@@ -405,7 +498,7 @@ pub fn train(
         None
     } else {
         let dir = out.join("adapter");
-        peft::save_adapter(model, lora_cfg, base_name, &dir)?;
+        peft::save_adapter(model, &lora_cfg, base_name, &dir)?;
         Some(dir)
     };
     Ok(TrainReport {

@@ -66,7 +66,7 @@ pub fn arg(p: &Path) -> &str {
 /// `train/losses.json` (PEFT's) within 1e-3 relative and returns the run folder (kept alive by
 /// the returned temp dir) and the worst relative difference.
 pub fn train_like_peft(model: &Path, seq_len: usize) -> (tempfile::TempDir, PathBuf, f64) {
-    train_like_peft_from(model, &model.join("train"), seq_len)
+    train_like_peft_from(model, &model.join("train"), seq_len, "none")
 }
 
 /// [`train_like_peft`] with the PEFT run's files (`adapter_init/`, `data.jsonl`,
@@ -75,6 +75,7 @@ pub fn train_like_peft_from(
     model: &Path,
     train: &Path,
     seq_len: usize,
+    quant: &str,
 ) -> (tempfile::TempDir, PathBuf, f64) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
@@ -112,7 +113,7 @@ pub fn train_like_peft_from(
         "--seq-len",
         &seq,
         "--quant",
-        "none",
+        quant,
     ]);
     assert!(
         o.status.success(),
