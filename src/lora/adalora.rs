@@ -41,7 +41,7 @@ pub struct AdaLoraConfig {
     pub total_step: usize,
     /// Which singular values each module keeps (`model.layers.0.self_attn.q_proj` → mask of
     /// length `init_r`), once the allocator has masked; PEFT's `rank_pattern`.
-    pub rank_pattern: Option<Vec<(String, Vec<bool>)>>,
+    pub rank_pattern: Option<RankPattern>,
 }
 
 impl Default for AdaLoraConfig {
@@ -142,6 +142,9 @@ pub fn orth_reg(adapters: &[&LoraAdapter]) -> Result<Tensor> {
     Tensor::stack(&terms, 0)?.sum_all()? / n
 }
 
+/// PEFT's `rank_pattern` of AdaLoRA: per module path, which singular values it keeps.
+pub type RankPattern = Vec<(String, Vec<bool>)>;
+
 /// Smoothed importance and uncertainty of one tensor.
 #[derive(Clone, Debug)]
 struct Ema {
@@ -194,7 +197,7 @@ impl RankAllocator {
             let mul = 1.0 - (step - c.tinit) as f64 / span;
             let budget = ((self.init_bgt as f64 - self.target_bgt as f64) * mul.powi(3)
                 + self.target_bgt as f64) as usize;
-            (budget, step % c.delta_t == 0)
+            (budget, step.is_multiple_of(c.delta_t))
         }
     }
 
@@ -247,7 +250,7 @@ impl RankAllocator {
         &self,
         modules: &[Triplet<'_>],
         budget: usize,
-    ) -> Result<Vec<(String, Vec<bool>)>> {
+    ) -> Result<RankPattern> {
         let mut scores = Vec::new();
         for m in modules {
             scores.push(self.triplet_scores(m.path)?.to_vec1::<f32>()?);
@@ -263,7 +266,8 @@ impl RankAllocator {
         };
         let mut pattern = Vec::new();
         for (m, s) in modules.iter().zip(scores) {
-            let keep: Vec<bool> = s.iter().map(|&x| !(x <= threshold)).collect();
+            // PEFT masks `score <= threshold` (a NaN score is kept).
+            let keep: Vec<bool> = s.iter().map(|&x| x > threshold || x.is_nan()).collect();
             apply_mask(m.adapter, &keep)?;
             pattern.push((m.path.to_string(), keep));
         }
@@ -278,7 +282,7 @@ impl RankAllocator {
         step: usize,
         modules: &[Triplet<'_>],
         current: Option<&[(String, Vec<bool>)]>,
-    ) -> Result<Option<Vec<(String, Vec<bool>)>>> {
+    ) -> Result<Option<RankPattern>> {
         let end = self.cfg.total_step - self.cfg.tfinal;
         if step < end {
             self.update_ipt(modules)?;
@@ -340,7 +344,7 @@ mod tests {
         assert_eq!(b[3], (24, false));
         // step 4: 1 − 1/12 cubed of the 12 to shed, floored.
         assert_eq!(b[4], (21, true));
-        assert_eq!(b[5].1, false);
+        assert!(!b[5].1);
         assert_eq!(b[15], (12, false));
         assert_eq!(b[16], (12, true));
         assert!(cfg().validate().is_ok());
