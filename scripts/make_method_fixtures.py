@@ -249,6 +249,24 @@ def adalora(out):
                    "seq_len": 16, "lr": 1e-3,
                    "rank_pattern": {k: [bool(x) for x in v] for k, v in rank_pattern.items()}},
                   f, indent=2)
+    # PEFT's final (pruned) adapter loaded as a user would: on the 4-bit and the f32 base, and
+    # merged into the f32 one.
+    ids = load_file(os.path.join(TINY, "lora", "reference.safetensors"))["input_ids"]
+    q = AutoModelForCausalLM.from_pretrained(
+        os.path.join(TINY, "bnb4", "model"), dtype=torch.float32, device_map="cpu",
+        attn_implementation="eager")
+    for m in q.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    final = os.path.join(d, "adapter_final")
+    ref = {"input_ids": ids,
+           "logits_final_4bit": logits(peft.PeftModel.from_pretrained(q, final).eval(), ids)}
+    f = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "tiny-llama"),
+                                             dtype=torch.float32, attn_implementation="eager")
+    pf = peft.PeftModel.from_pretrained(f, final).eval()
+    ref["logits_final"] = logits(pf, ids)
+    ref["logits_final_merged"] = logits(pf.merge_and_unload(), ids)
+    save_file(ref, os.path.join(d, "reference.safetensors"))
     print("adalora: losses[0]", losses[0], "losses[19]", losses[19],
           "kept", {k: sum(v) for k, v in rank_pattern.items()})
 

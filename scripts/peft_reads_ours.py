@@ -24,15 +24,19 @@ from transformers import AutoModelForCausalLM
 torch.set_num_threads(1)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 
-# case: (base under arch/, extra `qlora train` arguments)
+# case: (base under tests/fixtures, its reference ids, extra `qlora train` arguments)
 CASES = {
-    "embedding": ("qwen2", ["--targets", "embed_tokens,q_proj,v_proj"]),
+    "embedding": ("arch/qwen2", "arch/qwen2/reference.safetensors",
+                  ["--targets", "embed_tokens,q_proj,v_proj"]),
+    "adalora": ("tiny-llama", "lora/reference.safetensors",
+                ["--targets", "q_proj,v_proj", "--adalora", "--init-r", "4", "--target-r", "2",
+                 "--tinit", "0", "--tfinal", "1", "--delta-t", "1"]),
 }
 
 
 def train_args(base, extra, out):
     return [
-        "train", "--model", os.path.join(FIXTURES, "arch", base),
+        "train", "--model", os.path.join(FIXTURES, base),
         "--data", os.path.join(FIXTURES, "methods", "embedding", "train", "data.jsonl"),
         "--out", out, "--steps", "3", "--batch-size", "4", "--seq-len", "16", "--lr", "1e-2",
         "--val-split", "0", "--no-shuffle", "--adapter-dtype", "f32", "--quant", "none",
@@ -42,7 +46,7 @@ def train_args(base, extra, out):
 
 def main():
     qlora = sys.argv[1]
-    for case, (base, extra) in CASES.items():
+    for case, (base, ids_file, extra) in CASES.items():
         dest = os.path.join(FIXTURES, "methods", "ours", case)
         shutil.rmtree(dest, ignore_errors=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -51,10 +55,9 @@ def main():
                            stdout=subprocess.DEVNULL)
             shutil.copytree(os.path.join(run, "adapter"), dest)
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.join(FIXTURES, "arch", base), dtype=torch.float32,
-            attn_implementation="eager")
+            os.path.join(FIXTURES, base), dtype=torch.float32, attn_implementation="eager")
         pm = peft.PeftModel.from_pretrained(model, dest).eval()
-        ids = load_file(os.path.join(FIXTURES, "arch", base, "reference.safetensors"))["input_ids"]
+        ids = load_file(os.path.join(FIXTURES, ids_file))["input_ids"]
         with torch.no_grad():
             logits = pm(input_ids=ids).logits.float().contiguous()
         save_file({"logits": logits}, os.path.join(dest, "peft_logits.safetensors"))

@@ -364,19 +364,20 @@ fn embedding_merge_in_memory_is_reversible() {
     }
 }
 
-/// Our embedding adapter loads in PEFT and gives our logits there: `ours/embedding/` is what
-/// `qlora train` wrote (`scripts/peft_reads_ours.py`), `peft_logits` what PEFT computes with it.
-/// The same run again writes the same tensors (within f32 summation order across CPUs).
-#[test]
-fn peft_reads_our_embedding_adapter() {
-    let ours = methods("ours/embedding");
+/// PEFT loads an adapter `qlora train` wrote and gives our logits with it: `ours/<case>/` is
+/// what the run below wrote (`scripts/peft_reads_ours.py`, the same arguments), `peft_logits`
+/// what PEFT computes with it. The same run again writes the same tensors (within f32
+/// summation order across CPUs).
+fn peft_reads_ours(case: &str, base: &str, ids_file: &str, extra: &[&str]) {
+    let ours = methods("ours").join(case);
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let data = methods("embedding").join("train/data.jsonl");
-    let o = common::qlora(&[
+    let model = fixtures().join(base);
+    let mut args = vec![
         "train",
         "--model",
-        common::arg(&fixtures().join("arch/qwen2")),
+        common::arg(&model),
         "--data",
         common::arg(&data),
         "--out",
@@ -404,25 +405,55 @@ fn peft_reads_our_embedding_adapter() {
         "8",
         "--dropout",
         "0",
-        "--targets",
-        "embed_tokens,q_proj,v_proj",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = common::qlora(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let again = safetensors(&run.join("adapter").join(peft::io::WEIGHTS_FILE));
     let kept = safetensors(&ours.join(peft::io::WEIGHTS_FILE));
     assert_eq!(again.len(), kept.len());
     for (k, t) in &kept {
         let d = max_abs(&again[k], t);
-        assert!(d < 1e-5, "{k}: the run wrote other values ({d})");
+        assert!(d < 1e-5, "{case} {k}: the run wrote other values ({d})");
     }
-    let r = safetensors(&fixtures().join("arch/qwen2/reference.safetensors"));
-    let mut m = load_as(&fixtures().join("arch/qwen2"), BaseFormat::Dense);
+    let r = safetensors(&fixtures().join(ids_file));
+    let mut m = load_as(&model, BaseFormat::Dense);
     peft::load_adapter(&mut m.model, &ours, None).unwrap();
     let got = m.model.forward(&input_ids(&r)).unwrap();
     let peft_logits = &safetensors(&ours.join("peft_logits.safetensors"))["logits"];
     let d = max_abs(&got, peft_logits);
-    println!("our embedding adapter in PEFT: logits within {d:.2e} of ours");
-    assert!(d <= TOL, "{d}");
+    println!("our {case} adapter in PEFT: logits within {d:.2e} of ours");
+    assert!(d <= TOL, "{case}: {d}");
+}
+
+#[test]
+fn peft_reads_our_embedding_and_adalora_adapters() {
+    peft_reads_ours(
+        "embedding",
+        "arch/qwen2",
+        "arch/qwen2/reference.safetensors",
+        &["--targets", "embed_tokens,q_proj,v_proj"],
+    );
+    peft_reads_ours(
+        "adalora",
+        "tiny-llama",
+        "lora/reference.safetensors",
+        &[
+            "--targets",
+            "q_proj,v_proj",
+            "--adalora",
+            "--init-r",
+            "4",
+            "--target-r",
+            "2",
+            "--tinit",
+            "0",
+            "--tfinal",
+            "1",
+            "--delta-t",
+            "1",
+        ],
+    );
 }
 
 /// 20 AdaLoRA steps on bitsandbytes' 4-bit tiny-llama from PEFT's initial AdaLoRA adapter: every
@@ -485,4 +516,90 @@ fn adalora_trains_as_peft_does() {
     }
     println!("AdaLoRA final adapter within {worst_t:.2e} of PEFT's");
     assert!(worst_t < 1e-4, "{worst_t}");
+}
+
+/// PEFT's final (pruned) AdaLoRA adapter for eval on the f32 and the 4-bit base, and merged.
+#[test]
+fn pefts_adalora_adapter_evaluates_and_merges_as_in_peft() {
+    let d = methods("adalora");
+    let r = safetensors(&d.join("reference.safetensors"));
+    let ids = input_ids(&r);
+    let final_ = d.join("adapter_final");
+    let mut m = load_as(&fixtures().join("tiny-llama"), BaseFormat::Dense);
+    let cfg = peft::load_adapter(&mut m.model, &final_, None).unwrap();
+    assert_eq!(
+        cfg.adalora
+            .as_ref()
+            .unwrap()
+            .rank_of("model.layers.1.self_attn.q_proj"),
+        1
+    );
+    let dd = max_abs(&m.model.forward(&ids).unwrap(), &r["logits_final"]);
+    println!("PEFT's AdaLoRA adapter: logits within {dd:.2e} (f32 base)");
+    assert!(dd <= TOL, "{dd}");
+    let mut q = load_as(
+        &fixtures().join("bnb4/model"),
+        BaseFormat::Quantized(QuantType::Nf4),
+    );
+    peft::load_adapter(&mut q.model, &final_, None).unwrap();
+    let dq = max_abs(&q.model.forward(&ids).unwrap(), &r["logits_final_4bit"]);
+    println!("PEFT's AdaLoRA adapter: logits within {dq:.2e} (bnb 4-bit base)");
+    assert!(dq <= TOL, "{dq}");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let o = common::qlora(&[
+        "merge",
+        "--model",
+        common::arg(&fixtures().join("tiny-llama")),
+        "--adapter",
+        common::arg(&final_),
+        "--out",
+        common::arg(&out),
+        "--base",
+        "original",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged = load_as(&out, BaseFormat::Dense);
+    let dm = max_abs(
+        &merged.model.forward(&ids).unwrap(),
+        &r["logits_final_merged"],
+    );
+    println!("merged AdaLoRA: logits within {dm:.2e} of PEFT's merge_and_unload");
+    assert!(dm <= TOL, "{dm}");
+}
+
+/// An AdaLoRA adapter whose masks or tensors disagree is refused, naming the file and key.
+#[test]
+fn inconsistent_adalora_adapters_are_refused() {
+    let src = methods("adalora").join("adapter_final");
+    // A mask of the wrong length.
+    let tmp = edited(&src, |v| {
+        v["rank_pattern"]["model.layers.0.self_attn.q_proj.lora_E"] =
+            serde_json::json!([true, false]);
+    });
+    let mut m = load_as(&fixtures().join("tiny-llama"), BaseFormat::Dense);
+    let e = peft::load_adapter(&mut m.model, tmp.path(), None)
+        .expect_err("mask length")
+        .to_string();
+    assert!(
+        e.contains("rank_pattern") && e.contains("init_r") && e.contains("adapter_config.json"),
+        "{e}"
+    );
+    // A mask that keeps another number of values than the tensors hold.
+    let tmp = edited(&src, |v| {
+        v["rank_pattern"]["model.layers.1.self_attn.q_proj.lora_E"] =
+            serde_json::json!([true, true, false, false, false, false]);
+    });
+    let e = peft::load_adapter(&mut m.model, tmp.path(), None)
+        .expect_err("tensor shape")
+        .to_string();
+    assert!(e.contains("layers.1.self_attn.q_proj.lora_A"), "{e}");
+    // A budget that cannot fall.
+    let tmp = edited(&src, |v| v["tinit"] = 18.into());
+    let e = peft::load_adapter(&mut m.model, tmp.path(), None)
+        .expect_err("schedule")
+        .to_string();
+    assert!(e.contains("tinit"), "{e}");
 }

@@ -246,11 +246,7 @@ impl RankAllocator {
 
     /// Zero the singular values of the lowest-scoring triplets so `budget` remain; returns the
     /// masks (PEFT's `rank_pattern`).
-    fn mask_to_budget(
-        &self,
-        modules: &[Triplet<'_>],
-        budget: usize,
-    ) -> Result<RankPattern> {
+    fn mask_to_budget(&self, modules: &[Triplet<'_>], budget: usize) -> Result<RankPattern> {
         let mut scores = Vec::new();
         for m in modules {
             scores.push(self.triplet_scores(m.path)?.to_vec1::<f32>()?);
