@@ -81,6 +81,10 @@ pub struct PlanArgs {
     /// No LoRA dropout (saves a mask and a masked copy of each adapter input).
     #[arg(long)]
     pub no_dropout: bool,
+    /// AdaLoRA adapters of initial rank --rank (their singular values and the rank allocator's
+    /// state).
+    #[arg(long)]
+    pub adalora: bool,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -118,6 +122,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         rank: args.rank,
         targets: parse_targets(&args.targets).map_err(anyhow::Error::msg)?,
         dropout: !args.no_dropout,
+        adalora: args.adalora,
         grad_checkpointing: args.grad_checkpointing.unwrap_or(true) && !args.no_grad_checkpointing,
         keep_layers: args.keep_layers,
         optim,

@@ -544,6 +544,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             targets: recipe.lora.targets.clone(),
             rank_pattern: recipe.lora.rank_pattern.clone(),
             layers_to_transform: recipe.lora.layers_to_transform.clone(),
+            adalora: recipe.lora.adalora.is_some(),
             dropout: recipe.lora.dropout > 0.0,
             grad_checkpointing: recipe.grad_checkpointing,
             keep_layers: recipe.keep_layers.count(),

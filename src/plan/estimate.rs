@@ -77,6 +77,9 @@ pub fn adapter_params(model: &PlanModel, s: &PlanSettings) -> Vec<usize> {
         let r = s.rank_for(&lin.path);
         out.push(r * lin.inp);
         out.push(lin.out * r);
+        if s.adalora {
+            out.push(r);
+        }
     }
     // LoRA on the token embedding: A `[r, vocab]`, B `[dim, r]`.
     let path = model.embedding_path();

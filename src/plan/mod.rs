@@ -69,6 +69,9 @@ pub struct PlanSettings {
     pub rank_pattern: Vec<(String, usize)>,
     /// PEFT's `layers_to_transform`: only these layers carry adapters.
     pub layers_to_transform: Option<Vec<usize>>,
+    /// AdaLoRA adapters (`rank` is their initial rank): singular values E `[r, 1]` beside A and
+    /// B, and the rank allocator's importance and uncertainty averages.
+    pub adalora: bool,
     /// LoRA dropout is on (it keeps a masked copy of each adapter input; the composite path a
     /// mask too).
     pub dropout: bool,
@@ -149,6 +152,7 @@ impl Default for PlanSettings {
             targets: PROJECTIONS.iter().map(|p| p.to_string()).collect(),
             rank_pattern: Vec::new(),
             layers_to_transform: None,
+            adalora: false,
             dropout: true,
             grad_checkpointing: true,
             keep_layers: 0,
@@ -287,6 +291,19 @@ pub fn plan_memory(model: &PlanModel, s: &PlanSettings) -> MemoryPlan {
             bytes: act.layer_inputs + act.mask,
         },
     ];
+    if s.adalora {
+        let at = items.len() - 1;
+        items.insert(
+            at,
+            PlanItem {
+                name: "AdaLoRA allocator",
+                detail: "importance and uncertainty averages of every adapter value, f32"
+                    .to_string(),
+                // Two averages kept, and the step's importance while they are updated.
+                bytes: 12 * trainable,
+            },
+        );
+    }
     // The step's transient top. With checkpointing on every layer: the loss head (no layer graph
     // alive), or one recomputed layer graph plus the gradients flowing through it. Otherwise the
     // kept graphs (every layer's without checkpointing, the top N with `--keep-layers N`) are
