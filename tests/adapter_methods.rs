@@ -603,3 +603,45 @@ fn inconsistent_adalora_adapters_are_refused() {
         .to_string();
     assert!(e.contains("tinit"), "{e}");
 }
+
+/// `qlora compare` takes the method flags: NF4 vs full precision for AdaLoRA is one command.
+#[test]
+fn compare_runs_adalora_on_both_bases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cmp");
+    let data = methods("embedding").join("train/data.jsonl");
+    let o = common::qlora(&[
+        "compare",
+        "--model",
+        common::arg(&fixtures().join("tiny-llama")),
+        "--data",
+        common::arg(&data),
+        "--out",
+        common::arg(&out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--val-split",
+        "0.25",
+        "--adalora",
+        "--init-r",
+        "4",
+        "--target-r",
+        "2",
+        "--tinit",
+        "0",
+        "--tfinal",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("compare.json").is_file());
+    for run in ["nf4", "full"] {
+        let v = config(&out.join(run).join("adapter"));
+        assert_eq!(v["peft_type"], "ADALORA", "{run}");
+        assert_eq!(v["total_step"], 4, "{run}");
+        assert!(v["rank_pattern"].is_object(), "{run}: pruned");
+    }
+}

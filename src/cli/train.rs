@@ -596,7 +596,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         .map(|d| d.join("adapter"))
         .or(args.init_adapter.clone());
     let adapter_dtype = recipe.lora.dtype;
-    let mut lora_cfg = match &init_from {
+    let lora_cfg = match &init_from {
         Some(dir) => peft::load_adapter(&mut m.model, dir, Some(adapter_dtype)).with_context(
             || match &args.resume {
                 Some(r) => format!("loading the adapter of --resume {}", r.display()),
@@ -618,25 +618,19 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     }
     let (mut train_batches, val_batches) = (data.train, data.val);
     let mut settings = recipe.settings(&train_batches);
-    if let Some(a) = lora_cfg.adalora.as_mut() {
-        if init_from.is_none() {
-            a.total_step = settings.steps;
-        } else {
-            anyhow::ensure!(
-                a.rank_pattern.is_none(),
-                "--init-adapter: this AdaLoRA adapter's ranks are already pruned (it has a \
-                 rank_pattern); training it further is not supported"
+    if let (Some(a), Some(_)) = (&lora_cfg.adalora, &init_from) {
+        anyhow::ensure!(
+            a.rank_pattern.is_none(),
+            "--init-adapter: this AdaLoRA adapter's ranks are already pruned (it has a \
+             rank_pattern); training it further is not supported"
+        );
+        if a.total_step != settings.steps {
+            println!(
+                "note: the AdaLoRA adapter's total_step is {}, this run takes {} steps; its \
+                 budget schedule follows total_step",
+                a.total_step, settings.steps
             );
-            if a.total_step != settings.steps {
-                println!(
-                    "note: the AdaLoRA adapter's total_step is {}, this run takes {} steps; its \
-                     budget schedule follows total_step",
-                    a.total_step, settings.steps
-                );
-            }
         }
-        a.validate()
-            .map_err(|e| anyhow::anyhow!("AdaLoRA settings: {e}"))?;
     }
     settings.resume = args.resume.clone();
     settings.stop = Some(interrupt_flag()?);

@@ -270,6 +270,14 @@ pub fn train(
         ));
     }
     let mut lora_cfg = lora_cfg.clone();
+    if let Some(a) = lora_cfg.adalora.as_mut() {
+        // A new AdaLoRA run's budget schedule spans the run.
+        if a.total_step == 0 {
+            a.total_step = settings.steps;
+        }
+        a.validate()
+            .map_err(|e| ModelError::invalid("AdaLoRA settings", e))?;
+    }
     let mut allocator = lora_cfg.adalora.clone().map(|a| {
         let ranks: Vec<usize> = model
             .linears()
