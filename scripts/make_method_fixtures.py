@@ -148,17 +148,34 @@ def embedding(out):
     print("qwen2 4-bit: bitsandbytes' CPU forward vs the decoded codes:",
           (ref["logits_qwen2_4bit"] - ref["logits_qwen2_4bit_decoded"]).abs().max().item())
     save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(d, "reference.safetensors"))
-    train(os.path.join(d, "train"))
+    train(os.path.join(d, "train"), "qwen2", embedding_config(), ["lora_B", "lora_embedding_A"])
 
 
-def train(t):
-    """20 AdamW steps on Qwen2's f32 base from PEFT's initial embedding adapter (B and the
-    embedding's A redrawn), batches of 4 × 16 in file order."""
+def head(out):
+    """LoRA on Llama 3's untied `lm_head` + q_proj + v_proj: logits, merged logits, 20 steps."""
+    d = os.path.join(out, "head")
+    os.makedirs(d)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                           target_modules=["lm_head", "q_proj", "v_proj"])
+    ids = ids_of("llama3")
+    torch.manual_seed(60)
+    pm = peft.get_peft_model(base("llama3"), lcfg).eval()
+    redraw(pm, 61, ["lora_B"])
+    save_adapter(pm, os.path.join(d, "adapter"), "../../../arch/llama3")
+    ref = {"input_ids": ids, "logits": logits(pm, ids)}
+    ref["logits_merged"] = logits(pm.merge_and_unload(), ids)
+    save_file(ref, os.path.join(d, "reference.safetensors"))
+    train(os.path.join(d, "train"), "llama3", lcfg, ["lora_B"])
+
+
+def train(t, name, lcfg, drawn):
+    """20 AdamW steps on the f32 base `name` from PEFT's initial adapter of `lcfg` (the tensors
+    named in `drawn` redrawn), batches of 4 × 16 in file order."""
     os.makedirs(t)
     torch.manual_seed(40)
-    pm = peft.get_peft_model(base("qwen2"), embedding_config())
-    redraw(pm, 41, ["lora_B", "lora_embedding_A"])
-    save_adapter(pm, os.path.join(t, "adapter_init"), "../../../arch/qwen2")
+    pm = peft.get_peft_model(base(name), lcfg)
+    redraw(pm, 41, drawn)
+    save_adapter(pm, os.path.join(t, "adapter_init"), f"../../../arch/{name}")
     g = torch.Generator().manual_seed(42)
     data = torch.randint(3, 512, (8, 16), generator=g)
     with open(os.path.join(t, "data.jsonl"), "w") as f:
@@ -176,10 +193,10 @@ def train(t):
         loss.backward()
         losses.append(loss.item())
         opt.step()
-    save_adapter(pm, os.path.join(t, "adapter_final"), "../../../arch/qwen2")
+    save_adapter(pm, os.path.join(t, "adapter_final"), f"../../../arch/{name}")
     with open(os.path.join(t, "losses.json"), "w") as f:
         json.dump({"losses": losses, "batch_size": 4, "seq_len": 16, "lr": 1e-3}, f, indent=2)
-    print("embedding train: losses[0]", losses[0], "losses[19]", losses[19])
+    print(t, "losses[0]", losses[0], "losses[19]", losses[19])
 
 
 ADALORA = dict(init_r=6, target_r=3, tinit=3, tfinal=5, deltaT=2, beta1=0.85, beta2=0.85,
@@ -273,11 +290,12 @@ def adalora(out):
 
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/methods"
-    for name in ["patterns", "embedding", "adalora"]:
+    for name in ["patterns", "embedding", "head", "adalora"]:
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     patterns(out)
     embedding(out)
+    head(out)
     adalora(out)
     versions = {
         "torch": torch.__version__,

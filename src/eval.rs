@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use crate::train::loss::summed_nll;
+use crate::train::loss::{dense_cross_entropy, summed_nll};
 use serde::Serialize;
 
 use crate::model::error::ModelError;
@@ -43,7 +43,12 @@ pub fn sequence_nll(model: &Model, ids: &[u32]) -> Result<(f64, usize), ModelErr
         model.forward_hidden_eval(&x, &pos, &crate::model::attention::AttentionSpan::Causal)?;
     let hidden = hidden.squeeze(0)?.narrow(0, 0, t - 1)?;
     let targets: Vec<i64> = ids[1..].iter().map(|&i| i as i64).collect();
-    let total = summed_nll(&hidden, model.require_lm_head()?, &targets, LOGIT_ROWS)?;
+    let total = if model.head_adapter().is_some() {
+        let mean = dense_cross_entropy(&model.head_logits(&hidden, false)?, &targets)?;
+        mean.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * targets.len() as f64
+    } else {
+        summed_nll(&hidden, model.require_lm_head()?, &targets, LOGIT_ROWS)?
+    };
     Ok((total, t - 1))
 }
 

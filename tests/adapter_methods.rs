@@ -645,3 +645,53 @@ fn compare_runs_adalora_on_both_bases() {
         assert!(v["rank_pattern"].is_object(), "{run}: pruned");
     }
 }
+
+/// LoRA on Llama 3's untied `lm_head` (+ q_proj, v_proj): PEFT's logits, its merge, and 20
+/// training steps from its initial adapter.
+#[test]
+fn head_lora_gives_pefts_logits_merge_and_training() {
+    let d = methods("head");
+    let r = safetensors(&d.join("reference.safetensors"));
+    let ids = input_ids(&r);
+    let mut m = load_as(&fixtures().join("arch/llama3"), BaseFormat::Dense);
+    peft::load_adapter(&mut m.model, &d.join("adapter"), None).unwrap();
+    assert!(m.model.head_adapter().is_some());
+    let got = m.model.forward(&ids).unwrap();
+    let dl = max_abs(&got, &r["logits"]);
+    println!("lm_head LoRA: logits within {dl:.2e} of PEFT's");
+    assert!(dl <= TOL, "{dl}");
+    // In memory: merged gives the same outputs, unmerged gives the adapter back.
+    let merged = peft::merge::merge_model(&mut m.model).unwrap();
+    let dm = max_abs(&m.model.forward(&ids).unwrap(), &r["logits_merged"]);
+    assert!(dm <= TOL, "merged in memory: {dm}");
+    peft::merge::unmerge_model(&mut m.model, merged, true).unwrap();
+    assert!(max_abs(&m.model.forward(&ids).unwrap(), &got) < 1e-5);
+    // Exported.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let o = common::qlora(&[
+        "merge",
+        "--model",
+        common::arg(&fixtures().join("arch/llama3")),
+        "--adapter",
+        common::arg(&d.join("adapter")),
+        "--out",
+        common::arg(&out),
+        "--base",
+        "original",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exported = load_as(&out, BaseFormat::Dense);
+    let de = max_abs(&exported.model.forward(&ids).unwrap(), &r["logits_merged"]);
+    println!("lm_head LoRA merged: logits within {de:.2e} of PEFT's merge_and_unload");
+    assert!(de <= TOL, "{de}");
+    let (_t, _o, worst) = common::train_like_peft_from(
+        &fixtures().join("arch/llama3"),
+        &d.join("train"),
+        16,
+        "none",
+    );
+    println!("lm_head LoRA, 20 steps: worst loss difference {worst:.2e} relative");
+}

@@ -35,6 +35,8 @@ pub enum EmbeddingRole {
     /// the merged model computes what base + adapter computed (PEFT's `merge_and_unload`
     /// changes a tied head with the embedding; its unmerged model does not).
     UntiedHead,
+    /// An untied head with its own adapter merged in.
+    HeadMerged,
 }
 
 impl TensorSpec {
@@ -68,6 +70,8 @@ pub fn tensor_specs(model: &Model) -> Vec<TensorSpec> {
             };
             let embedding = if adapted && name == emb_name {
                 EmbeddingRole::Merged
+            } else if name == "lm_head.weight" && model.head_adapter().is_some() {
+                EmbeddingRole::HeadMerged
             } else {
                 EmbeddingRole::None
             };
@@ -118,6 +122,10 @@ pub fn read_merged(model: &Model, spec: &TensorSpec) -> Result<Tensor, ModelErro
             let adapter = model.token_embedding().adapter.ok_or_else(missing)?;
             Ok((f32_cpu(t)? + adapter.delta_weight()?.to_device(&cpu)?)?)
         }
+        ParamRef::Dense(t) if spec.embedding == EmbeddingRole::HeadMerged => {
+            let adapter = model.head_adapter().ok_or_else(missing)?;
+            Ok((f32_cpu(t)? + adapter.delta_weight()?.to_device(&cpu)?)?)
+        }
         ParamRef::Dense(t) => f32_cpu(t),
         ParamRef::Bias(lin) => f32_cpu(lin.bias.as_ref().ok_or_else(missing)?),
         ParamRef::Weight(lin, layout) => {
@@ -144,5 +152,7 @@ pub fn read_merged(model: &Model, spec: &TensorSpec) -> Result<Tensor, ModelErro
 
 /// Linear layers (and the token embedding) of `model` that carry an adapter.
 pub fn adapted_projections(model: &Model) -> usize {
-    model.adapted_linears() + usize::from(model.token_embedding().adapter.is_some())
+    model.adapted_linears()
+        + usize::from(model.token_embedding().adapter.is_some())
+        + usize::from(model.head_adapter().is_some())
 }

@@ -28,6 +28,7 @@ use super::transformer::{
 use crate::lora::dropout::HashDropout;
 use crate::lora::embedding::EmbeddingAdapter;
 use crate::lora::DropoutSeed;
+use crate::lora::LoraAdapter;
 
 /// The MLP activations GPT-2 checkpoints name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,6 +273,8 @@ pub struct Gpt2 {
     pub lm_head: Option<Tensor>,
     /// LoRA on the token embedding.
     pub embed_adapter: Option<EmbeddingAdapter>,
+    /// LoRA on the untied head.
+    pub head_adapter: Option<LoraAdapter>,
     /// No rotation: GPT-2's positions are the learned `wpe` rows.
     rope: Rope,
     /// Seed of the training-mode dropout masks (set by the trainer before each step).
@@ -413,6 +416,7 @@ impl Gpt2 {
             ln_f,
             lm_head,
             embed_adapter: None,
+            head_adapter: None,
             rope,
             dropout_seed: DropoutSeed::default(),
             compute_dtype,
@@ -532,6 +536,14 @@ impl Family for Gpt2 {
             adapter: self.embed_adapter.as_ref(),
             tied_head: self.lm_head.is_none(),
         }
+    }
+
+    fn head_adapter(&self) -> Option<&LoraAdapter> {
+        self.head_adapter.as_ref()
+    }
+
+    fn head_adapter_mut(&mut self) -> Option<(&mut Tensor, &mut Option<LoraAdapter>)> {
+        self.lm_head.as_mut().map(|h| (h, &mut self.head_adapter))
     }
 
     fn token_embedding_mut(&mut self) -> TokenEmbeddingMut<'_> {

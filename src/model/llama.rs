@@ -23,6 +23,7 @@ use super::transformer::{
     TokenEmbedding, TokenEmbeddingMut, WeightLayout,
 };
 use crate::lora::embedding::EmbeddingAdapter;
+use crate::lora::LoraAdapter;
 
 /// RMSNorm in f32 (as transformers does), result cast back to the input dtype, times the weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -248,6 +249,8 @@ pub struct Llama {
     pub lm_head: Option<Tensor>,
     /// LoRA on the token embedding.
     pub embed_adapter: Option<EmbeddingAdapter>,
+    /// LoRA on the untied head.
+    pub head_adapter: Option<LoraAdapter>,
     /// RoPE tables.
     pub rope: Rope,
     /// Dtype activations are computed in.
@@ -289,6 +292,7 @@ impl Llama {
             norm,
             lm_head,
             embed_adapter: None,
+            head_adapter: None,
             rope,
             compute_dtype,
             classifier: None,
@@ -366,6 +370,14 @@ impl Family for Llama {
             adapter: self.embed_adapter.as_ref(),
             tied_head: self.lm_head.is_none() && self.lm_head().is_some(),
         }
+    }
+
+    fn head_adapter(&self) -> Option<&LoraAdapter> {
+        self.head_adapter.as_ref()
+    }
+
+    fn head_adapter_mut(&mut self) -> Option<(&mut Tensor, &mut Option<LoraAdapter>)> {
+        self.lm_head.as_mut().map(|h| (h, &mut self.head_adapter))
     }
 
     fn token_embedding_mut(&mut self) -> TokenEmbeddingMut<'_> {

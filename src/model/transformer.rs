@@ -18,7 +18,7 @@ use super::gpt2::Gpt2;
 use super::linear::Linear;
 use super::llama::Llama;
 use crate::lora::embedding::EmbeddingAdapter;
-use crate::lora::DropoutSeed;
+use crate::lora::{DropoutSeed, LoraAdapter};
 
 /// The numbers every family has, in the names of HF configs.
 #[derive(Clone, Debug, PartialEq)]
@@ -197,6 +197,15 @@ pub trait Family: std::fmt::Debug + Send + Sync {
     fn params(&self) -> Vec<(String, ParamRef<'_>)>;
     /// The token embedding and its adapter.
     fn token_embedding(&self) -> TokenEmbedding<'_>;
+    /// LoRA on an untied language-model head (PEFT's `lm_head` target).
+    fn head_adapter(&self) -> Option<&LoraAdapter> {
+        None
+    }
+    /// The slot of that adapter and the head's weight; `None` when the head is tied to the
+    /// embedding or absent.
+    fn head_adapter_mut(&mut self) -> Option<(&mut Tensor, &mut Option<LoraAdapter>)> {
+        None
+    }
     /// The token embedding, mutably.
     fn token_embedding_mut(&mut self) -> TokenEmbeddingMut<'_>;
     /// Take the trainer's dropout seed handle (families whose own layers drop activations in
@@ -413,12 +422,23 @@ impl Model {
         let dims = h.dims().to_vec();
         let hidden = *dims.last().unwrap_or(&0);
         let h2 = h.reshape(((), hidden))?.to_dtype(DType::F32)?;
-        let head = self.require_lm_head()?.to_dtype(DType::F32)?;
-        let out = h2.matmul(&head.t()?)?;
+        let out = self.head_logits(&h2, false)?;
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
-        out_dims[last] = head.dim(0)?;
+        out_dims[last] = out.dim(1)?;
         out.reshape(out_dims)
+    }
+
+    /// `[n, hidden]` rows to f32 logits `[n, vocab]`, with the head's adapter (its dropout in
+    /// training mode); differentiable in the adapter and in `h2`.
+    pub fn head_logits(&self, h2: &Tensor, train: bool) -> Result<Tensor> {
+        let h2 = h2.to_dtype(DType::F32)?;
+        let head = self.require_lm_head()?.to_dtype(DType::F32)?;
+        let out = h2.matmul(&head.t()?)?;
+        match self.head_adapter() {
+            Some(a) => out + a.delta(&h2, train)?,
+            None => Ok(out),
+        }
     }
 
     /// Logits of the last position only (cheap head for generation): `[b, vocab]`.

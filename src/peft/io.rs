@@ -444,6 +444,7 @@ pub fn load_adapter(
         m.linear.set_adapter(Some(adapter))?;
     }
     load_embedding_adapter(model, &cfg, &tensors, &path, dtype, &mut used)?;
+    load_head_adapter(model, &cfg, &tensors, &path, dtype, &mut used)?;
     if let Some(c) = model.classifier_mut() {
         if head_modules.contains(&c.module) {
             for (suffix, var) in c.parameters() {
@@ -484,6 +485,68 @@ pub fn load_adapter(
     }
     cfg.dtype = dtype.or(stored_dtype).unwrap_or(DType::F32);
     Ok(cfg)
+}
+
+/// LoRA on an untied head (`lm_head.lora_A.weight` `[r, hidden]`, `lora_B.weight`
+/// `[vocab, r]`); PEFT saves the head beside it (`lm_head.base_layer.weight`), which replaces the
+/// model's as PEFT loads it.
+fn load_head_adapter(
+    model: &mut Model,
+    cfg: &LoraConfig,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    dtype: Option<DType>,
+    used: &mut std::collections::BTreeSet<String>,
+) -> Result<(), ModelError> {
+    let device = model.device().clone();
+    let Some((head, slot)) = model.head_adapter_mut() else {
+        return Ok(());
+    };
+    if !cfg.targets_embedding(super::HEAD) {
+        *slot = None;
+        return Ok(());
+    }
+    let (vocab, hidden) = head.dims2()?;
+    let module = cfg.for_module(super::HEAD);
+    let mut fetch = |suffix: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
+        let key = peft_key(super::HEAD, suffix);
+        let t = tensors
+            .get(&key)
+            .ok_or_else(|| ModelError::TensorNotFound {
+                name: key.clone(),
+                dir: path.to_path_buf(),
+            })?;
+        if t.dims() != shape {
+            return Err(ModelError::Shape {
+                name: key,
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        used.insert(key);
+        Ok(t.clone())
+    };
+    let a = fetch("lora_A.weight", &[module.rank, hidden])?;
+    let b = fetch("lora_B.weight", &[vocab, module.rank])?;
+    if tensors.contains_key(&peft_key(super::HEAD, EMBEDDING_BASE)) {
+        let w = fetch(EMBEDDING_BASE, &[vocab, hidden])?;
+        *head = w.to_dtype(head.dtype())?.to_device(&device)?;
+    }
+    let dt = dtype.unwrap_or(a.dtype());
+    let var = |t: Tensor| -> Result<Var, ModelError> {
+        Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(&device)?)?)
+    };
+    *slot = Some(LoraAdapter {
+        a: var(a)?,
+        b: var(b)?,
+        scale: module.scale(),
+        dropout: cfg.dropout,
+        magnitude: None,
+        e: None,
+        dropout_key: 0,
+        dropout_seed: Default::default(),
+    });
+    Ok(())
 }
 
 /// PEFT's key of the full embedding table it saves beside an embedding adapter.
@@ -707,12 +770,18 @@ pub fn adapter_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>, ModelE
     for (key, var) in super::trainable_vars(model) {
         out.insert(key, var.as_tensor().to_device(&Device::Cpu)?);
     }
-    // As PEFT saves an adapted embedding: the whole table beside the adapter.
+    // As PEFT saves an adapted embedding or head: the whole table beside the adapter.
     let emb = model.token_embedding();
     if emb.adapter.is_some() {
         out.insert(
             peft_key(emb.path, EMBEDDING_BASE),
             emb.weight.to_device(&Device::Cpu)?,
+        );
+    }
+    if let (Some(_), Some(head)) = (model.head_adapter(), model.lm_head()) {
+        out.insert(
+            peft_key(super::HEAD, EMBEDDING_BASE),
+            head.to_device(&Device::Cpu)?,
         );
     }
     Ok(out)

@@ -5,6 +5,7 @@ use candle_core::DType;
 
 use crate::lora::embedding::EmbeddingAdapter;
 use crate::lora::merge::{merged_weight, unmerge_weight, MergedAdapter};
+use crate::lora::LoraAdapter;
 use crate::model::error::ModelError;
 use crate::model::linear::{BaseWeight, Linear};
 use crate::model::transformer::Model;
@@ -17,6 +18,38 @@ pub struct MergedModel {
     pub slots: Vec<Option<MergedAdapter>>,
     /// The token embedding's adapter, if it had one.
     pub embedding: Option<MergedEmbedding>,
+    /// The untied head's adapter, if it had one.
+    pub head: Option<LoraAdapter>,
+}
+
+/// Fold an untied head's adapter into the head.
+fn merge_head(model: &mut Model) -> candle_core::Result<Option<LoraAdapter>> {
+    let Some((head, slot)) = model.head_adapter_mut() else {
+        return Ok(None);
+    };
+    let Some(adapter) = slot.take() else {
+        return Ok(None);
+    };
+    let dtype = head.dtype();
+    let delta = adapter.delta_weight()?.to_device(head.device())?;
+    *head = (head.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+    Ok(Some(adapter))
+}
+
+/// Take it out again.
+fn unmerge_head(
+    model: &mut Model,
+    adapter: LoraAdapter,
+    reattach: bool,
+) -> candle_core::Result<()> {
+    let Some((head, slot)) = model.head_adapter_mut() else {
+        candle_core::bail!("the model has no untied head to unmerge from");
+    };
+    let dtype = head.dtype();
+    let delta = adapter.delta_weight()?.to_device(head.device())?;
+    *head = (head.to_dtype(DType::F32)? - delta)?.to_dtype(dtype)?;
+    *slot = reattach.then_some(adapter);
+    Ok(())
 }
 
 /// A token-embedding adapter folded into its table.
@@ -121,7 +154,13 @@ pub fn merge_model(model: &mut Model) -> Result<MergedModel, ModelError> {
             format!("cannot merge the embedding adapter: {e}"),
         )
     })?;
-    Ok(MergedModel { slots, embedding })
+    let head = merge_head(model)
+        .map_err(|e| ModelError::invalid("lm_head", format!("cannot merge the adapter: {e}")))?;
+    Ok(MergedModel {
+        slots,
+        embedding,
+        head,
+    })
 }
 
 /// Subtract the adapters [`merge_model`] folded in; with `reattach` they become separate
@@ -153,6 +192,11 @@ pub fn unmerge_model(
         }
     }
     drop(linears);
+    if let Some(a) = merged.head {
+        unmerge_head(model, a, reattach).map_err(|e| {
+            ModelError::invalid("lm_head", format!("cannot unmerge the adapter: {e}"))
+        })?;
+    }
     if let Some(e) = merged.embedding {
         unmerge_embedding(model, e, reattach).map_err(|e| {
             ModelError::invalid(
@@ -189,5 +233,8 @@ pub fn switch_adapters(
     }
     drop(to);
     *model.token_embedding_mut().adapter = next.token_embedding().adapter.cloned();
+    if let Some((_, slot)) = model.head_adapter_mut() {
+        *slot = next.head_adapter().cloned();
+    }
     merge_model(model)
 }

@@ -23,11 +23,17 @@ use crate::lora::{DropoutSeed, LoraConfig};
 use crate::model::error::ModelError;
 use crate::model::transformer::Model;
 
+/// PEFT's module name of a language-model head.
+pub const HEAD: &str = "lm_head";
+
 /// Refuse targets that name no linear layer of `model` (a typo would otherwise train nothing
 /// there without a word).
 pub fn check_targets(model: &Model, targets: &[String]) -> Result<(), String> {
     let mut paths: Vec<String> = model.linears().into_iter().map(|m| m.path).collect();
     paths.push(model.token_embedding().path.to_string());
+    if model.lm_head().is_some() && !model.token_embedding().tied_head {
+        paths.push(HEAD.to_string());
+    }
     for t in targets.iter().filter(|t| t.as_str() != ALL_LINEAR) {
         if !paths.iter().any(|p| target_matches(t, p)) {
             let mut names: Vec<&str> = paths
@@ -67,6 +73,25 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), 
         };
         m.linear.set_adapter(adapter)?;
     }
+    if let Some((head, slot)) = model.head_adapter_mut() {
+        *slot = if cfg.targets_embedding(HEAD) {
+            if cfg.adalora.is_some() || cfg.use_dora || cfg.init == crate::lora::LoraInit::Pissa {
+                return Err(ModelError::invalid(
+                    HEAD,
+                    "LoRA on the head takes plain LoRA (not AdaLoRA, DoRA or PiSSA)",
+                ));
+            }
+            let mut base = crate::frozen::BaseWeight::Dense(head.clone());
+            Some(init_adapter(
+                &cfg.for_module(HEAD),
+                &mut base,
+                &mut rng,
+                &device,
+            )?)
+        } else {
+            None
+        };
+    }
     let emb = model.token_embedding_mut();
     if cfg.adalora.is_some() && cfg.targets_embedding(emb.path) {
         return Err(ModelError::invalid(
@@ -104,6 +129,11 @@ pub fn share_dropout_seed(model: &mut Model) -> DropoutSeed {
             a.dropout_seed = seed.clone();
         }
     }
+    if let Some((_, Some(a))) = model.head_adapter_mut() {
+        // Clear of every layer's keys.
+        a.dropout_key = 1 << 32;
+        a.dropout_seed = seed.clone();
+    }
     seed
 }
 
@@ -122,6 +152,11 @@ pub fn trainable_vars(model: &Model) -> Vec<(String, Var)> {
     if let Some(a) = emb.adapter {
         for (suffix, var) in a.parameters() {
             out.push((peft_key(emb.path, suffix), var.clone()));
+        }
+    }
+    if let Some(a) = model.head_adapter() {
+        for (suffix, var) in a.parameters() {
+            out.push((peft_key(HEAD, suffix), var.clone()));
         }
     }
     if let Some(c) = model.classifier() {

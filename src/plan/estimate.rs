@@ -81,6 +81,12 @@ pub fn adapter_params(model: &PlanModel, s: &PlanSettings) -> Vec<usize> {
             out.push(r);
         }
     }
+    // LoRA on an untied head: A `[r, hidden]`, B `[vocab, r]`.
+    if model.untied_head() && s.targets_embedding("lm_head") {
+        let r = s.rank_for("lm_head");
+        out.push(r * model.hidden());
+        out.push(model.vocab() * r);
+    }
     // LoRA on the token embedding: A `[r, vocab]`, B `[dim, r]`.
     let path = model.embedding_path();
     if s.targets_embedding(path) {
@@ -351,6 +357,13 @@ pub fn activations(model: &PlanModel, s: &PlanSettings) -> Activations {
             0
         } else {
             model.vocab() * h * 4
+        };
+        // An adapter on the head takes the plain-graph loss: every row's logits at once, their
+        // log-softmax, and the gradient of each.
+        let rows = if model.untied_head() && s.targets_embedding("lm_head") {
+            4 * n
+        } else {
+            rows
         };
         3 * n * h * cd + rows * model.vocab() * 4 + n * h * 4 + head_f32
     } else {

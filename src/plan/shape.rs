@@ -189,6 +189,15 @@ impl PlanModel {
         }
     }
 
+    /// The language-model head is its own tensor (a LoRA target then, PEFT's `lm_head`).
+    pub fn untied_head(&self) -> bool {
+        match self {
+            PlanModel::Llama(c) => !c.tie_word_embeddings,
+            PlanModel::Gpt2(c) => !c.tie_word_embeddings,
+            PlanModel::Bert(_) => false,
+        }
+    }
+
     /// Checkpoint path of the token embedding (a LoRA target too).
     pub fn embedding_path(&self) -> &'static str {
         match self {

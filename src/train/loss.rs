@@ -33,6 +33,27 @@ pub fn chunked_cross_entropy(
     h.contiguous()?.apply_op1(op)
 }
 
+/// Mean cross-entropy of full `logits` `[n, vocab]` (differentiable) against `targets` over the
+/// rows whose target is not [`IGNORE_INDEX`]: the path for a head with an adapter, whose logits
+/// are not only `h · headᵀ`.
+pub fn dense_cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
+    let (rows, tgt): (Vec<u32>, Vec<u32>) = targets
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t != IGNORE_INDEX)
+        .map(|(i, &t)| (i as u32, t as u32))
+        .unzip();
+    if rows.is_empty() {
+        candle_core::bail!("no counted target in the batch");
+    }
+    let dev = logits.device();
+    let k = rows.len();
+    let picked = logits.index_select(&Tensor::from_vec(rows, k, dev)?, 0)?;
+    let lsm = candle_nn::ops::log_softmax(&picked.to_dtype(DType::F32)?, candle_core::D::Minus1)?;
+    let nll = lsm.gather(&Tensor::from_vec(tgt, (k, 1), dev)?, 1)?;
+    nll.sum_all()? * (-1.0 / k as f64)
+}
+
 /// Summed (not mean) cross-entropy of `h · headᵀ` over the counted targets, accumulated in
 /// f64; no gradient (evaluation).
 pub fn summed_nll(h: &Tensor, head: &Tensor, targets: &[i64], chunk_rows: usize) -> Result<f64> {

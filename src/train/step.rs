@@ -2,7 +2,9 @@
 
 use candle_core::{Tensor, Var};
 
-use super::loss::{chunked_cross_entropy, classification_loss, DEFAULT_CHUNK_ROWS};
+use super::loss::{
+    chunked_cross_entropy, classification_loss, dense_cross_entropy, DEFAULT_CHUNK_ROWS,
+};
 pub use crate::data::batch::{Batch, ClassTargets};
 use crate::model::attention::AttentionSpan;
 use crate::model::transformer::Model;
@@ -62,6 +64,11 @@ pub fn head_loss(
             let logits = head.logits(&model.pool(h, &batch.ids, train)?, train)?;
             classification_loss(&logits, &c.targets, head.config.regression)
         }
+        // A head with an adapter: its logits, then the loss, as a plain graph.
+        None if model.head_adapter().is_some() => dense_cross_entropy(
+            &model.head_logits(&shifted_rows(h)?, train)?,
+            &batch.shifted_targets()?,
+        ),
         None => chunked_cross_entropy(
             &shifted_rows(h)?,
             model.require_lm_head()?,
