@@ -377,7 +377,11 @@ pub fn load_adapter(
         attach_head_from(model, dir, &head_modules, &tensors)?;
     }
     let device = model.device().clone();
-    let mut used = std::collections::BTreeSet::new();
+    let mut store = AdapterTensors {
+        tensors: &tensors,
+        file: &path,
+        used: std::collections::BTreeSet::new(),
+    };
     let mut stored_dtype = None;
     for m in model.linears_mut() {
         if !cfg.targets_module(&m.path) {
@@ -385,24 +389,13 @@ pub fn load_adapter(
             continue;
         }
         let (out, inp) = m.linear.base.shape();
-        let mut fetch = |suffix: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
-            let key = peft_key(&m.path, suffix);
-            let t = tensors
-                .get(&key)
-                .ok_or_else(|| ModelError::TensorNotFound {
-                    name: key.clone(),
-                    dir: path.clone(),
-                })?;
-            if t.dims() != shape {
-                return Err(ModelError::Shape {
-                    name: key,
-                    expected: shape.to_vec(),
-                    got: t.dims().to_vec(),
-                });
-            }
-            used.insert(key);
-            Ok(t.clone())
+        // PEFT has saved DoRA's magnitude with and without `.weight`.
+        let magnitude_key = if store.has(&m.path, "lora_magnitude_vector") {
+            "lora_magnitude_vector"
+        } else {
+            "lora_magnitude_vector.weight"
         };
+        let mut fetch = |suffix: &str, shape: &[usize]| store.take(&m.path, suffix, shape);
         let module = cfg.for_module(&m.path);
         let ada = cfg.adalora.is_some();
         let (sa, sb) = if ada {
@@ -419,11 +412,7 @@ pub fn load_adapter(
         };
         stored_dtype.get_or_insert(a.dtype());
         let magnitude = if cfg.use_dora {
-            let key = peft_key(&m.path, "lora_magnitude_vector");
-            Some(match tensors.get(&key) {
-                Some(_) => fetch("lora_magnitude_vector", &[out])?,
-                None => fetch("lora_magnitude_vector.weight", &[out])?,
-            })
+            Some(fetch(magnitude_key, &[out])?)
         } else {
             None
         };
@@ -443,30 +432,17 @@ pub fn load_adapter(
         };
         m.linear.set_adapter(Some(adapter))?;
     }
-    load_embedding_adapter(model, &cfg, &tensors, &path, dtype, &mut used)?;
-    load_head_adapter(model, &cfg, &tensors, &path, dtype, &mut used)?;
+    load_embedding_adapter(model, &cfg, &mut store, dtype)?;
+    load_head_adapter(model, &cfg, &mut store, dtype)?;
     if let Some(c) = model.classifier_mut() {
         if head_modules.contains(&c.module) {
             for (suffix, var) in c.parameters() {
-                let key = format!("{PREFIX}{}.{suffix}", c.module);
-                let t = tensors
-                    .get(&key)
-                    .ok_or_else(|| ModelError::TensorNotFound {
-                        name: key.clone(),
-                        dir: path.clone(),
-                    })?;
-                if t.dims() != var.dims() {
-                    return Err(ModelError::Shape {
-                        name: key,
-                        expected: var.dims().to_vec(),
-                        got: t.dims().to_vec(),
-                    });
-                }
+                let t = store.take(&c.module, suffix, var.dims())?;
                 var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
-                used.insert(key);
             }
         }
     }
+    let used = store.used;
     if used.len() != tensors.len() {
         let extra: Vec<&String> = tensors
             .keys()
@@ -487,16 +463,50 @@ pub fn load_adapter(
     Ok(cfg)
 }
 
+/// The tensors of an adapter file, handed out by key with their shapes checked, remembering
+/// which were used (every tensor of the file must be).
+struct AdapterTensors<'a> {
+    tensors: &'a HashMap<String, Tensor>,
+    file: &'a Path,
+    used: std::collections::BTreeSet<String>,
+}
+
+impl AdapterTensors<'_> {
+    /// Tensor `suffix` of the module at `path`, which must have `shape`.
+    fn take(&mut self, path: &str, suffix: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let key = peft_key(path, suffix);
+        let t = self
+            .tensors
+            .get(&key)
+            .ok_or_else(|| ModelError::TensorNotFound {
+                name: key.clone(),
+                dir: self.file.to_path_buf(),
+            })?;
+        if t.dims() != shape {
+            return Err(ModelError::Shape {
+                name: key,
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        self.used.insert(key);
+        Ok(t.clone())
+    }
+
+    /// Whether the file has tensor `suffix` of the module at `path`.
+    fn has(&self, path: &str, suffix: &str) -> bool {
+        self.tensors.contains_key(&peft_key(path, suffix))
+    }
+}
+
 /// LoRA on an untied head (`lm_head.lora_A.weight` `[r, hidden]`, `lora_B.weight`
 /// `[vocab, r]`); PEFT saves the head beside it (`lm_head.base_layer.weight`), which replaces the
 /// model's as PEFT loads it.
 fn load_head_adapter(
     model: &mut Model,
     cfg: &LoraConfig,
-    tensors: &HashMap<String, Tensor>,
-    path: &Path,
+    store: &mut AdapterTensors<'_>,
     dtype: Option<DType>,
-    used: &mut std::collections::BTreeSet<String>,
 ) -> Result<(), ModelError> {
     let device = model.device().clone();
     let Some((head, slot)) = model.head_adapter_mut() else {
@@ -508,28 +518,10 @@ fn load_head_adapter(
     }
     let (vocab, hidden) = head.dims2()?;
     let module = cfg.for_module(super::HEAD);
-    let mut fetch = |suffix: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
-        let key = peft_key(super::HEAD, suffix);
-        let t = tensors
-            .get(&key)
-            .ok_or_else(|| ModelError::TensorNotFound {
-                name: key.clone(),
-                dir: path.to_path_buf(),
-            })?;
-        if t.dims() != shape {
-            return Err(ModelError::Shape {
-                name: key,
-                expected: shape.to_vec(),
-                got: t.dims().to_vec(),
-            });
-        }
-        used.insert(key);
-        Ok(t.clone())
-    };
-    let a = fetch("lora_A.weight", &[module.rank, hidden])?;
-    let b = fetch("lora_B.weight", &[vocab, module.rank])?;
-    if tensors.contains_key(&peft_key(super::HEAD, EMBEDDING_BASE)) {
-        let w = fetch(EMBEDDING_BASE, &[vocab, hidden])?;
+    let a = store.take(super::HEAD, "lora_A.weight", &[module.rank, hidden])?;
+    let b = store.take(super::HEAD, "lora_B.weight", &[vocab, module.rank])?;
+    if store.has(super::HEAD, EMBEDDING_BASE) {
+        let w = store.take(super::HEAD, EMBEDDING_BASE, &[vocab, hidden])?;
         *head = w.to_dtype(head.dtype())?.to_device(&device)?;
     }
     let dt = dtype.unwrap_or(a.dtype());
@@ -559,10 +551,8 @@ pub const EMBEDDING_BASE: &str = "base_layer.weight";
 fn load_embedding_adapter(
     model: &mut Model,
     cfg: &LoraConfig,
-    tensors: &HashMap<String, Tensor>,
-    path: &Path,
+    store: &mut AdapterTensors<'_>,
     dtype: Option<DType>,
-    used: &mut std::collections::BTreeSet<String>,
 ) -> Result<(), ModelError> {
     let device = model.device().clone();
     let emb = model.token_embedding_mut();
@@ -578,28 +568,10 @@ fn load_embedding_adapter(
     }
     let (vocab, dim) = emb.weight.dims2()?;
     let module = cfg.for_module(emb.path);
-    let mut fetch = |suffix: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
-        let key = peft_key(emb.path, suffix);
-        let t = tensors
-            .get(&key)
-            .ok_or_else(|| ModelError::TensorNotFound {
-                name: key.clone(),
-                dir: path.to_path_buf(),
-            })?;
-        if t.dims() != shape {
-            return Err(ModelError::Shape {
-                name: key,
-                expected: shape.to_vec(),
-                got: t.dims().to_vec(),
-            });
-        }
-        used.insert(key);
-        Ok(t.clone())
-    };
-    let a = fetch(EMBEDDING_A, &[module.rank, vocab])?;
-    let b = fetch(EMBEDDING_B, &[dim, module.rank])?;
-    if tensors.contains_key(&peft_key(emb.path, EMBEDDING_BASE)) {
-        let table = fetch(EMBEDDING_BASE, &[vocab, dim])?;
+    let a = store.take(emb.path, EMBEDDING_A, &[module.rank, vocab])?;
+    let b = store.take(emb.path, EMBEDDING_B, &[dim, module.rank])?;
+    if store.has(emb.path, EMBEDDING_BASE) {
+        let table = store.take(emb.path, EMBEDDING_BASE, &[vocab, dim])?;
         *emb.weight = table.to_dtype(emb.weight.dtype())?.to_device(&device)?;
     }
     let dt = dtype.unwrap_or(a.dtype());
