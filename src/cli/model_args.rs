@@ -12,8 +12,9 @@ use crate::peft;
 /// Which model to load and how.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// HF model folder (safetensors, or a bitsandbytes 4-bit checkpoint) or a .gguf file.
-    #[arg(long, value_name = "PATH")]
+    /// HF model folder (safetensors, or a bitsandbytes 4-bit checkpoint), a .gguf file, or a hub
+    /// name `org/name[@revision]` found in the local Hugging Face cache.
+    #[arg(long, value_name = "PATH|ORG/NAME", value_parser = crate::model::hub::model_path)]
     pub model: PathBuf,
 
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply.

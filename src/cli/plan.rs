@@ -26,7 +26,8 @@ HF folder or config.json, or a .gguf file (only its metadata is read).",
     after_help = "Example:\n  qlora plan --model llama-2-7b --seq-len 512 --batch-size 1 --device-memory 8GiB"
 )]
 pub struct PlanArgs {
-    /// Preset name, HF model folder, config.json or .gguf file.
+    /// Preset name, HF model folder, config.json, .gguf file, or a hub name in the local
+    /// Hugging Face cache.
     #[arg(long, value_name = "PATH|PRESET")]
     pub model: String,
     /// Tokens per sequence.

@@ -48,8 +48,9 @@ and a failed run leaves nothing behind.",
     after_help = "Example:\n  qlora quantize --model ./Llama-3.2-1B --out ./Llama-3.2-1B-nf4"
 )]
 pub struct QuantizeArgs {
-    /// HF model folder to read (config.json + model.safetensors, or a sharded checkpoint).
-    #[arg(long, value_name = "DIR")]
+    /// HF model folder to read (config.json + model.safetensors, or a sharded checkpoint), or a
+    /// hub name `org/name[@revision]` in the local Hugging Face cache.
+    #[arg(long, value_name = "DIR|ORG/NAME", value_parser = crate::model::hub::model_path)]
     pub model: PathBuf,
 
     /// Folder to create for the 4-bit model; must not exist yet (parents are created).

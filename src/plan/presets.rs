@@ -1,8 +1,6 @@
 //! Configs of well-known models by name, so a plan needs no download (numbers from each model's
 //! published `config.json`), and reading a config from a model path.
 
-use std::path::Path;
-
 use serde_json::{json, Value};
 
 use super::shape::PlanModel;
@@ -57,7 +55,11 @@ pub fn resolve_config(model: &str) -> Result<PlanModel, ModelError> {
     if let Some(cfg) = preset_config(model) {
         return Ok(cfg.into());
     }
-    let path = Path::new(model);
+    let resolved = crate::model::hub::model_path(model).map_err(|what| ModelError::Config {
+        path: model.to_string(),
+        what,
+    })?;
+    let path = resolved.as_path();
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         let gguf_err = |source| ModelError::Gguf {
             path: path.to_path_buf(),
