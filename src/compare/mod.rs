@@ -24,7 +24,7 @@ use self::quant_error::{measure_quant_error, QuantError};
 use crate::model::error::ModelError;
 use crate::model::loader::{load_model, BaseFormat, LoadOptions};
 use crate::peft;
-use crate::train::plot::{draw_loss_curves, Series};
+use crate::train::plot::{draw_styled, Series, Style, Styled};
 use crate::train::recipe::{RunData, TrainRecipe};
 use crate::train::trainer::{check_output_dir, train, validation_loss, TrainReport};
 
@@ -319,16 +319,24 @@ pub fn write_outputs(report: &CompareReport, out: &Path) -> Result<(), ModelErro
         "full-precision base: train".to_string(),
         "full-precision base: validation".to_string(),
     ];
-    let series: Vec<Series<'_>> = [&qt, &qv, &ft, &fv]
+    // Train losses as lines, validations (measured every few steps) as markers.
+    let styles = [Style::Line, Style::Markers, Style::Line, Style::Markers];
+    let series: Vec<Styled<'_>> = [&qt, &qv, &ft, &fv]
         .into_iter()
         .zip(&names)
-        .filter(|(p, _)| !p.is_empty())
-        .map(|(points, name)| Series { name, points })
+        .zip(styles)
+        .filter(|((p, _), _)| !p.is_empty())
+        .map(|((points, name), style)| Styled {
+            series: Series { name, points },
+            style,
+        })
         .collect();
-    draw_loss_curves(
+    draw_styled(
         &out.join(CURVES_FILE),
         &format!("LoRA on a {} base vs the full-precision base", report.quant),
+        "loss",
         &series,
+        None,
     )?;
     let path = out.join(REPORT_FILE);
     let tmp = out.join(format!(".{REPORT_FILE}.tmp"));

@@ -1,4 +1,7 @@
-//! Loss curves drawn as SVG (plotters), one or more named series on shared axes.
+//! Loss curves drawn as SVG (plotters), one or more named series on shared axes: measured-often
+//! series as lines (raw ones faint, with a smoothed line over them), measured-rarely ones
+//! (validation) as markers, so no line suggests values between measurements; optionally the
+//! learning rate on a second axis.
 
 use std::path::Path;
 
@@ -14,6 +17,39 @@ pub struct Series<'a> {
     pub points: &'a [(f64, f64)],
 }
 
+/// How a series is drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Style {
+    /// A line.
+    Line,
+    /// A thin, light line (raw values under their smoothed curve).
+    Faint,
+    /// Markers only, no line between them.
+    Markers,
+}
+
+/// A series with its style.
+pub struct Styled<'a> {
+    /// The series.
+    pub series: Series<'a>,
+    /// How to draw it.
+    pub style: Style,
+}
+
+/// An exponential moving average of `points` (factor `beta`), bias-corrected as Adam's moments
+/// are, so the first steps are not pulled toward zero.
+pub fn smoothed(points: &[(f64, f64)], beta: f64) -> Vec<(f64, f64)> {
+    let mut avg = 0.0;
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, y))| {
+            avg = beta * avg + (1.0 - beta) * y;
+            (x, avg / (1.0 - beta.powi(i as i32 + 1)))
+        })
+        .collect()
+}
+
 const COLORS: [RGBColor; 4] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -21,19 +57,16 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(214, 39, 40),
 ];
 
-/// Draw `series` into an SVG file at `path` (written to a temp name, then renamed).
-pub fn draw_loss_curves(path: &Path, title: &str, series: &[Series<'_>]) -> Result<(), ModelError> {
-    draw_curves(path, title, "loss", series)
-}
-
-/// [`draw_loss_curves`] with another quantity (`y_label`) on the vertical axis.
-pub fn draw_curves(
+/// Draw `series` in their styles, and `lr` (step, learning rate) on a second axis, into an SVG
+/// file at `path` (written to a temp name, then renamed).
+pub fn draw_styled(
     path: &Path,
     title: &str,
     y_label: &str,
-    series: &[Series<'_>],
+    series: &[Styled<'_>],
+    lr: Option<&[(f64, f64)]>,
 ) -> Result<(), ModelError> {
-    let all = series.iter().flat_map(|s| s.points.iter());
+    let all = series.iter().flat_map(|s| s.series.points.iter());
     let (mut x1, mut y0, mut y1) = (1f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in all {
         if y.is_finite() {
@@ -54,29 +87,66 @@ pub fn draw_curves(
     {
         let root = SVGBackend::new(&tmp, (800, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| draw_err(e.to_string()))?;
+        let lr_max = lr
+            .and_then(|p| p.iter().map(|&(_, v)| v).reduce(f64::max))
+            .filter(|&m| m > 0.0 && m.is_finite());
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(56)
+            .right_y_label_area_size(if lr_max.is_some() { 64 } else { 0 })
             .build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))
-            .map_err(|e| draw_err(e.to_string()))?;
+            .map_err(|e| draw_err(e.to_string()))?
+            .set_secondary_coord(0f64..x1, 0f64..lr_max.unwrap_or(1.0) * 1.05);
         chart
             .configure_mesh()
             .x_desc("step")
             .y_desc(y_label)
             .draw()
             .map_err(|e| draw_err(e.to_string()))?;
-        for (i, s) in series.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
+        let mut color_of = 0;
+        for s in series {
+            // A faint series shares the colour of the smoothed line drawn after it.
+            let color = COLORS[color_of % COLORS.len()];
+            if s.style != Style::Faint {
+                color_of += 1;
+            }
+            let points = s.series.points.iter().copied();
+            let drawn = match s.style {
+                Style::Line => chart.draw_series(LineSeries::new(points, color.stroke_width(2))),
+                Style::Faint => chart.draw_series(LineSeries::new(points, color.mix(0.3))),
+                Style::Markers => {
+                    chart.draw_series(points.map(move |p| Circle::new(p, 4, color.filled())))
+                }
+            }
+            .map_err(|e| draw_err(e.to_string()))?;
+            match s.style {
+                Style::Markers => {
+                    drawn
+                        .label(s.series.name)
+                        .legend(move |(x, y)| Circle::new((x + 9, y), 4, color.filled()));
+                }
+                Style::Line => {
+                    drawn.label(s.series.name).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
+                }
+                Style::Faint => {}
+            }
+        }
+        if let (Some(points), Some(_)) = (lr, lr_max) {
             chart
-                .draw_series(LineSeries::new(
-                    s.points.iter().copied(),
-                    color.stroke_width(2),
-                ))
+                .configure_secondary_axes()
+                .y_desc("learning rate")
+                .draw()
+                .map_err(|e| draw_err(e.to_string()))?;
+            let grey = RGBColor(120, 120, 120);
+            chart
+                .draw_secondary_series(LineSeries::new(points.iter().copied(), grey))
                 .map_err(|e| draw_err(e.to_string()))?
-                .label(s.name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+                .label("learning rate")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], grey));
         }
         chart
             .configure_series_labels()
@@ -87,4 +157,61 @@ pub fn draw_curves(
         root.present().map_err(|e| draw_err(e.to_string()))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothing_is_bias_corrected() {
+        let pts: Vec<(f64, f64)> = (1..=4).map(|i| (i as f64, 2.0)).collect();
+        // A constant stays itself from the first step on.
+        for (_, y) in smoothed(&pts, 0.9) {
+            assert!((y - 2.0).abs() < 1e-12);
+        }
+        let s = smoothed(&[(1.0, 1.0), (2.0, 3.0)], 0.5);
+        assert!((s[1].1 - (0.5 * 0.5 * 1.0 + 0.5 * 3.0) / 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn validation_is_drawn_as_markers_and_the_learning_rate_on_a_second_axis() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        let train: Vec<(f64, f64)> = (1..=20)
+            .map(|i| (i as f64, 3.0 - 0.05 * i as f64))
+            .collect();
+        let val = [(0.0, 3.1), (10.0, 2.6), (20.0, 2.2)];
+        let lr: Vec<(f64, f64)> = (1..=20).map(|i| (i as f64, 1e-3)).collect();
+        let smooth = smoothed(&train, 0.9);
+        let series = [
+            Styled {
+                series: Series {
+                    name: "train loss",
+                    points: &train,
+                },
+                style: Style::Faint,
+            },
+            Styled {
+                series: Series {
+                    name: "smoothed",
+                    points: &smooth,
+                },
+                style: Style::Line,
+            },
+            Styled {
+                series: Series {
+                    name: "validation loss",
+                    points: &val,
+                },
+                style: Style::Markers,
+            },
+        ];
+        draw_styled(&path, "t", "loss", &series, Some(&lr)).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        // Three validation points and the legend's marker.
+        assert_eq!(svg.matches("<circle").count(), 4, "{svg}");
+        assert!(svg.contains("learning rate"));
+        assert!(svg.contains("validation loss") && svg.contains("smoothed"));
+    }
 }

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
 use super::layerwise::{loss_and_grads_layerwise, Checkpointing};
-use super::plot::{draw_curves, draw_loss_curves, Series};
+use super::plot::{draw_styled, smoothed, Series, Style, Styled};
 use super::step::Batch;
 use crate::data::batches::Batches;
 use crate::lora::adalora::{orth_reg, RankAllocator, Triplet};
@@ -479,26 +479,55 @@ pub fn train(
         .map(|(i, &l)| ((i + 1) as f64, l))
         .collect();
     let val_pts: Vec<(f64, f64)> = val_losses.iter().map(|&(s, l)| (s as f64, l)).collect();
-    let mut series = vec![Series {
-        name: "train loss",
-        points: &train_pts,
-    }];
+    let smooth = smoothed(&train_pts, 0.9);
+    let lr_pts: Vec<(f64, f64)> = (0..settings.steps)
+        .map(|s| ((s + 1) as f64, settings.schedule.lr_at(s)))
+        .collect();
+    let mut series = vec![
+        Styled {
+            series: Series {
+                name: "train loss",
+                points: &train_pts,
+            },
+            style: Style::Faint,
+        },
+        Styled {
+            series: Series {
+                name: "train loss (smoothed)",
+                points: &smooth,
+            },
+            style: Style::Line,
+        },
+    ];
     if !val_pts.is_empty() {
-        series.push(Series {
-            name: "validation loss",
-            points: &val_pts,
+        series.push(Styled {
+            series: Series {
+                name: "validation loss",
+                points: &val_pts,
+            },
+            style: Style::Markers,
         });
     }
-    draw_loss_curves(&out.join("loss.svg"), "QLoRA training", &series)?;
+    draw_styled(
+        &out.join("loss.svg"),
+        "QLoRA training",
+        "loss",
+        &series,
+        Some(&lr_pts),
+    )?;
     if !val_accuracy.is_empty() {
-        draw_curves(
+        draw_styled(
             &out.join("accuracy.svg"),
             "validation accuracy",
             "accuracy",
-            &[Series {
-                name: "validation accuracy",
-                points: &val_accuracy,
+            &[Styled {
+                series: Series {
+                    name: "validation accuracy",
+                    points: &val_accuracy,
+                },
+                style: Style::Markers,
             }],
+            None,
         )?;
     }
 
