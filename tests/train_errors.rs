@@ -341,3 +341,46 @@ fn keep_layers_auto_needs_a_memory_limit_and_keeps_what_fits_in_it() {
         assert!(run.stdout.contains(part), "{part:?} in:\n{}", run.stdout);
     }
 }
+
+/// A validation split of a small record set says which records it took; the config's EOS id
+/// serves a model folder without a tokenizer.
+#[test]
+fn a_small_validation_split_says_what_it_held_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!("{{\"input_ids\": [{}, 5, 6, 7, 8, 9, 10, 11]}}", 20 + i))
+        .collect();
+    let data = write(dir.path(), "ids.jsonl", &(lines.join("\n") + "\n"));
+    let model = model_variant(dir.path(), None, None);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        fs::remove_file(model.join(f)).unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .args([
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--val-split",
+            "0.25",
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("2 of the 8 records") && stdout.contains("held out"),
+        "{stdout}"
+    );
+}

@@ -92,6 +92,9 @@ pub struct RunData {
     pub note: Option<String>,
 }
 
+/// Below this many records, the validation split says which it held out.
+const SMALL_DATASET: usize = 20;
+
 impl TrainRecipe {
     /// Read `data` (and the validation file) with `model`'s tokenizer and vocabulary, split
     /// validation off, and build the batches.
@@ -145,7 +148,22 @@ impl TrainRecipe {
                     ));
                     (corpus.examples, Vec::new())
                 } else {
-                    split_validation(corpus.examples, *frac, self.seed)?
+                    let (train, val) = split_validation(corpus.examples, *frac, self.seed)?;
+                    // With few records, a held-out one is a noticeable share of the data: say
+                    // which.
+                    if docs < SMALL_DATASET && !val.is_empty() {
+                        let held: BTreeSet<usize> = val.iter().map(|e| e.doc + 1).collect();
+                        let list: Vec<String> = held.iter().map(usize::to_string).collect();
+                        note = Some(format!(
+                            "{} of the {docs} records of {} are held out for validation \
+                             (number {}); --val-split 0 trains on all of them, --val-data FILE \
+                             validates on another file",
+                            held.len(),
+                            data.display(),
+                            list.join(", ")
+                        ));
+                    }
+                    (train, val)
                 }
             }
         };
