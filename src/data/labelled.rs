@@ -58,6 +58,31 @@ impl LabelSpace {
     }
 }
 
+/// The records of a JSON Lines or parquet file with their line (row) numbers.
+fn labelled_values(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
+    if super::record::is_parquet(path) {
+        return super::record::parquet_values(path);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(raw).map_err(|e| DataError::Json {
+            path: path.to_path_buf(),
+            line: i + 1,
+            column: e.column(),
+            what: e.to_string(),
+        })?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
 /// Read the labelled records of `path` into examples (labels of every token ignored: the loss is
 /// the classifier's). `vocab_size` bounds the ids; text is tokenized with the tokenizer's special
 /// tokens (BERT's `[CLS]` and `[SEP]`), as `tokenizer(text)` does. Without `require_label`,
@@ -70,10 +95,7 @@ pub fn load_labelled(
     vocab_size: usize,
     require_label: bool,
 ) -> Result<Corpus, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let values = labelled_values(path)?;
     let record_err = |line: usize, what: String| DataError::Record {
         path: path.to_path_buf(),
         line,
@@ -81,18 +103,8 @@ pub fn load_labelled(
     };
     let mut examples = Vec::new();
     let mut report = LoadReport::default();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
+    for (line, v) in values {
         report.records += 1;
-        let v: Value = serde_json::from_str(raw).map_err(|e| DataError::Json {
-            path: path.to_path_buf(),
-            line,
-            column: e.column(),
-            what: e.to_string(),
-        })?;
         let Value::Object(obj) = v else {
             return Err(record_err(line, "a record must be a JSON object".into()));
         };

@@ -55,6 +55,15 @@ pub fn is_plain_text(path: &Path) -> bool {
 
 /// The records of `path`, typed by `format` (or detected per record for [`DataFormat::Auto`]).
 pub fn read_records(path: &Path, format: DataFormat) -> Result<Vec<SourceRecord>, DataError> {
+    if is_parquet(path) {
+        return parquet_values(path)?
+            .into_iter()
+            .map(|(row, value)| {
+                let record = parse_record(value, format).map_err(|e| e.at(path, row))?;
+                Ok(SourceRecord { line: row, record })
+            })
+            .collect();
+    }
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
         path: path.to_path_buf(),
         source,
@@ -85,6 +94,43 @@ pub fn read_records(path: &Path, format: DataFormat) -> Result<Vec<SourceRecord>
             Ok(SourceRecord { line, record })
         })
         .collect()
+}
+
+/// Whether `path` is a parquet file (Hugging Face datasets' format), by its extension.
+pub fn is_parquet(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
+/// The rows of a parquet file as JSON objects (column name → value; lists and structs as JSON
+/// arrays and objects), numbered from 1 as a record's "line", read one row group at a time.
+pub fn parquet_values(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |what: String| DataError::File {
+        path: path.to_path_buf(),
+        what,
+    };
+    let file = std::fs::File::open(path).map_err(|source| DataError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader =
+        SerializedFileReader::new(file).map_err(|e| bad(format!("not a parquet file: {e}")))?;
+    let mut out = Vec::new();
+    for g in 0..reader.num_row_groups() {
+        let group = reader
+            .get_row_group(g)
+            .map_err(|e| bad(format!("row group {g}: {e}")))?;
+        let rows = group
+            .get_row_iter(None)
+            .map_err(|e| bad(format!("row group {g}: {e}")))?;
+        for row in rows {
+            let row = row.map_err(|e| bad(format!("row {}: {e}", out.len() + 1)))?;
+            out.push((out.len() + 1, row.to_json_value()));
+        }
+    }
+    Ok(out)
 }
 
 /// The top-level values of a JSON array or JSON Lines text, with their starting lines.
