@@ -64,8 +64,7 @@ fn a_file_that_is_not_parquet_is_named() {
     let path = tmp.path().join("broken.parquet");
     std::fs::write(&path, b"PAR1 not really").unwrap();
     let e = Corpus::load(&path, Some(&tokenizer()), &DataOptions::new(64, VOCAB))
-        .err()
-        .expect("not parquet")
+        .expect_err("not parquet")
         .to_string();
     assert!(e.contains("broken.parquet") && e.contains("parquet"), "{e}");
 }
