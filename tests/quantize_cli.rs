@@ -741,7 +741,7 @@ fn the_binary_quantizes_and_reports() {
     assert_contains(
         &help,
         &[
-            "--model <DIR>",
+            "--model <DIR|ORG/NAME>",
             "--out <DIR>",
             "--quant",
             "fp4",
