@@ -8,8 +8,8 @@
 //! Tolerances: f32 exports 1e-4 absolute (seen: ≤ 3.4e-6); f16 and q8_0 files are rounded, and
 //! llama.cpp also rounds the activations it multiplies them with (to f16, to 8-bit blocks), so
 //! those get bounds stated per case below. Every case also shows the adapter is really merged:
-//! llama.cpp's logits are > 0.5 away from the model without it, and that distance is over ten
-//! times the distance from PEFT.
+//! llama.cpp's logits are more than [`adapter_moves`] away from the model without it, and that
+//! distance is over ten times the distance from PEFT.
 
 mod common;
 
@@ -114,6 +114,16 @@ fn bounds(name: &str, tokens: usize) -> (f32, f32, usize) {
     }
 }
 
+/// How far the merged adapter must move each case's logits: 1 for the Llama-family fixtures
+/// (their adapters move them by 1.45 to 5.35); GPT-2's fixture adapter moves its logits by 0.95.
+fn adapter_moves(name: &str) -> f32 {
+    if name.starts_with("gpt2") {
+        0.5
+    } else {
+        1.0
+    }
+}
+
 #[test]
 fn llama_cpp_runs_our_gguf_exports_like_peft() {
     let m = manifest();
@@ -148,7 +158,7 @@ fn llama_cpp_runs_our_gguf_exports_like_peft() {
         assert!(d_peft <= to_peft, "{name}: llama.cpp vs PEFT {d_peft}");
         assert!(d_ours <= to_ours, "{name}: ours vs llama.cpp {d_ours}");
         assert!(
-            d_base > 0.5 && d_base > 10.0 * d_peft,
+            d_base > adapter_moves(name) && d_base > 10.0 * d_peft,
             "{name}: the adapter barely shows ({d_base}, vs {d_peft} from PEFT)"
         );
     }

@@ -109,6 +109,30 @@ pub fn pattern_key<'a>(keys: impl IntoIterator<Item = &'a str>, path: &str) -> O
     })
 }
 
+/// The value the first of `patterns` matching `path` gives it (PEFT's `rank_pattern` /
+/// `alpha_pattern` lookup), if any.
+pub fn pattern_value<'a, T>(patterns: &'a [(String, T)], path: &str) -> Option<&'a T> {
+    let key = pattern_key(patterns.iter().map(|(k, _)| k.as_str()), path)?;
+    patterns.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+/// Whether a target names `path` itself rather than through `all-linear`: how modules outside
+/// the layers (the token embedding, the head) are chosen.
+pub fn names_explicitly(targets: &[String], path: &str) -> bool {
+    targets
+        .iter()
+        .any(|t| t != ALL_LINEAR && target_matches(t, path))
+}
+
+/// Whether `path` lies in one of `layers` (PEFT's `layers_to_transform`; `None` or empty: every
+/// layer), its index read as [`layer_index`] reads it.
+pub fn in_layers(layers: Option<&[usize]>, patterns: &[String], path: &str) -> bool {
+    match layers {
+        Some(l) if !l.is_empty() => layer_index(path, patterns).is_some_and(|i| l.contains(&i)),
+        _ => true,
+    }
+}
+
 /// The layer index PEFT reads from a module path for `layers_to_transform`: after one of
 /// `patterns` (`layers.3.`), or with none given, the first number after the second component.
 pub fn layer_index(path: &str, patterns: &[String]) -> Option<usize> {
@@ -153,21 +177,18 @@ impl LoraConfig {
         {
             return false;
         }
-        match &self.layers_to_transform {
-            Some(layers) if !layers.is_empty() => {
-                layer_index(path, &self.layers_pattern).is_some_and(|i| layers.contains(&i))
-            }
-            _ => true,
-        }
+        in_layers(
+            self.layers_to_transform.as_deref(),
+            &self.layers_pattern,
+            path,
+        )
     }
 
     /// True when an adapter goes on the token embedding at `path` (`model.embed_tokens`): named
     /// by a target (`all-linear` does not), not excluded, and no `layers_to_transform` (the
     /// embedding is in no layer, so PEFT skips it then).
     pub fn targets_embedding(&self, path: &str) -> bool {
-        self.targets
-            .iter()
-            .any(|t| t != ALL_LINEAR && target_matches(t, path))
+        names_explicitly(&self.targets, path)
             && !self.exclude_modules.iter().any(|t| target_matches(t, path))
             && self
                 .layers_to_transform
@@ -181,16 +202,12 @@ impl LoraConfig {
         if let Some(a) = &self.adalora {
             return a.rank_of(path);
         }
-        pattern_key(self.rank_pattern.iter().map(|(k, _)| k.as_str()), path)
-            .and_then(|k| self.rank_pattern.iter().find(|(p, _)| p == k))
-            .map_or(self.rank, |(_, r)| *r)
+        pattern_value(&self.rank_pattern, path).map_or(self.rank, |r| *r)
     }
 
     /// Alpha of the adapter on the module at `path` (`alpha_pattern`, else `lora_alpha`).
     pub fn alpha_for(&self, path: &str) -> f64 {
-        pattern_key(self.alpha_pattern.iter().map(|(k, _)| k.as_str()), path)
-            .and_then(|k| self.alpha_pattern.iter().find(|(p, _)| p == k))
-            .map_or(self.alpha, |(_, a)| *a)
+        pattern_value(&self.alpha_pattern, path).map_or(self.alpha, |a| *a)
     }
 
     /// The config of the single module at `path`: its rank and alpha, no patterns.

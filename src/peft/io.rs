@@ -417,9 +417,7 @@ pub fn load_adapter(
             None
         };
         let dt = dtype.unwrap_or(a.dtype());
-        let var = |t: Tensor| -> Result<Var, ModelError> {
-            Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(&device)?)?)
-        };
+        let var = |t: Tensor| trainable(t, dt, &device);
         let adapter = LoraAdapter {
             a: var(a)?,
             b: var(b)?,
@@ -497,6 +495,21 @@ impl AdapterTensors<'_> {
     fn has(&self, path: &str, suffix: &str) -> bool {
         self.tensors.contains_key(&peft_key(path, suffix))
     }
+
+    /// PEFT saves the whole table beside an adapted embedding or head (`base_layer.weight`)
+    /// and copies it over the model's when it loads the adapter; so does this, into `table`.
+    fn load_base_table(&mut self, path: &str, table: &mut Tensor) -> Result<(), ModelError> {
+        if self.has(path, EMBEDDING_BASE) {
+            let t = self.take(path, EMBEDDING_BASE, table.dims())?;
+            *table = t.to_dtype(table.dtype())?.to_device(table.device())?;
+        }
+        Ok(())
+    }
+}
+
+/// A trainable copy of `t` in `dtype` on `device`.
+fn trainable(t: Tensor, dtype: DType, device: &Device) -> Result<Var, ModelError> {
+    Ok(Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?)
 }
 
 /// LoRA on an untied head (`lm_head.lora_A.weight` `[r, hidden]`, `lora_B.weight`
@@ -520,17 +533,11 @@ fn load_head_adapter(
     let module = cfg.for_module(super::HEAD);
     let a = store.take(super::HEAD, "lora_A.weight", &[module.rank, hidden])?;
     let b = store.take(super::HEAD, "lora_B.weight", &[vocab, module.rank])?;
-    if store.has(super::HEAD, EMBEDDING_BASE) {
-        let w = store.take(super::HEAD, EMBEDDING_BASE, &[vocab, hidden])?;
-        *head = w.to_dtype(head.dtype())?.to_device(&device)?;
-    }
+    store.load_base_table(super::HEAD, head)?;
     let dt = dtype.unwrap_or(a.dtype());
-    let var = |t: Tensor| -> Result<Var, ModelError> {
-        Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(&device)?)?)
-    };
     *slot = Some(LoraAdapter {
-        a: var(a)?,
-        b: var(b)?,
+        a: trainable(a, dt, &device)?,
+        b: trainable(b, dt, &device)?,
         scale: module.scale(),
         dropout: cfg.dropout,
         magnitude: None,
@@ -570,17 +577,11 @@ fn load_embedding_adapter(
     let module = cfg.for_module(emb.path);
     let a = store.take(emb.path, EMBEDDING_A, &[module.rank, vocab])?;
     let b = store.take(emb.path, EMBEDDING_B, &[dim, module.rank])?;
-    if store.has(emb.path, EMBEDDING_BASE) {
-        let table = store.take(emb.path, EMBEDDING_BASE, &[vocab, dim])?;
-        *emb.weight = table.to_dtype(emb.weight.dtype())?.to_device(&device)?;
-    }
+    store.load_base_table(emb.path, emb.weight)?;
     let dt = dtype.unwrap_or(a.dtype());
-    let var = |t: Tensor| -> Result<Var, ModelError> {
-        Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(&device)?)?)
-    };
     *emb.adapter = Some(EmbeddingAdapter {
-        a: var(a)?,
-        b: var(b)?,
+        a: trainable(a, dt, &device)?,
+        b: trainable(b, dt, &device)?,
         scale: module.scale(),
     });
     Ok(())

@@ -17,6 +17,7 @@ use std::fmt;
 
 use candle_core::DType;
 
+use crate::lora::config::{in_layers, names_explicitly, pattern_value, target_matches};
 use crate::model::config::PROJECTIONS;
 use crate::model::loader::BaseFormat;
 use crate::quant::QuantType;
@@ -103,15 +104,8 @@ impl PlanSettings {
     /// Whether the run puts an adapter on the linear layer at checkpoint path `path`, by PEFT's
     /// target rule.
     pub fn targets(&self, path: &str) -> bool {
-        self.targets
-            .iter()
-            .any(|t| crate::lora::config::target_matches(t, path))
-            && match &self.layers_to_transform {
-                Some(layers) if !layers.is_empty() => {
-                    crate::lora::config::layer_index(path, &[]).is_some_and(|i| layers.contains(&i))
-                }
-                _ => true,
-            }
+        self.targets.iter().any(|t| target_matches(t, path))
+            && in_layers(self.layers_to_transform.as_deref(), &[], path)
     }
 
     /// Whether the run puts an adapter on the token embedding at `path` (named by a target;
@@ -120,16 +114,12 @@ impl PlanSettings {
         self.layers_to_transform
             .as_ref()
             .is_none_or(|l| l.is_empty())
-            && self.targets.iter().any(|t| {
-                t != crate::lora::config::ALL_LINEAR && crate::lora::config::target_matches(t, path)
-            })
+            && names_explicitly(&self.targets, path)
     }
 
     /// The rank of the adapter on the module at `path`.
     pub fn rank_for(&self, path: &str) -> usize {
-        crate::lora::config::pattern_key(self.rank_pattern.iter().map(|(k, _)| k.as_str()), path)
-            .and_then(|k| self.rank_pattern.iter().find(|(p, _)| p == k))
-            .map_or(self.rank, |(_, r)| *r)
+        pattern_value(&self.rank_pattern, path).map_or(self.rank, |r| *r)
     }
 
     /// Which layers the planned step recomputes.
