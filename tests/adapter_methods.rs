@@ -154,36 +154,49 @@ fn unimplemented_or_inconsistent_peft_fields_are_refused_by_name() {
     assert!(e.contains("down_proj.lora_A.weight"), "{e}");
 }
 
+/// `qlora train --model MODEL --data <the embedding fixture's 8 records> --out OUT ARGS...`.
+fn train_on(model: &Path, out: &Path, args: &[&str]) -> std::process::Output {
+    let data = methods("embedding").join("train/data.jsonl");
+    let mut all = vec![
+        "train",
+        "--model",
+        common::arg(model),
+        "--data",
+        common::arg(&data),
+        "--out",
+        common::arg(out),
+    ];
+    all.extend_from_slice(args);
+    common::qlora(&all)
+}
+
 #[test]
 fn train_writes_rank_and_alpha_patterns_peft_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let data = methods("embedding").join("train/data.jsonl");
-    let o = common::qlora(&[
-        "train",
-        "--model",
-        common::arg(&fixtures().join("arch/llama3")),
-        "--data",
-        common::arg(&data),
-        "--out",
-        common::arg(&out),
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--val-split",
-        "0",
-        "--rank",
-        "4",
-        "--rank-pattern",
-        "down_proj=8,layers\\.1\\..*q_proj=2",
-        "--alpha-pattern",
-        "v_proj=3",
-        "--layers-to-transform",
-        "1",
-    ]);
+    let llama3 = fixtures().join("arch/llama3");
+    let o = train_on(
+        &llama3,
+        &out,
+        &[
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--val-split",
+            "0",
+            "--rank",
+            "4",
+            "--rank-pattern",
+            "down_proj=8,layers\\.1\\..*q_proj=2",
+            "--alpha-pattern",
+            "v_proj=3",
+            "--layers-to-transform",
+            "1",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let adapter = out.join("adapter");
     let v = config(&adapter);
@@ -204,17 +217,7 @@ fn train_writes_rank_and_alpha_patterns_peft_reads() {
     );
     // A bad pattern is refused before anything is written.
     let bad = tmp.path().join("bad");
-    let o = common::qlora(&[
-        "train",
-        "--model",
-        common::arg(&fixtures().join("arch/llama3")),
-        "--data",
-        common::arg(&data),
-        "--out",
-        common::arg(&bad),
-        "--rank-pattern",
-        "down_proj=zero",
-    ]);
+    let o = train_on(&llama3, &bad, &["--rank-pattern", "down_proj=zero"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--rank-pattern"), "{e}");
     assert!(!bad.exists());
@@ -372,16 +375,8 @@ fn peft_reads_ours(case: &str, base: &str, ids_file: &str, extra: &[&str]) {
     let ours = methods("ours").join(case);
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let data = methods("embedding").join("train/data.jsonl");
     let model = fixtures().join(base);
     let mut args = vec![
-        "train",
-        "--model",
-        common::arg(&model),
-        "--data",
-        common::arg(&data),
-        "--out",
-        common::arg(&run),
         "--steps",
         "3",
         "--batch-size",
@@ -407,7 +402,7 @@ fn peft_reads_ours(case: &str, base: &str, ids_file: &str, extra: &[&str]) {
         "0",
     ];
     args.extend_from_slice(extra);
-    let o = common::qlora(&args);
+    let o = train_on(&model, &run, &args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let again = safetensors(&run.join("adapter").join(peft::io::WEIGHTS_FILE));
     let kept = safetensors(&ours.join(peft::io::WEIGHTS_FILE));
