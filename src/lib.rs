@@ -16,6 +16,7 @@ pub mod device;
 pub mod eval;
 pub mod export;
 pub mod frozen;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod optim;

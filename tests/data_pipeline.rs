@@ -275,7 +275,10 @@ fn supervised_examples_are_truncated_and_dropped_when_nothing_trains() {
     assert_eq!(e.ids[..], full[..seq_len], "the start is kept");
     assert_ne!(*e.ids.last().unwrap(), EOS, "a cut example has no EOS");
     assert_eq!(c.examples[1].line, 3);
-    assert!(c.report.to_string().contains("2 truncated, 1 dropped"));
+    assert!(c
+        .report
+        .to_string()
+        .contains("2 truncated to the sequence length; 1 record dropped"));
 }
 
 fn hand_made(lens: &[usize]) -> Vec<Example> {

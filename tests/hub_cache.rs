@@ -28,6 +28,7 @@ fn qlora(cache: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_qlora"))
         .args(args)
         .env("HF_HUB_CACHE", cache)
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap()
 }

@@ -68,3 +68,58 @@ fn a_file_that_is_not_parquet_is_named() {
         .to_string();
     assert!(e.contains("broken.parquet") && e.contains("parquet"), "{e}");
 }
+
+/// A folder of shards reads as its files in name order; `DIR/{split}` reads the files of that
+/// split by the hub's naming; a folder holding several splits must be narrowed to one; an error
+/// in a shard names the shard.
+#[test]
+fn shard_folders_and_splits_read_as_their_files_in_order() {
+    let tok = tokenizer();
+    let opts = DataOptions::new(64, VOCAB);
+    let one = Corpus::load(&dir().join("parquet/text.parquet"), Some(&tok), &opts).unwrap();
+    let other = Corpus::load(&dir().join("parquet/alpaca.parquet"), Some(&tok), &opts).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    std::fs::copy(
+        dir().join("parquet/text.parquet"),
+        shards.join("part-0.parquet"),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir().join("parquet/alpaca.parquet"),
+        shards.join("part-1.parquet"),
+    )
+    .unwrap();
+    let both = Corpus::load(&shards, Some(&tok), &opts).unwrap();
+    assert_eq!(
+        both.report.records,
+        one.report.records + other.report.records
+    );
+    let ids = |c: &Corpus| c.examples.iter().map(|e| e.ids.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&both), [ids(&one), ids(&other)].concat());
+
+    // A dataset repository's layout: data/{split}-NNNNN-of-NNNNN.parquet.
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(repo.join("data")).unwrap();
+    let shard = |from: &str, to: &str| {
+        std::fs::copy(dir().join("parquet").join(from), repo.join("data").join(to)).unwrap();
+    };
+    shard("text.parquet", "train-00000-of-00002.parquet");
+    shard("alpaca.parquet", "train-00001-of-00002.parquet");
+    shard("text.parquet", "test-00000-of-00001.parquet");
+    let train = Corpus::load(&repo.join("train"), Some(&tok), &opts).unwrap();
+    assert_eq!(ids(&train), ids(&both));
+    let test = Corpus::load(&repo.join("test"), Some(&tok), &opts).unwrap();
+    assert_eq!(ids(&test), ids(&one));
+    let e = Corpus::load(&repo, Some(&tok), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("splits test, train"), "{e}");
+
+    std::fs::write(shards.join("part-2.parquet"), b"PAR1 not really").unwrap();
+    let e = Corpus::load(&shards, Some(&tok), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("part-2.parquet"), "{e}");
+}

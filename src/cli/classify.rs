@@ -28,8 +28,9 @@ pub struct ClassifyArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Records to classify (JSONL with `text` or `input_ids`).
-    #[arg(long, value_name = "FILE")]
+    /// Records to classify (.jsonl or .parquet with `text` or `input_ids`; a folder of shards,
+    /// or a hub dataset `org/name[:split]`).
+    #[arg(long, value_name = "FILE|DIR|ORG/NAME", value_parser = crate::hub::data_path)]
     pub data: PathBuf,
 
     /// Where to write the predictions (JSONL); standard output when absent.

@@ -29,8 +29,9 @@ curves in OUT/loss.svg. Training options are those of `qlora train` (also from -
 pub struct CompareArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Training data (.txt, or .jsonl/.json with `text` or `input_ids`).
-    #[arg(long, value_name = "FILE")]
+    /// Training data: .txt, .jsonl/.json or .parquet, a folder of shards, or a hub dataset
+    /// `org/name[@revision][:split]`.
+    #[arg(long, value_name = "FILE|DIR|ORG/NAME", value_parser = crate::hub::data_path)]
     pub data: PathBuf,
     /// Output folder.
     #[arg(long, value_name = "DIR")]

@@ -28,8 +28,9 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Dataset file (.txt, or .jsonl with `text` or `input_ids`).
-    #[arg(long, value_name = "FILE")]
+    /// Dataset: .txt, .jsonl/.json or .parquet, a folder of shards, or a hub dataset
+    /// `org/name[@revision][:split]`.
+    #[arg(long, value_name = "FILE|DIR|ORG/NAME", value_parser = crate::hub::data_path)]
     pub data: PathBuf,
 
     /// Window length in tokens.

@@ -51,7 +51,7 @@ qlora merge --model ./tiny --adapter adapter --out merged-nf4 --requantize --eva
 pub struct MergeArgs {
     /// Base model: HF folder (safetensors or bitsandbytes 4-bit), a .gguf file, or a hub name
     /// `org/name[@revision]` in the local Hugging Face cache.
-    #[arg(long, value_name = "PATH|ORG/NAME", value_parser = crate::model::hub::model_path)]
+    #[arg(long, value_name = "PATH|ORG/NAME", value_parser = crate::hub::model_path)]
     pub model: PathBuf,
 
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).

@@ -14,7 +14,7 @@ use crate::peft;
 pub struct ModelArgs {
     /// HF model folder (safetensors, or a bitsandbytes 4-bit checkpoint), a .gguf file, or a hub
     /// name `org/name[@revision]` found in the local Hugging Face cache.
-    #[arg(long, value_name = "PATH|ORG/NAME", value_parser = crate::model::hub::model_path)]
+    #[arg(long, value_name = "PATH|ORG/NAME", value_parser = crate::hub::model_path)]
     pub model: PathBuf,
 
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply.

@@ -50,7 +50,7 @@ and a failed run leaves nothing behind.",
 pub struct QuantizeArgs {
     /// HF model folder to read (config.json + model.safetensors, or a sharded checkpoint), or a
     /// hub name `org/name[@revision]` in the local Hugging Face cache.
-    #[arg(long, value_name = "DIR|ORG/NAME", value_parser = crate::model::hub::model_path)]
+    #[arg(long, value_name = "DIR|ORG/NAME", value_parser = crate::hub::model_path)]
     pub model: PathBuf,
 
     /// Folder to create for the 4-bit model; must not exist yet (parents are created).

@@ -147,8 +147,8 @@ pub struct TrainOptions {
     /// Fraction of sequences held out for validation [default: 0.05].
     #[arg(long)]
     pub val_split: Option<f64>,
-    /// Validation file instead of a split.
-    #[arg(long)]
+    /// Validation data instead of a split (as --data; a hub dataset as `org/name:validation`).
+    #[arg(long, value_name = "FILE|DIR|ORG/NAME", value_parser = crate::hub::data_path)]
     pub val_data: Option<PathBuf>,
     /// Validate every N steps [default: 0 = start and end only].
     #[arg(long)]
@@ -185,8 +185,9 @@ adapter in PEFT format under OUT/adapter.",
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Training data (.txt, or .jsonl/.json with `text` or `input_ids`).
-    #[arg(long, value_name = "FILE")]
+    /// Training data: .txt, .jsonl/.json or .parquet, a folder of shards, or a hub dataset
+    /// `org/name[@revision][:split]`.
+    #[arg(long, value_name = "FILE|DIR|ORG/NAME", value_parser = crate::hub::data_path)]
     pub data: PathBuf,
     /// Output folder (must not hold an adapter yet).
     #[arg(long, value_name = "DIR")]
@@ -287,8 +288,15 @@ macro_rules! merge {
 fn read_config(path: &Path) -> anyhow::Result<TrainOptions> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text)
-        .with_context(|| format!("{}: not a valid training config", path.display()))
+    let mut opts: TrainOptions = toml::from_str(&text)
+        .with_context(|| format!("{}: not a valid training config", path.display()))?;
+    // `val-data` in the file names data as the flag does: a path, or a hub dataset.
+    if let Some(v) = opts.val_data.take() {
+        let resolved = crate::hub::data_path(&v.to_string_lossy())
+            .with_context(|| format!("{}: `val-data`", path.display()))?;
+        opts.val_data = Some(resolved);
+    }
+    Ok(opts)
 }
 
 /// Parse `PATTERN=VALUE,...` (a piece without `=` continues the previous pattern, so a

@@ -10,7 +10,7 @@ use super::error::DataError;
 use super::example::IGNORE_INDEX;
 use super::example::{tokenize_record, EosPolicy, Example, Fit, TokenizedRecord};
 use super::format::DataFormat;
-use super::record::{is_plain_text, read_records, Record};
+use super::record::{for_each_record, is_plain_text, Record};
 use super::tokenizer::TextTokenizer;
 
 /// How a dataset file becomes examples.
@@ -51,8 +51,8 @@ pub struct LoadReport {
     pub examples: usize,
     /// Supervised examples cut to the sequence length (their start kept).
     pub truncated: usize,
-    /// Examples dropped because nothing in them is trained (no assistant turn, or every
-    /// trained token was past the sequence length).
+    /// Records dropped because nothing in them is trained (blank text, no assistant turn, or
+    /// every trained token past the sequence length).
     pub dropped: usize,
     /// Tokens in the kept examples.
     pub tokens: usize,
@@ -64,15 +64,21 @@ impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} examples from {} records ({} tokens, {} trained); {} truncated, {} dropped \
-             with nothing left to train",
-            self.examples,
-            self.records,
-            self.tokens,
-            self.trained_tokens,
-            self.truncated,
-            self.dropped
-        )
+            "{} examples from {} records ({} tokens, {} trained)",
+            self.examples, self.records, self.tokens, self.trained_tokens
+        )?;
+        if self.truncated > 0 {
+            write!(f, "; {} truncated to the sequence length", self.truncated)?;
+        }
+        if self.dropped > 0 {
+            let s = if self.dropped == 1 { "" } else { "s" };
+            write!(
+                f,
+                "; {} record{s} dropped with nothing to train",
+                self.dropped
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -102,34 +108,27 @@ impl Corpus {
                 opts.seq_len
             )));
         }
-        let records = read_records(path, opts.format)?;
-        if records.is_empty() {
-            return Err(DataError::Empty {
-                path: path.to_path_buf(),
-                why: "it holds no records".into(),
-            });
-        }
         let eos = eos_policy(path, tokenizer, opts)?;
         let stream = is_plain_text(path);
-        let mut report = LoadReport {
-            records: records.len(),
-            ..LoadReport::default()
-        };
+        let mut report = LoadReport::default();
         let mut examples = Vec::new();
-        for (doc, rec) in records.iter().enumerate() {
+        let mut doc = 0;
+        let records = for_each_record(path, opts.format, |file, rec| {
+            let this_doc = doc;
+            doc += 1;
             let at = |source| DataError::Tokenize {
-                path: path.to_path_buf(),
+                path: file.to_path_buf(),
                 line: rec.line,
                 source: Box::new(source),
             };
             if matches!(&rec.record, Record::Text(t) if t.trim().is_empty()) {
                 // A blank text would train only "BOS -> EOS": nothing of the data.
                 report.dropped += 1;
-                continue;
+                return Ok(());
             }
             let tokenized = tokenize_record(&rec.record, tokenizer, &eos).map_err(at)?;
             let from_tokenizer = !matches!(rec.record, Record::Tokens { .. });
-            check_vocab(path, rec.line, &tokenized, opts).map_err(|e| match (e, tokenizer) {
+            check_vocab(file, rec.line, &tokenized, opts).map_err(|e| match (e, tokenizer) {
                 (
                     DataError::TokenOutOfVocab {
                         path,
@@ -150,7 +149,7 @@ impl Corpus {
             let mut example = Example {
                 ids: tokenized.ids.iter().map(|&i| i as u32).collect(),
                 labels: tokenized.labels,
-                doc,
+                doc: this_doc,
                 line: rec.line,
                 target: None,
             };
@@ -164,9 +163,11 @@ impl Corpus {
                     vec![example]
                 }
             };
+            // A window with nothing to predict (a text's last token alone) is skipped; only a
+            // record with nothing trained at all counts as dropped.
+            let before = examples.len();
             for mut piece in pieces {
                 if piece.trained_tokens() == 0 {
-                    report.dropped += 1;
                     continue;
                 }
                 if stream {
@@ -175,7 +176,18 @@ impl Corpus {
                 }
                 examples.push(piece);
             }
+            if examples.len() == before {
+                report.dropped += 1;
+            }
+            Ok(())
+        })?;
+        if records == 0 {
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+                why: "it holds no records".into(),
+            });
         }
+        report.records = records;
         if examples.is_empty() {
             return Err(DataError::Empty {
                 path: path.to_path_buf(),

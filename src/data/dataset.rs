@@ -6,7 +6,7 @@ use super::conversation::tokenize_conversation;
 use super::error::DataError;
 use super::format::DataFormat;
 use super::prompt::alpaca_prompt;
-use super::record::{read_records, Record};
+use super::record::{for_each_record, Record};
 use super::tokenizer::TextTokenizer;
 
 /// Token sequences of a dataset file, one per document (a `.txt` file is one document).
@@ -28,9 +28,9 @@ pub fn read_token_sequences(
         })
     };
     let mut out = Vec::new();
-    for rec in read_records(path, DataFormat::Auto)? {
+    for_each_record(path, DataFormat::Auto, |file, rec| {
         let at = |e: DataError| {
-            DataError::invalid(format!("{}:{}", path.display(), rec.line), e.to_string())
+            DataError::invalid(format!("{}:{}", file.display(), rec.line), e.to_string())
         };
         let ids = match &rec.record {
             Record::Text(t) => need_tok()?.encode(t, true).map_err(at)?,
@@ -53,13 +53,14 @@ pub fn read_token_sequences(
                 .collect::<Result<Vec<u32>, _>>()
                 .map_err(|_| {
                     DataError::invalid(
-                        format!("{}:{}", path.display(), rec.line),
+                        format!("{}:{}", file.display(), rec.line),
                         "`input_ids` must be non-negative token ids",
                     )
                 })?,
         };
         out.push(ids);
-    }
+        Ok(())
+    })?;
     out.retain(|s| !s.is_empty());
     if out.is_empty() {
         return Err(DataError::invalid(

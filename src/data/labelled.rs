@@ -13,6 +13,7 @@ use super::corpus::{Corpus, LoadReport};
 use super::error::DataError;
 use super::example::Example;
 use super::example::IGNORE_INDEX;
+use super::record::for_each_value;
 use super::tokenizer::TextTokenizer;
 
 /// The classes a head predicts.
@@ -58,31 +59,6 @@ impl LabelSpace {
     }
 }
 
-/// The records of a JSON Lines or parquet file with their line (row) numbers.
-fn labelled_values(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
-    if super::record::is_parquet(path) {
-        return super::record::parquet_values(path);
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(raw).map_err(|e| DataError::Json {
-            path: path.to_path_buf(),
-            line: i + 1,
-            column: e.column(),
-            what: e.to_string(),
-        })?;
-        out.push((i + 1, v));
-    }
-    Ok(out)
-}
-
 /// Read the labelled records of `path` into examples (labels of every token ignored: the loss is
 /// the classifier's). `vocab_size` bounds the ids; text is tokenized with the tokenizer's special
 /// tokens (BERT's `[CLS]` and `[SEP]`), as `tokenizer(text)` does. Without `require_label`,
@@ -95,16 +71,14 @@ pub fn load_labelled(
     vocab_size: usize,
     require_label: bool,
 ) -> Result<Corpus, DataError> {
-    let values = labelled_values(path)?;
-    let record_err = |line: usize, what: String| DataError::Record {
-        path: path.to_path_buf(),
-        line,
-        what,
-    };
     let mut examples = Vec::new();
     let mut report = LoadReport::default();
-    for (line, v) in values {
-        report.records += 1;
+    report.records = for_each_value(path, |file, line, v| {
+        let record_err = |line: usize, what: String| DataError::Record {
+            path: file.to_path_buf(),
+            line,
+            what,
+        };
         let Value::Object(obj) = v else {
             return Err(record_err(line, "a record must be a JSON object".into()));
         };
@@ -163,7 +137,7 @@ pub fn load_labelled(
             .find(|&&id| !(0..vocab_size as i64).contains(&id))
         {
             return Err(DataError::TokenOutOfVocab {
-                path: path.to_path_buf(),
+                path: file.to_path_buf(),
                 line,
                 id: bad,
                 vocab_size,
@@ -182,7 +156,8 @@ pub fn load_labelled(
             line,
             target,
         });
-    }
+        Ok(())
+    })?;
     if examples.is_empty() {
         return Err(DataError::Empty {
             path: path.to_path_buf(),

@@ -1,9 +1,12 @@
 //! Reading a dataset file into typed records, each with the line it starts on.
 //!
-//! `.txt` files are one plain-text record. Anything else is JSON: a top-level array of objects,
-//! or JSON Lines (one object per line, blank lines skipped).
+//! `.txt` files are one plain-text record; `.parquet` files are rows (Hugging Face datasets'
+//! format). Anything else is JSON: a top-level array of objects, or JSON Lines (one object per
+//! line, blank lines skipped). A folder of shards, or one split of a folder, reads as its files in
+//! order.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
@@ -53,22 +56,90 @@ pub fn is_plain_text(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
 }
 
-/// The records of `path`, typed by `format` (or detected per record for [`DataFormat::Auto`]).
-pub fn read_records(path: &Path, format: DataFormat) -> Result<Vec<SourceRecord>, DataError> {
-    if is_parquet(path) {
-        return parquet_values(path)?
-            .into_iter()
-            .map(|(row, value)| {
-                let record = parse_record(value, format).map_err(|e| e.at(path, row))?;
-                Ok(SourceRecord { line: row, record })
-            })
-            .collect();
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
+/// The data files a dataset argument names: a file; a folder of `.parquet` / `.jsonl` shards
+/// (all of them, in name order; a folder holding several splits must be narrowed to one); or
+/// `DIR/{split}`, the files of that split under `DIR` by the hub's naming
+/// (`train-00000-of-00002.parquet`, `validation/0000.parquet`, ...).
+pub fn dataset_files(path: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let hub_err = |e: crate::hub::HubError| DataError::Invalid {
         path: path.to_path_buf(),
-        source,
-    })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        what: e.to_string(),
+    };
+    if path.is_dir() {
+        let files = crate::hub::data_files_under(path).map_err(hub_err)?;
+        if files.is_empty() {
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+                why: "the folder holds no .parquet or .jsonl files".into(),
+            });
+        }
+        let splits: BTreeSet<String> = files
+            .iter()
+            .filter_map(|f| f.strip_prefix(path).ok().and_then(crate::hub::split_of))
+            .collect();
+        if splits.len() > 1 {
+            let list: Vec<String> = splits.into_iter().collect();
+            return Err(DataError::File {
+                path: path.to_path_buf(),
+                what: format!(
+                    "the folder holds the splits {}; name one as {}",
+                    list.join(", "),
+                    path.join(&list[list.len() - 1]).display()
+                ),
+            });
+        }
+        return Ok(files);
+    }
+    if !path.exists() {
+        if let (Some(dir), Some(split)) = (path.parent(), path.file_name().and_then(|s| s.to_str()))
+        {
+            if dir.is_dir() {
+                let files = crate::hub::split_files(dir, split).map_err(hub_err)?;
+                if !files.is_empty() {
+                    return Ok(files);
+                }
+            }
+        }
+    }
+    Ok(vec![path.to_path_buf()])
+}
+
+/// Call `f` with each raw record of a dataset (see [`dataset_files`]) in order: the file it is
+/// in, its line (a parquet row's number), and the record as JSON. A parquet file is read one
+/// row group at a time, so it is never in memory whole. Returns the number of records.
+pub fn for_each_value(
+    path: &Path,
+    mut f: impl FnMut(&Path, usize, Value) -> Result<(), DataError>,
+) -> Result<usize, DataError> {
+    let mut n = 0;
+    for file in dataset_files(path)? {
+        let mut count = |line: usize, value: Value| {
+            n += 1;
+            f(&file, line, value)
+        };
+        if is_parquet(&file) {
+            for_each_parquet_row(&file, &mut count)?;
+        } else {
+            let text = std::fs::read_to_string(&file).map_err(|source| DataError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+            for (line, value) in json_values(&file, text)? {
+                count(line, value)?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Call `f` with each record of a dataset, typed by `format` (or detected per record for
+/// [`DataFormat::Auto`]); a `.txt` file is one plain-text record. Returns the number of records.
+pub fn for_each_record(
+    path: &Path,
+    format: DataFormat,
+    mut f: impl FnMut(&Path, SourceRecord) -> Result<(), DataError>,
+) -> Result<usize, DataError> {
     if is_plain_text(path) {
         if !matches!(format, DataFormat::Auto | DataFormat::Text) {
             return Err(DataError::File {
@@ -79,21 +150,32 @@ pub fn read_records(path: &Path, format: DataFormat) -> Result<Vec<SourceRecord>
                 ),
             });
         }
+        let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         if text.trim().is_empty() {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        return Ok(vec![SourceRecord {
-            line: 1,
-            record: Record::Text(text.to_string()),
-        }]);
+        let record = Record::Text(text.to_string());
+        f(path, SourceRecord { line: 1, record })?;
+        return Ok(1);
     }
-    json_values(path, text)?
-        .into_iter()
-        .map(|(line, value)| {
-            let record = parse_record(value, format).map_err(|e| e.at(path, line))?;
-            Ok(SourceRecord { line, record })
-        })
-        .collect()
+    for_each_value(path, |file, line, value| {
+        let record = parse_record(value, format).map_err(|e| e.at(file, line))?;
+        f(file, SourceRecord { line, record })
+    })
+}
+
+/// The records of `path` (see [`for_each_record`]), collected.
+pub fn read_records(path: &Path, format: DataFormat) -> Result<Vec<SourceRecord>, DataError> {
+    let mut out = Vec::new();
+    for_each_record(path, format, |_, r| {
+        out.push(r);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Whether `path` is a parquet file (Hugging Face datasets' format), by its extension.
@@ -103,10 +185,14 @@ pub fn is_parquet(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
 }
 
-/// The rows of a parquet file as JSON objects (column name → value; lists and structs as JSON
-/// arrays and objects), numbered from 1 as a record's "line", read one row group at a time.
-pub fn parquet_values(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
+/// Call `f` with each row of a parquet file as a JSON object (column name → value; lists and
+/// structs as JSON arrays and objects), numbered from 1, reading one row group at a time.
+fn for_each_parquet_row(
+    path: &Path,
+    f: &mut impl FnMut(usize, Value) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    use parquet::file::reader::SerializedFileReader;
+    use parquet::record::reader::RowIter;
     let bad = |what: String| DataError::File {
         path: path.to_path_buf(),
         what,
@@ -117,20 +203,11 @@ pub fn parquet_values(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
     })?;
     let reader =
         SerializedFileReader::new(file).map_err(|e| bad(format!("not a parquet file: {e}")))?;
-    let mut out = Vec::new();
-    for g in 0..reader.num_row_groups() {
-        let group = reader
-            .get_row_group(g)
-            .map_err(|e| bad(format!("row group {g}: {e}")))?;
-        let rows = group
-            .get_row_iter(None)
-            .map_err(|e| bad(format!("row group {g}: {e}")))?;
-        for row in rows {
-            let row = row.map_err(|e| bad(format!("row {}: {e}", out.len() + 1)))?;
-            out.push((out.len() + 1, row.to_json_value()));
-        }
+    for (i, row) in RowIter::from_file_into(Box::new(reader)).enumerate() {
+        let row = row.map_err(|e| bad(format!("row {}: {e}", i + 1)))?;
+        f(i + 1, row.to_json_value())?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The top-level values of a JSON array or JSON Lines text, with their starting lines.

@@ -12,7 +12,6 @@ pub mod gguf;
 pub mod gguf_config;
 pub mod gguf_tokenizer;
 pub mod gpt2;
-pub mod hub;
 pub mod inspect;
 pub mod layer_norm;
 pub mod linear;

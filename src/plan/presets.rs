@@ -55,9 +55,9 @@ pub fn resolve_config(model: &str) -> Result<PlanModel, ModelError> {
     if let Some(cfg) = preset_config(model) {
         return Ok(cfg.into());
     }
-    let resolved = crate::model::hub::model_path(model).map_err(|what| ModelError::Config {
+    let resolved = crate::hub::model_config_path(model).map_err(|e| ModelError::Config {
         path: model.to_string(),
-        what,
+        what: e.to_string(),
     })?;
     let path = resolved.as_path();
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {

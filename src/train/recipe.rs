@@ -92,6 +92,17 @@ pub struct RunData {
     pub note: Option<String>,
 }
 
+/// The first `eos_token_id` of the generation_config.json beside a model folder's config, if any.
+fn generation_eos(model: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(model.join("generation_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match v.get("eos_token_id")? {
+        serde_json::Value::Array(ids) => ids.first()?.as_u64(),
+        id => id.as_u64(),
+    }
+    .and_then(|id| u32::try_from(id).ok())
+}
+
 /// Below this many records, the validation split says which it held out.
 const SMALL_DATASET: usize = 20;
 
@@ -102,9 +113,14 @@ impl TrainRecipe {
         let tok = model.tokenizer.as_ref();
         let info = model.model.info();
         let mut dopts = DataOptions::new(self.seq_len, info.vocab_size);
-        // Without a tokenizer, the config's `eos_token_id` is the end of a document.
+        // Without a tokenizer, the config's `eos_token_id` is the end of a document (else
+        // generation_config.json's, as transformers' `generate` reads it).
         if tok.is_none_or(|t| t.eos_token_ids().is_empty()) {
-            dopts.eos_token_id = info.eos_token_ids.first().copied();
+            dopts.eos_token_id = info
+                .eos_token_ids
+                .first()
+                .copied()
+                .or_else(|| generation_eos(&model.path));
         }
         // A classifier reads labelled records, one example per row, padded within a batch.
         let labels = model.model.classifier().map(|c| LabelSpace {
@@ -237,5 +253,21 @@ impl TrainRecipe {
             resume: None,
             stop: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generation_eos;
+
+    #[test]
+    fn the_generation_config_gives_an_eos_id_when_the_config_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(generation_eos(dir.path()), None);
+        let gen = dir.path().join("generation_config.json");
+        std::fs::write(&gen, r#"{"eos_token_id": [7, 9]}"#).unwrap();
+        assert_eq!(generation_eos(dir.path()), Some(7));
+        std::fs::write(&gen, r#"{"bos_token_id": 1, "eos_token_id": 2}"#).unwrap();
+        assert_eq!(generation_eos(dir.path()), Some(2));
     }
 }
