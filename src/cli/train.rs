@@ -702,7 +702,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         accuracy,
     ) {
         println!(
-            "validation loss {:.4} -> {:.4} | accuracy {:.4} -> {:.4} (curve: {})",
+            "validation loss {:.4} -> {:.4} | accuracy {:.4} -> {:.4} (curve: {}, .png)",
             a.1,
             b.1,
             x.1,
@@ -728,7 +728,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "adapter: {} | metrics: {} | curve: {}",
+        "adapter: {} | metrics: {} | curve: {} (and .png)",
         report
             .adapter_dir
             .as_ref()

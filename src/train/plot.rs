@@ -1,10 +1,12 @@
-//! Loss curves drawn as SVG (plotters), one or more named series on shared axes: measured-often
+//! Loss curves drawn as SVG and PNG (plotters), one or more named series on shared axes: measured-often
 //! series as lines (raw ones faint, with a smoothed line over them), measured-rarely ones
 //! (validation) as markers, so no line suggests values between measurements; optionally the
 //! learning rate on a second axis.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::model::error::ModelError;
@@ -57,8 +59,20 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(214, 39, 40),
 ];
 
+/// Register the embedded DejaVu Sans as plotters' `sans-serif` (the PNG needs a font file; the
+/// SVG names the font and leaves it to the viewer).
+fn register_font() -> Result<(), String> {
+    static FONT: OnceLock<Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+            .map_err(|_| "the embedded DejaVu Sans font does not load".to_string())
+    })
+    .clone()
+}
+
 /// Draw `series` in their styles, and `lr` (step, learning rate) on a second axis, into an SVG
-/// file at `path` (written to a temp name, then renamed).
+/// file at `path` and a PNG beside it (same name, `.png`); each is written to a temp name, then
+/// renamed.
 pub fn draw_styled(
     path: &Path,
     title: &str,
@@ -82,31 +96,72 @@ pub fn draw_styled(
         ));
     }
     let pad = ((y1 - y0) * 0.05).max(1e-3);
-    let tmp = path.with_extension("svg.tmp");
-    let draw_err = |e: String| ModelError::invalid(path.display().to_string(), e);
-    {
-        let root = SVGBackend::new(&tmp, (800, 480)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| draw_err(e.to_string()))?;
-        let lr_max = lr
+    let plot = Plot {
+        title,
+        y_label,
+        series,
+        lr,
+        x1,
+        y: (y0 - pad)..(y1 + pad),
+    };
+    // Text is measured with this font in both images.
+    register_font().map_err(|e| ModelError::invalid(path.display().to_string(), e))?;
+    let size = (800, 480);
+    let png = path.with_extension("png");
+    let svg_tmp = path.with_extension("svg.tmp");
+    // The bitmap backend picks its encoder by the file's extension.
+    let png_tmp = path.with_extension("tmp.png");
+    let drawn = plot
+        .render(SVGBackend::new(&svg_tmp, size).into_drawing_area())
+        .map_err(|e| ModelError::invalid(path.display().to_string(), e))
+        .and_then(|()| {
+            plot.render(BitMapBackend::new(&png_tmp, size).into_drawing_area())
+                .map_err(|e| ModelError::invalid(png.display().to_string(), e))
+        })
+        .and_then(|()| std::fs::rename(&svg_tmp, path).map_err(|e| ModelError::io(path, e)))
+        .and_then(|()| std::fs::rename(&png_tmp, &png).map_err(|e| ModelError::io(&png, e)));
+    if drawn.is_err() {
+        let _ = std::fs::remove_file(&svg_tmp);
+        let _ = std::fs::remove_file(&png_tmp);
+    }
+    drawn
+}
+
+/// What one figure shows, drawn the same on any backend.
+struct Plot<'a> {
+    title: &'a str,
+    y_label: &'a str,
+    series: &'a [Styled<'a>],
+    lr: Option<&'a [(f64, f64)]>,
+    x1: f64,
+    y: std::ops::Range<f64>,
+}
+
+impl Plot<'_> {
+    fn render<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>) -> Result<(), String> {
+        let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+        root.fill(&WHITE).map_err(e)?;
+        let lr_max = self
+            .lr
             .and_then(|p| p.iter().map(|&(_, v)| v).reduce(f64::max))
             .filter(|&m| m > 0.0 && m.is_finite());
         let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 20))
+            .caption(self.title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(56)
             .right_y_label_area_size(if lr_max.is_some() { 64 } else { 0 })
-            .build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))
-            .map_err(|e| draw_err(e.to_string()))?
-            .set_secondary_coord(0f64..x1, 0f64..lr_max.unwrap_or(1.0) * 1.05);
+            .build_cartesian_2d(0f64..self.x1, self.y.clone())
+            .map_err(e)?
+            .set_secondary_coord(0f64..self.x1, 0f64..lr_max.unwrap_or(1.0) * 1.05);
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_desc(y_label)
+            .y_desc(self.y_label)
             .draw()
-            .map_err(|e| draw_err(e.to_string()))?;
+            .map_err(e)?;
         let mut color_of = 0;
-        for s in series {
+        for s in self.series {
             // A faint series shares the colour of the smoothed line drawn after it.
             let color = COLORS[color_of % COLORS.len()];
             if s.style != Style::Faint {
@@ -120,7 +175,7 @@ pub fn draw_styled(
                     chart.draw_series(points.map(move |p| Circle::new(p, 4, color.filled())))
                 }
             }
-            .map_err(|e| draw_err(e.to_string()))?;
+            .map_err(e)?;
             match s.style {
                 Style::Markers => {
                     drawn
@@ -135,16 +190,16 @@ pub fn draw_styled(
                 Style::Faint => {}
             }
         }
-        if let (Some(points), Some(_)) = (lr, lr_max) {
+        if let (Some(points), Some(_)) = (self.lr, lr_max) {
             chart
                 .configure_secondary_axes()
                 .y_desc("learning rate")
                 .draw()
-                .map_err(|e| draw_err(e.to_string()))?;
+                .map_err(e)?;
             let grey = RGBColor(120, 120, 120);
             chart
                 .draw_secondary_series(LineSeries::new(points.iter().copied(), grey))
-                .map_err(|e| draw_err(e.to_string()))?
+                .map_err(e)?
                 .label("learning rate")
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], grey));
         }
@@ -153,10 +208,9 @@ pub fn draw_styled(
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
-            .map_err(|e| draw_err(e.to_string()))?;
-        root.present().map_err(|e| draw_err(e.to_string()))?;
+            .map_err(e)?;
+        root.present().map_err(e)
     }
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
 #[cfg(test)]
@@ -213,5 +267,15 @@ mod tests {
         assert_eq!(svg.matches("<circle").count(), 4, "{svg}");
         assert!(svg.contains("learning rate"));
         assert!(svg.contains("validation loss") && svg.contains("smoothed"));
+        // The PNG beside it: a real image of the same size, with more than a blank page in it.
+        let png = std::fs::read(dir.path().join("loss.png")).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 800);
+        assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 480);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "no temp file is left: {names:?}");
     }
 }
