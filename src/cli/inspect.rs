@@ -13,10 +13,13 @@ use crate::model::inspect::inspect;
     about = "Show what a model folder, bnb 4-bit checkpoint, GGUF file or PEFT adapter holds",
     long_about = "Show what a model folder, bitsandbytes 4-bit checkpoint, GGUF file or PEFT adapter \
 holds: architecture, tensors and their stored types, parameter count, size on disk and the memory \
-the model takes once loaded with an NF4 base. Nothing is loaded beyond headers."
+the model takes once loaded with an NF4 base. Nothing is loaded beyond headers.",
+    after_help = "Example:\n  qlora inspect runs/sonnets/adapter\n  qlora inspect HuggingFaceTB/SmolLM2-135M"
 )]
 pub struct InspectArgs {
-    /// Model folder, .gguf file, adapter folder or .safetensors file.
+    /// Model folder, .gguf file, adapter folder, .safetensors file, or a hub model name
+    /// `org/name[@revision]`.
+    #[arg(value_parser = crate::hub::model_path)]
     pub path: PathBuf,
 }
 

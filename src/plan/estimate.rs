@@ -426,8 +426,8 @@ pub const BERT_BACKWARD: LayerNormBackward = LayerNormBackward {
 };
 
 /// The composite path's backward, in tenths of the score-sized and row-sized parts of the
-/// graph; fitted with the counting allocator before the fused ops existed (f32 then took this
-/// path) and not re-measured since, as no CPU run takes it in training now.
+/// graph, fitted with the counting allocator on f32 runs of this path; CPU training takes the
+/// fused ops instead, so no test run re-measures it.
 pub const COMPOSITE_BACKWARD_SCORES_PER_10: usize = 13;
 /// See [`COMPOSITE_BACKWARD_SCORES_PER_10`].
 pub const COMPOSITE_BACKWARD_ROWS_PER_10: usize = 8;
