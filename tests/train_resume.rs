@@ -88,6 +88,7 @@ fn settings(
         save_every,
         resume,
         stop: Some(Arc::new(AtomicBool::new(stop))),
+        run_options: [("seed".to_string(), "3".to_string())].into(),
     }
 }
 

@@ -467,11 +467,17 @@ impl TrainOptions {
             lora.rank = a.init_r;
         }
         lora.validate_patterns().map_err(anyhow::Error::msg)?;
-        Ok(TrainRecipe {
+        if let Some(mb) = o.optim_resident_mb {
+            anyhow::ensure!(
+                mb.is_finite() && mb > 0.0,
+                "--optim-resident-mb must be a positive number of MiB, not {mb}"
+            );
+        }
+        let recipe = TrainRecipe {
             steps: o.steps,
             epochs: o.epochs.unwrap_or(1),
             batch_size,
-            grad_accum: o.grad_accum.unwrap_or(1).max(1),
+            grad_accum: o.grad_accum.unwrap_or(1),
             seq_len,
             lr: o.lr.unwrap_or(2e-4),
             schedule: ScheduleKind::parse(o.lr_scheduler.as_deref().unwrap_or("cosine"))
@@ -500,7 +506,9 @@ impl TrainOptions {
                 (false, None) => StateStorage::Plain,
             },
             save_every: o.save_every.unwrap_or(0),
-        })
+        };
+        recipe.validate().map_err(anyhow::Error::msg)?;
+        Ok(recipe)
     }
 }
 
@@ -521,16 +529,51 @@ fn interrupt_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
     Ok(flag)
 }
 
+/// Refuse an `--out` folder that holds an earlier run (its adapter, metrics, curves or
+/// checkpoints), so nothing of it is overwritten or mixed; `--resume` continues one.
+fn refuse_earlier_run(out: &Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    let mut found: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            matches!(
+                n.as_str(),
+                "adapter" | "metrics.jsonl" | "loss.svg" | "loss.png" | "labels.json"
+            ) || n.starts_with("checkpoint-")
+        })
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.sort();
+    let last = found
+        .iter()
+        .filter_map(|n| n.strip_prefix("checkpoint-")?.parse::<usize>().ok())
+        .max();
+    let hint = match last {
+        Some(n) => format!(
+            "; continue it with --resume {}",
+            out.join(format!("checkpoint-{n}")).display()
+        ),
+        None => String::new(),
+    };
+    anyhow::bail!(
+        "{} holds an earlier run ({}); choose another --out{hint}",
+        out.display(),
+        found.join(", ")
+    )
+}
+
 /// Run `qlora train`.
 pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     let opts = std::mem::take(&mut args.opts).merged_with(args.config.as_deref())?;
     let mut recipe = opts.recipe()?;
-    let adapter_dir = args.out.join("adapter");
-    anyhow::ensure!(
-        args.resume.is_some() || !adapter_dir.exists(),
-        "{} already holds an adapter; choose another --out",
-        args.out.display()
-    );
+    if args.resume.is_none() {
+        refuse_earlier_run(&args.out)?;
+    }
     if let Some(dir) = &args.resume {
         check_checkpoint_dir(dir)?;
     }
@@ -641,6 +684,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         }
     }
     settings.resume = args.resume.clone();
+    settings.run_options = recipe.run_options(&args.data, &format!("{:?}", args.model.quant));
     settings.stop = Some(interrupt_flag()?);
     let (steps, lr, kind, warmup) = (
         settings.steps,
@@ -725,7 +769,8 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             .map(|p| p.display().to_string())
             .unwrap_or_default();
         println!("interrupted: continue with --resume {last}");
-        return Ok(());
+        // An interrupted run is not a finished one: exit as a process stopped by SIGINT does.
+        std::process::exit(130);
     }
     println!(
         "adapter: {} | metrics: {} | curve: {} (and .png)",

@@ -373,6 +373,12 @@ pub fn load_adapter(
             format!("cannot read adapter weights: {e}"),
         )
     })?;
+    if let Some(name) = super::first_non_finite(&tensors)? {
+        return Err(ModelError::invalid(
+            path.display().to_string(),
+            format!("tensor `{name}` holds NaN or infinite values"),
+        ));
+    }
     if model.classifier().is_none() && !head_modules.is_empty() {
         attach_head_from(model, dir, &head_modules, &tensors)?;
     }
@@ -906,6 +912,13 @@ pub fn save_adapter(
     dir: &Path,
 ) -> Result<(), ModelError> {
     let mut tensors = adapter_tensors(model)?;
+    // A NaN or infinite weight is never written: such an adapter is lost, not saved.
+    if let Some(name) = super::first_non_finite(&tensors)? {
+        return Err(ModelError::invalid(
+            dir.display().to_string(),
+            format!("not written: the adapter's `{name}` holds NaN or infinite values"),
+        ));
+    }
     if let Some(pattern) = cfg.adalora.as_ref().and_then(|a| a.rank_pattern.as_ref()) {
         prune_to_pattern(&mut tensors, pattern)?;
     }

@@ -139,6 +139,25 @@ pub fn share_dropout_seed(model: &mut Model) -> DropoutSeed {
 
 /// Every trainable variable of the model's adapters, and of its classification head (trained in
 /// full, PEFT's `modules_to_save`), with its PEFT key.
+/// The name of the first tensor holding a NaN or an infinity (float tensors only), if any.
+pub fn first_non_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a candle_core::Tensor)>,
+) -> Result<Option<&'a str>, candle_core::Error> {
+    for (name, t) in tensors {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let v = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
 pub fn trainable_vars(model: &Model) -> Vec<(String, Var)> {
     let mut out = Vec::new();
     for m in model.linears() {

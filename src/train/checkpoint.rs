@@ -43,6 +43,9 @@ pub struct TrainerState {
     pub train_seconds: f64,
     /// Identifies the model and adapter layout the checkpoint belongs to.
     pub fingerprint: String,
+    /// The options that decide the run's numbers, by flag name.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// A short description of the model shape and adapter layout that must match on resume.
@@ -166,11 +169,84 @@ pub fn read_trainer_state(dir: &Path, model: &Model) -> Result<TrainerState, Mod
     Ok(state)
 }
 
+/// Refuse to resume from `state` (read from `dir`) with options other than the run's, listing
+/// each difference, and refuse a trainer state that does not hold together (a hand-edited or
+/// damaged file): losses for exactly its steps, all finite, validation steps within them.
+pub fn check_resume(
+    dir: &Path,
+    state: &TrainerState,
+    options: &std::collections::BTreeMap<String, String>,
+    steps: usize,
+) -> Result<(), ModelError> {
+    let file = dir.join(STATE_FILE).display().to_string();
+    let mut wrong = Vec::new();
+    if state.losses.len() != state.step {
+        wrong.push(format!(
+            "`step` is {} but `losses` holds {} values",
+            state.step,
+            state.losses.len()
+        ));
+    }
+    if let Some(i) = state.losses.iter().position(|l| !l.is_finite()) {
+        wrong.push(format!("`losses[{i}]` is not a finite number"));
+    }
+    if let Some((s, _)) = state
+        .val_losses
+        .iter()
+        .find(|(s, l)| *s > state.step || !l.is_finite())
+    {
+        wrong.push(format!(
+            "`val_losses` has an entry for step {s} that is past `step` or not finite"
+        ));
+    }
+    if !(state.train_seconds.is_finite() && state.train_seconds >= 0.0) {
+        wrong.push("`train_seconds` is not a non-negative number".into());
+    }
+    if !wrong.is_empty() {
+        return Err(ModelError::invalid(file, wrong.join("; ")));
+    }
+    if state.step >= steps {
+        return Err(ModelError::invalid(
+            dir.display().to_string(),
+            format!(
+                "this checkpoint is at step {}, and the run takes {steps} steps: nothing is left \
+                 to train (give a larger --steps to continue)",
+                state.step
+            ),
+        ));
+    }
+    let differ: Vec<String> = options
+        .iter()
+        .filter_map(|(k, now)| {
+            let then = state.options.get(k)?;
+            (then != now).then(|| format!("--{k}: {then} in the checkpoint, {now} now"))
+        })
+        .collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(ModelError::invalid(
+        dir.display().to_string(),
+        format!(
+            "the run would not continue the same training: {} (only --steps, --epochs, \
+             --eval-every, --save-every, checkpointing, --keep-layers and paging may change on \
+             --resume)",
+            differ.join("; ")
+        ),
+    ))
+}
+
 /// Load the optimizer state of a checkpoint into `opt`.
 pub fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<(), ModelError> {
     let path = dir.join(OPTIMIZER_FILE);
     let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu)
         .map_err(|e| ModelError::invalid(path.display().to_string(), e.to_string()))?;
+    if let Some(name) = peft::first_non_finite(&tensors)? {
+        return Err(ModelError::invalid(
+            path.display().to_string(),
+            format!("optimizer state `{name}` holds NaN or infinite values"),
+        ));
+    }
     opt.load_state_tensors(tensors)
         .map_err(|e| ModelError::invalid(path.display().to_string(), e.to_string()))
 }

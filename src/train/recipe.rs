@@ -4,7 +4,7 @@
 //! `qlora train` and `qlora compare` both build one from their options, so the two commands
 //! read data, split validation and schedule the learning rate the same way.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::layerwise::KeepLayers;
@@ -107,6 +107,105 @@ fn generation_eos(model: &Path) -> Option<u32> {
 const SMALL_DATASET: usize = 20;
 
 impl TrainRecipe {
+    /// Check every option's range, naming the option as its flag (and TOML key) does: the one
+    /// place CLI flags and config files are held to, before any file is created.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut bad = Vec::new();
+        let mut need = |ok: bool, what: String| {
+            if !ok {
+                bad.push(what);
+            }
+        };
+        let frac = |x: f64| x.is_finite() && (0.0..1.0).contains(&x);
+        need(
+            self.steps != Some(0),
+            "--steps must be at least 1 (leave it out to run --epochs)".into(),
+        );
+        need(self.epochs >= 1, "--epochs must be at least 1".into());
+        need(
+            self.batch_size >= 1,
+            "--batch-size must be at least 1".into(),
+        );
+        need(
+            self.grad_accum >= 1,
+            "--grad-accum must be at least 1".into(),
+        );
+        need(
+            self.seq_len >= 2,
+            format!("--seq-len must be at least 2, not {}", self.seq_len),
+        );
+        need(
+            self.lr.is_finite() && self.lr > 0.0,
+            format!("--lr must be a positive number, not {}", self.lr),
+        );
+        need(
+            frac(self.warmup_ratio),
+            format!(
+                "--warmup-ratio must be in [0, 1), not {}",
+                self.warmup_ratio
+            ),
+        );
+        need(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            format!("--weight-decay must be >= 0, not {}", self.weight_decay),
+        );
+        need(
+            self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
+            format!(
+                "--max-grad-norm must be >= 0 (0 turns clipping off), not {}",
+                self.max_grad_norm
+            ),
+        );
+        need(
+            self.lora_plus_ratio.is_finite() && self.lora_plus_ratio > 0.0,
+            format!(
+                "--lora-plus-ratio must be positive (1 is plain LoRA), not {}",
+                self.lora_plus_ratio
+            ),
+        );
+        let l = &self.lora;
+        need(l.rank >= 1, "--rank must be at least 1".into());
+        need(
+            l.alpha.is_finite() && l.alpha > 0.0,
+            format!("--alpha must be positive, not {}", l.alpha),
+        );
+        need(
+            frac(f64::from(l.dropout)),
+            format!("--dropout must be in [0, 1), not {}", l.dropout),
+        );
+        if let Validation::Split(f) = self.validation {
+            need(frac(f), format!("--val-split must be in [0, 1), not {f}"));
+        }
+        if let Some(a) = &l.adalora {
+            need(a.init_r >= 1, "--init-r must be at least 1".into());
+            need(
+                (1..=a.init_r).contains(&a.target_r),
+                format!(
+                    "--target-r must be between 1 and --init-r ({}), not {}",
+                    a.init_r, a.target_r
+                ),
+            );
+            need(a.delta_t >= 1, "--delta-t must be at least 1".into());
+            need(
+                frac(a.beta1),
+                format!("--beta1 must be in [0, 1), not {}", a.beta1),
+            );
+            need(
+                frac(a.beta2),
+                format!("--beta2 must be in [0, 1), not {}", a.beta2),
+            );
+            need(
+                a.orth_reg_weight.is_finite() && a.orth_reg_weight >= 0.0,
+                format!("--orth-reg-weight must be >= 0, not {}", a.orth_reg_weight),
+            );
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(bad.join("; "))
+        }
+    }
+
     /// Read `data` (and the validation file) with `model`'s tokenizer and vocabulary, split
     /// validation off, and build the batches.
     pub fn load_data(&self, model: &LoadedModel, data: &Path) -> Result<RunData, ModelError> {
@@ -222,6 +321,44 @@ impl TrainRecipe {
     }
 
     /// The trainer's settings for a run over `train` (no resume, no stop flag, progress bar on).
+    /// The options that decide a run's numbers, by flag name, for a resumed run to match: every
+    /// one but those that change only speed, memory or length (`--steps`, `--epochs`,
+    /// `--eval-every`, `--save-every`, checkpointing, `--keep-layers`, paging).
+    pub fn run_options(&self, data: &Path, base: &str) -> BTreeMap<String, String> {
+        let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+        let l = &self.lora;
+        let mut o = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            o.insert(k.to_string(), v);
+        };
+        put("data", data.display().to_string());
+        put("quant", base.to_string());
+        put("seq-len", self.seq_len.to_string());
+        put("batch-size", self.batch_size.to_string());
+        put("grad-accum", self.grad_accum.to_string());
+        put("lr", self.lr.to_string());
+        put("lr-scheduler", format!("{:?}", self.schedule));
+        put("warmup-steps", format!("{:?}", self.warmup_steps));
+        put("warmup-ratio", self.warmup_ratio.to_string());
+        put("weight-decay", self.weight_decay.to_string());
+        put("max-grad-norm", self.max_grad_norm.to_string());
+        put("lora-plus-ratio", self.lora_plus_ratio.to_string());
+        put("seed", self.seed.to_string());
+        put("no-shuffle", (!self.shuffle).to_string());
+        put("validation", format!("{:?}", self.validation));
+        put("rank", l.rank.to_string());
+        put("alpha", l.alpha.to_string());
+        put("dropout", l.dropout.to_string());
+        put("rslora", l.use_rslora.to_string());
+        put("dora", l.use_dora.to_string());
+        put("adapter-dtype", format!("{:?}", l.dtype));
+        put(
+            "optim-8bit",
+            matches!(self.optim_storage, StateStorage::EightBit { .. }).to_string(),
+        );
+        o
+    }
+
     pub fn settings(&self, train: &Batches) -> TrainSettings {
         let steps = self.total_steps(train);
         let warmup = self
@@ -252,6 +389,7 @@ impl TrainRecipe {
             save_every: self.save_every,
             resume: None,
             stop: None,
+            run_options: BTreeMap::new(),
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct TrainSettings {
     pub resume: Option<PathBuf>,
     /// Set (e.g. by Ctrl-C) to save a checkpoint and stop after the current step.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The options that decide the run's numbers (`TrainRecipe::run_options`): written into
+    /// every checkpoint, and a resumed run must have the same.
+    pub run_options: std::collections::BTreeMap<String, String>,
 }
 
 impl TrainSettings {
@@ -288,7 +291,11 @@ pub fn train(
     });
     // A checkpoint from another model is refused before anything is written.
     let resumed = match &settings.resume {
-        Some(dir) => Some(checkpoint::read_trainer_state(dir, model)?),
+        Some(dir) => {
+            let state = checkpoint::read_trainer_state(dir, model)?;
+            checkpoint::check_resume(dir, &state, &settings.run_options, settings.steps)?;
+            Some(state)
+        }
         None => None,
     };
     check_output_dir(out)?;
@@ -397,6 +404,17 @@ pub fn train(
             None => None,
         };
         let norm = global_norm(&grads)?;
+        // A non-finite gradient would poison the weights and every later checkpoint.
+        if !norm.is_finite() {
+            bar.abandon();
+            return Err(ModelError::invalid(
+                "training",
+                format!(
+                    "the gradient norm became {norm} at step {step} (loss {step_loss}); stopping \
+                     before the weights change (lower --lr, or check the data)"
+                ),
+            ));
+        }
         if settings.max_grad_norm > 0.0 && norm > settings.max_grad_norm {
             let c = settings.max_grad_norm / (norm + 1e-6);
             grads = grads
@@ -460,6 +478,7 @@ pub fn train(
                 tokens,
                 train_seconds: train_secs,
                 fingerprint: fingerprint.clone(),
+                options: settings.run_options.clone(),
             };
             let dir = checkpoint::save_checkpoint(out, model, &lora_cfg, base_name, &opt, &state)?;
             bar.println(format!("checkpoint: {}", dir.display()));

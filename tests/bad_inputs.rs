@@ -1,0 +1,310 @@
+//! Bad inputs through the binary: each is refused with a non-zero exit and a message naming the
+//! option, file or field, before anything is written; never accepted with a wrong result.
+//! Options out of range (flags and TOML alike), an output folder holding an earlier run, a
+//! resume with other options or a damaged trainer state, NaN in an optimizer state or adapter,
+//! and Ctrl-C (exit 130, a checkpoint to resume from).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tiny() -> PathBuf {
+    fixtures().join("tiny-llama")
+}
+
+fn data() -> PathBuf {
+    fixtures().join("parquet/text.jsonl")
+}
+
+fn qlora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `qlora train` on tiny-llama with `extra` options into `out`.
+fn train(out: &Path, extra: &[&str]) -> Output {
+    let (m, d) = (tiny(), data());
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--out",
+        s(out),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    qlora(&args)
+}
+
+#[test]
+fn options_out_of_range_are_refused_by_name_from_flags_and_toml() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str)] = &[
+        ("--rank=0", "--rank"),
+        ("--lr=-1", "--lr"),
+        ("--lr=nan", "--lr"),
+        ("--dropout=-0.1", "--dropout"),
+        ("--dropout=nan", "--dropout"),
+        ("--dropout=1", "--dropout"),
+        ("--weight-decay=-1", "--weight-decay"),
+        ("--warmup-ratio=-0.5", "--warmup-ratio"),
+        ("--grad-accum=0", "--grad-accum"),
+        ("--alpha=0", "--alpha"),
+        ("--lora-plus-ratio=0", "--lora-plus-ratio"),
+        ("--max-grad-norm=nan", "--max-grad-norm"),
+        ("--steps=0", "--steps"),
+        ("--val-split=1.5", "--val-split"),
+        ("--optim-resident-mb=-3", "--optim-resident-mb"),
+    ];
+    for (flag, name) in cases {
+        let out = tmp.path().join("out");
+        let o = train(&out, &[flag]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{flag}: {e}");
+        assert!(e.contains(name), "{flag}: {e}");
+        assert!(!out.exists(), "{flag}: nothing is created");
+    }
+    // The same rules hold for a TOML file.
+    let cfg = tmp.path().join("train.toml");
+    std::fs::write(&cfg, "lr = -0.001\ndropout = 2.0\n").unwrap();
+    let out = tmp.path().join("out");
+    let o = train(&out, &["--config", s(&cfg), "--steps", "1"]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("--lr") && e.contains("--dropout"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn an_earlier_run_is_never_overwritten_and_resumes_only_with_the_same_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    // Ctrl-C: a checkpoint, then exit 130.
+    let (m, d) = (tiny(), data());
+    let child = Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(["train", "--model", s(&m), "--data", s(&d), "--out", s(&out)])
+        .args([
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1000000",
+            "--seed",
+            "7",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training has begun (the metrics file gets its first step), then interrupt.
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 2) {
+        assert!(t0.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let ckpt = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint-")
+        })
+        .expect("a checkpoint is written on Ctrl-C");
+    assert!(stdout.contains("--resume"), "{stdout}");
+    let metrics_before = std::fs::read(&metrics).unwrap();
+
+    // The same --out again, without --resume: refused, naming what is there and how to go on.
+    let o = train(&out, &["--steps", "3"]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("earlier run") && e.contains("metrics.jsonl") && e.contains("--resume"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&metrics).unwrap(),
+        metrics_before,
+        "nothing overwritten"
+    );
+
+    // --resume with other options: refused with each difference listed.
+    let big = ckpt.file_name().unwrap().to_string_lossy()["checkpoint-".len()..]
+        .parse::<usize>()
+        .unwrap()
+        + 2;
+    let steps = big.to_string();
+    let o = train(
+        &out,
+        &[
+            "--resume",
+            s(&ckpt),
+            "--steps",
+            &steps,
+            "--seed",
+            "8",
+            "--lr",
+            "1e-3",
+        ],
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("--seed: 7 in the checkpoint, 8 now") && e.contains("--lr"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&metrics).unwrap(),
+        metrics_before,
+        "nothing appended"
+    );
+
+    // A hand-edited trainer state is refused, naming the file and the field.
+    let state_path = ckpt.join("trainer_state.json");
+    let original = std::fs::read_to_string(&state_path).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&original).unwrap();
+    state["step"] = serde_json::json!(state["step"].as_u64().unwrap() + 1);
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let o = train(
+        &out,
+        &["--resume", s(&ckpt), "--steps", &steps, "--seed", "7"],
+    );
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("trainer_state.json") && e.contains("`step`"),
+        "{e}"
+    );
+    std::fs::write(&state_path, &original).unwrap();
+
+    // NaN in the optimizer state is refused on resume.
+    let opt_path = ckpt.join("optimizer.safetensors");
+    let opt_bytes = std::fs::read(&opt_path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&opt_bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
+        .collect();
+    let f32_tensor = tensors
+        .iter_mut()
+        .find(|t| t.3 == safetensors::Dtype::F32 && !t.1.is_empty())
+        .unwrap();
+    f32_tensor.1[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let poisoned = f32_tensor.0.clone();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, sh, dt)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&opt_path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let o = train(
+        &out,
+        &["--resume", s(&ckpt), "--steps", &steps, "--seed", "7"],
+    );
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains(&poisoned) && e.contains("NaN"),
+        "{e}"
+    );
+    std::fs::write(&opt_path, &opt_bytes).unwrap();
+
+    // The same options: it continues to the end.
+    let o = train(
+        &out,
+        &["--resume", s(&ckpt), "--steps", &steps, "--seed", "7"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn an_adapter_holding_nan_is_refused_by_every_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = train(&out, &["--steps", "2", "--val-split", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let adapter = out.join("adapter");
+    let w = adapter.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    // bf16 NaN: exponent all ones, mantissa non-zero.
+    tensors[0].1[..2].copy_from_slice(&[0xc1, 0x7f]);
+    let name = tensors[0].0.clone();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, sh, dt)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&w, safetensors::serialize(views, None).unwrap()).unwrap();
+    let (m, d) = (tiny(), data());
+    let merged = tmp.path().join("merged");
+    for args in [
+        vec![
+            "eval",
+            "--model",
+            s(&m),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&d),
+            "--seq-len",
+            "16",
+        ],
+        vec![
+            "merge",
+            "--model",
+            s(&m),
+            "--adapter",
+            s(&adapter),
+            "--out",
+            s(&merged),
+        ],
+    ] {
+        let o = qlora(&args);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{}: {e}", args[0]);
+        assert!(e.contains(&name) && e.contains("NaN"), "{}: {e}", args[0]);
+    }
+    assert!(!merged.exists());
+}
