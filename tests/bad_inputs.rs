@@ -308,3 +308,243 @@ fn an_adapter_holding_nan_is_refused_by_every_reader() {
     }
     assert!(!merged.exists());
 }
+
+/// tiny-llama copied to `dir/name`, its config edited by `edit`, its weights by `weights`.
+fn variant(
+    dir: &Path,
+    name: &str,
+    edit: impl Fn(&mut serde_json::Value),
+    weights: impl Fn(&mut Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)>),
+) -> PathBuf {
+    let m = dir.join(name);
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tiny().join(f), m.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("config.json")).unwrap())
+            .unwrap();
+    edit(&mut cfg);
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
+        .collect();
+    weights(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, sh, dt)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        m.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    m
+}
+
+fn nan_in(
+    name: &'static str,
+) -> impl Fn(&mut Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)>) {
+    move |ts| {
+        let t = ts.iter_mut().find(|t| t.0 == name).unwrap();
+        assert_eq!(t.3, safetensors::Dtype::F32);
+        t.1[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+}
+
+#[test]
+fn configs_and_weights_that_change_the_math_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = |_: &mut Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)>| {};
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            variant(
+                tmp.path(),
+                "gelu",
+                |c| c["hidden_act"] = "gelu".into(),
+                keep,
+            ),
+            "`hidden_act`",
+        ),
+        (
+            variant(
+                tmp.path(),
+                "eps",
+                |c| c["rms_norm_eps"] = (-1e-6).into(),
+                keep,
+            ),
+            "`rms_norm_eps`",
+        ),
+        (
+            variant(
+                tmp.path(),
+                "theta",
+                |c| match c.get_mut("rope_parameters") {
+                    Some(r) => r["rope_theta"] = 0.0.into(),
+                    None => c["rope_theta"] = 0.0.into(),
+                },
+                keep,
+            ),
+            "`rope_theta`",
+        ),
+        (
+            variant(
+                tmp.path(),
+                "layers",
+                |c| c["num_hidden_layers"] = 1.into(),
+                keep,
+            ),
+            "`num_hidden_layers` is 1",
+        ),
+        (
+            variant(
+                tmp.path(),
+                "nan-q",
+                |_| {},
+                nan_in("model.layers.0.self_attn.q_proj.weight"),
+            ),
+            "finite",
+        ),
+        (
+            variant(tmp.path(), "nan-norm", |_| {}, nan_in("model.norm.weight")),
+            "model.norm.weight",
+        ),
+        (
+            variant(
+                tmp.path(),
+                "int",
+                |_| {},
+                |ts| {
+                    let t = ts.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+                    t.3 = safetensors::Dtype::I32;
+                },
+            ),
+            "must be a float",
+        ),
+    ];
+    let d = data();
+    for (model, what) in &cases {
+        let o = qlora(&[
+            "eval",
+            "--model",
+            s(model),
+            "--data",
+            s(&d),
+            "--seq-len",
+            "16",
+        ]);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{}: {e}", model.display());
+        assert!(e.contains(what), "{}: {what:?} in {e}", model.display());
+    }
+    // quantize refuses the NaN weight, and writes nothing.
+    let out = tmp.path().join("q");
+    let o = qlora(&["quantize", "--model", s(&cases[4].0), "--out", s(&out)]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("q_proj") && e.contains("finite"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, d) = (tiny(), data());
+    // tiny-llama's context is 128 positions.
+    let out = tmp.path().join("out");
+    let o = qlora(&[
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--out",
+        s(&out),
+        "--seq-len",
+        "100000",
+        "--steps",
+        "1",
+    ]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("max_position_embeddings"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let o = qlora(&[
+        "plan",
+        "--model",
+        s(&m),
+        "--seq-len",
+        "18446744073709551615",
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("context of 128"), "{e}");
+    // A plan past the machine's memory is refused unless a limit is given.
+    let o = qlora(&[
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&d),
+        "--out",
+        s(&out),
+        "--seq-len",
+        "128",
+        "--batch-size",
+        "100000000",
+        "--steps",
+        "1",
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("machine's memory"), "{e}");
+    assert!(!out.exists());
+    let o = qlora(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "hi",
+        "--temperature",
+        "nan",
+    ]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("--temperature") && e.contains("NaN"),
+        "{e}"
+    );
+    // merge reads --eval-data before writing anything.
+    let run = tmp.path().join("run");
+    assert!(train(&run, &["--steps", "1", "--val-split", "0"])
+        .status
+        .success());
+    let merged = tmp.path().join("merged");
+    let missing = tmp.path().join("missing.txt");
+    let adapter = run.join("adapter");
+    let o = qlora(&[
+        "merge",
+        "--model",
+        s(&m),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+        "--requantize",
+        "--eval-data",
+        s(&missing),
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("missing.txt"), "{e}");
+    assert!(!merged.exists(), "nothing written");
+}

@@ -167,6 +167,16 @@ impl Nf4Tensor {
                 ),
             ));
         }
+        // A NaN would quantize to code 0 (a silent zero) and an infinity poison its whole block.
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            return Err(QuantError::invalid(
+                "input",
+                format!(
+                    "element {i} is {}: a weight must be a finite number to quantize",
+                    data[i]
+                ),
+            ));
+        }
         let q = blockwise::quantize(data, blocksize, qtype)?;
         let absmax = if double_quant {
             Absmax::Double(double_quant::quantize(&q.absmax))

@@ -38,8 +38,9 @@ pub struct ClassifyArgs {
     pub out: Option<PathBuf>,
 
     /// Longest sequence in tokens (longer ones are cut, keeping their start).
-    #[arg(long, default_value_t = 512)]
-    pub seq_len: usize,
+    /// [default: 512, or the model's context when shorter]
+    #[arg(long)]
+    pub seq_len: Option<usize>,
 
     /// Sequences per batch.
     #[arg(long, default_value_t = 16)]
@@ -80,10 +81,16 @@ pub(crate) fn pad_id(m: &LoadedModel) -> u32 {
 
 /// Run `qlora classify`.
 pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.seq_len >= 1, "--seq-len must be at least 1");
+    anyhow::ensure!(
+        args.seq_len.is_none_or(|n| n >= 1),
+        "--seq-len must be at least 1"
+    );
     anyhow::ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
-    let m = args.model.load(Some(args.seq_len))?;
-    let (corpus, names, regression) = read_labelled(&m, &args.data, args.seq_len, false)?;
+    let m = args.model.load(args.seq_len)?;
+    let seq_len = args
+        .seq_len
+        .unwrap_or_else(|| m.model.info().max_position_embeddings.min(512));
+    let (corpus, names, regression) = read_labelled(&m, &args.data, seq_len, false)?;
     let bar = ProgressBar::new(corpus.examples.len() as u64).with_style(
         ProgressStyle::with_template("classify [{bar:30}] {pos}/{len} sequences, ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),

@@ -34,8 +34,9 @@ pub struct EvalArgs {
     pub data: PathBuf,
 
     /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
-    pub seq_len: usize,
+    /// [default: 512, or the model's context when shorter]
+    #[arg(long)]
+    pub seq_len: Option<usize>,
 
     /// Print one JSON object instead of text: mean_nll, perplexity, tokens, windows,
     /// tokens_per_s; for a classifier loss, accuracy, macro_f1, examples, confusion.
@@ -49,10 +50,16 @@ pub struct EvalArgs {
 
 /// Run `qlora eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
-    let m = args.model.load(Some(args.seq_len))?;
+    anyhow::ensure!(
+        args.seq_len.is_none_or(|n| n >= 2),
+        "--seq-len must be at least 2"
+    );
+    let m = args.model.load(args.seq_len)?;
+    let seq_len = args
+        .seq_len
+        .unwrap_or_else(|| m.model.info().max_position_embeddings.min(512));
     if m.model.classifier().is_some() {
-        return run_classifier(&args, &m);
+        return run_classifier(&args, &m, seq_len);
     }
     let seqs = read_token_sequences(&args.data, m.tokenizer.as_ref())
         .with_context(|| format!("reading {}", args.data.display()))?;
@@ -73,7 +80,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     bar.set_message("eval");
     let start = Instant::now();
-    let report = evaluate(&m.model, &seqs, args.seq_len, |done, total| {
+    let report = evaluate(&m.model, &seqs, seq_len, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -95,9 +102,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 /// `qlora eval` on a classifier.
-fn run_classifier(args: &EvalArgs, m: &crate::model::loader::LoadedModel) -> anyhow::Result<()> {
-    let (corpus, names, regression) =
-        super::classify::read_labelled(m, &args.data, args.seq_len, true)?;
+fn run_classifier(
+    args: &EvalArgs,
+    m: &crate::model::loader::LoadedModel,
+    seq_len: usize,
+) -> anyhow::Result<()> {
+    let (corpus, names, regression) = super::classify::read_labelled(m, &args.data, seq_len, true)?;
     let bar = progress_bar(args.json, corpus.examples.len());
     let start = Instant::now();
     let targets: Vec<f32> = corpus.examples.iter().filter_map(|e| e.target).collect();

@@ -52,8 +52,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         args.top_p
     );
     anyhow::ensure!(
-        args.temperature >= 0.0,
-        "--temperature must not be negative"
+        args.temperature.is_finite() && args.temperature >= 0.0,
+        "--temperature must be a number >= 0 (0 is greedy), got {}",
+        args.temperature
     );
     let m = args.model.load(None)?;
     let tok = m

@@ -133,6 +133,15 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             args.adapter.display()
         )
     })?;
+    // The evaluation data is read before anything is written, so a bad file costs no export.
+    let eval_seqs = args
+        .eval_data
+        .as_ref()
+        .map(|data| {
+            read_token_sequences(data, loaded.tokenizer.as_ref())
+                .with_context(|| format!("reading --eval-data {}", data.display()))
+        })
+        .transpose()?;
     for caveat in loaded
         .model
         .as_llama()
@@ -177,10 +186,8 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             crate::quant::QuantType::from(args.quant).name()
         );
     }
-    if let Some(data) = &args.eval_data {
-        let seqs = read_token_sequences(data, loaded.tokenizer.as_ref())
-            .with_context(|| format!("reading {}", data.display()))?;
-        let (dense, requant) = compare_requantized(loaded, &report.out, &opts, &seqs, args.seq_len)
+    if let (Some(data), Some(seqs)) = (&args.eval_data, &eval_seqs) {
+        let (dense, requant) = compare_requantized(loaded, &report.out, &opts, seqs, args.seq_len)
             .context("evaluating the merged and re-quantized models")?;
         println!(
             "  perplexity on {} ({} tokens): merged dense {:.3} (NLL {:.4}), re-quantized {:.3} (NLL {:.4})",

@@ -109,6 +109,21 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         args.seq_len >= 2 && args.batch_size >= 1 && args.rank >= 1,
         "--seq-len must be >= 2, --batch-size and --rank >= 1"
     );
+    anyhow::ensure!(
+        args.seq_len <= cfg.max_positions(),
+        "--seq-len {} is longer than the model's context of {} positions",
+        args.seq_len,
+        cfg.max_positions()
+    );
+    anyhow::ensure!(
+        args.batch_size <= 1 << 20,
+        "--batch-size {} is beyond what any machine trains",
+        args.batch_size
+    );
+    anyhow::ensure!(
+        args.optim_resident_mb.is_finite() && args.optim_resident_mb > 0.0,
+        "--optim-resident-mb must be a positive number of MiB"
+    );
     let optim = match args.optim.as_str() {
         "plain" => OptimPlan::Plain,
         "paged" => OptimPlan::Paged {
@@ -155,7 +170,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         format_bytes(limit),
         100.0 * plan.peak as f64 / limit as f64
     );
-    let seq_max = cfg.max_positions().max(args.seq_len);
+    let seq_max = cfg.max_positions();
     match largest_seq_len(&cfg, &s, limit, 64, seq_max) {
         Some(t) => println!(
             "longest seq-len that fits at batch {}: {t} (multiples of 64, up to {seq_max})",

@@ -585,9 +585,23 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
         .map(crate::plan::parse_bytes)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
+    // On the CPU the machine's memory is the limit unless one is given: a run planned past it
+    // would end in the allocator, not in a message.
+    let memory_limit = memory_limit.or_else(|| {
+        (args.model.device == crate::device::DeviceSpec::Cpu)
+            .then(crate::plan::rss::total_memory_bytes)
+            .flatten()
+    });
     // Planned from the config alone, so an oversized run is refused before anything loads.
     let plan = {
         let cfg = crate::plan::presets::resolve_config(&args.model.model.display().to_string())?;
+        anyhow::ensure!(
+            recipe.seq_len <= cfg.max_positions(),
+            "--seq-len {} is longer than the model's context of {} positions (its config's \
+             max_position_embeddings / n_positions)",
+            recipe.seq_len,
+            cfg.max_positions()
+        );
         let mut plan_settings = crate::plan::PlanSettings {
             seq_len: recipe.seq_len,
             batch_size: recipe.batch_size,
@@ -632,7 +646,15 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             optim_8bit,
             optim_resident_mb,
             memory_limit,
-        )?;
+        )
+        .with_context(|| {
+            if opts.memory_limit.is_none() {
+                "the limit is this machine's memory (MemTotal); a larger --memory-limit overrides it"
+                    .to_string()
+            } else {
+                "checking the memory plan".to_string()
+            }
+        })?;
         println!("{plan}");
         Some(plan)
     };

@@ -283,6 +283,9 @@ impl Bert {
             &[cfg.type_vocab_size, h],
         )?;
         let embeddings_norm = norm(src, "embeddings.LayerNorm")?;
+        super::loader::refuse_extra_layer(src, cfg.num_hidden_layers, "num_hidden_layers", |n| {
+            format!("{prefix}encoder.layer.{n}.attention.self.query.weight")
+        })?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("{prefix}encoder.layer.{i}");
@@ -330,10 +333,12 @@ impl Bert {
         } else {
             None
         };
-        let max_positions = opts
-            .max_positions
-            .unwrap_or(cfg.max_position_embeddings)
-            .min(cfg.max_position_embeddings);
+        let max_positions = super::loader::positions(
+            opts,
+            cfg.max_position_embeddings,
+            "max_position_embeddings",
+            cfg.max_position_embeddings,
+        )?;
         let rope = Rope::identity(cfg.head_dim(), max_positions, dev)?;
         let info = ModelInfo {
             model_type: "bert".into(),

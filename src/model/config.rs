@@ -153,6 +153,20 @@ impl LlamaConfig {
                 .collect(),
             _ => vec![],
         };
+        // The Llama-family MLP is SwiGLU with SiLU; another activation would be a different model.
+        if let Some(act) = v.get("hidden_act") {
+            if !matches!(act.as_str(), Some("silu" | "swish")) {
+                return Err(format!(
+                    "`hidden_act` is {act}; the {model_type} architecture here computes its MLP \
+                     with SiLU (\"silu\") only"
+                ));
+            }
+        }
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(format!(
+                "`rope_theta` must be a positive number, got {rope_theta}"
+            ));
+        }
         let is_qwen2 = model_type == "qwen2";
         let attention_bias = opt_bool("attention_bias").unwrap_or(is_qwen2);
         Ok(Self {
@@ -166,7 +180,8 @@ impl LlamaConfig {
             rms_norm_eps: v
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
-                .ok_or("missing field `rms_norm_eps`")?,
+                .filter(|e| e.is_finite() && *e > 0.0)
+                .ok_or("missing field `rms_norm_eps`, or not a positive number")?,
             rope_theta,
             rope_scaling,
             max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(4096),

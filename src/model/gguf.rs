@@ -550,7 +550,7 @@ impl<'a> Metadata<'a> {
             .ok_or_else(|| GgufError::MissingMetadata(key.into()))
     }
 
-    /// An optional number (float or integer) as f64.
+    /// An optional number (float or integer) as f64; NaN and infinities are refused.
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
         let Some(value) = self.get(key) else {
             return Ok(None);
@@ -566,6 +566,10 @@ impl<'a> Metadata<'a> {
             Value::I32(v) => f64::from(v),
             _ => return Err(type_error(key, "a number", value)),
         };
+        // NaN or infinity in a hyperparameter has no meaning; JSON could not even carry it.
+        if !x.is_finite() {
+            return Err(type_error(key, "a finite number", value));
+        }
         Ok(Some(x))
     }
 

@@ -325,6 +325,9 @@ impl Gpt2 {
                 eps: cfg.layer_norm_epsilon,
             })
         };
+        super::loader::refuse_extra_layer(src, cfg.n_layer, "n_layer", |n| {
+            format!("{prefix}h.{n}.ln_1.weight")
+        })?;
         let mut h = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("{prefix}h.{i}");
@@ -366,10 +369,8 @@ impl Gpt2 {
             check_shape("lm_head.weight", &t, &[cfg.vocab_size, e])?;
             Some(t.to_dtype(wdt)?.to_device(dev)?)
         };
-        let max_positions = opts
-            .max_positions
-            .unwrap_or(cfg.n_positions)
-            .min(cfg.n_positions);
+        let max_positions =
+            super::loader::positions(opts, cfg.n_positions, "n_positions", cfg.n_positions)?;
         Ok(Self::new(
             cfg.clone(),
             wte,

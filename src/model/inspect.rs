@@ -110,14 +110,32 @@ pub fn inspect(path: &Path) -> Result<Inspection, ModelError> {
         if let Ok(cfg_json) = file.hf_config() {
             describe_config(&mut out, &cfg_json);
         }
-        for (name, info) in &file.content().tensor_infos {
+        // In file order; every tensor's bytes must lie inside the file.
+        let content = file.content();
+        let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(name, info)| (info.offset, name.as_str()));
+        let len = out.disk_bytes;
+        for (name, info) in &infos {
+            let dt = info.ggml_dtype;
+            let bytes = info.shape.elem_count() / dt.block_size() * dt.type_size();
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > len {
+                return Err(ModelError::invalid(
+                    path.display().to_string(),
+                    format!(
+                        "truncated: tensor `{name}` ends at byte {end}, the file has {len} bytes"
+                    ),
+                ));
+            }
+        }
+        for (name, info) in infos {
             *out.dtypes
                 .entry(format!("{:?}", info.ggml_dtype))
                 .or_default() += 1;
             out.parameters += info.shape.elem_count();
             if out.examples.len() < 6 && (name.starts_with("blk.0.") || !name.starts_with("blk.")) {
                 out.examples.push((
-                    name.clone(),
+                    name.to_string(),
                     format!("{:?}", info.ggml_dtype),
                     info.shape.dims().to_vec(),
                 ));

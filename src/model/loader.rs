@@ -120,6 +120,21 @@ pub(crate) trait TensorSource {
     fn has(&self, name: &str) -> bool;
 }
 
+/// Refuse a weight holding NaN or an infinity (one pass: the sum of a finite tensor of weights
+/// is finite).
+fn check_finite(t: &Tensor) -> Result<(), String> {
+    let sum = t
+        .sum_all()
+        .and_then(|s| s.to_dtype(DType::F32))
+        .and_then(|s| s.to_scalar::<f32>())
+        .map_err(|e| e.to_string())?;
+    if sum.is_finite() {
+        Ok(())
+    } else {
+        Err("holds NaN or infinite values".into())
+    }
+}
+
 struct StDir {
     dir: SafetensorsDir,
     bnb: bool,
@@ -127,10 +142,21 @@ struct StDir {
 
 impl TensorSource for StDir {
     fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
-        self.dir
-            .read_tensor(name, &Device::Cpu)?
+        let raw = self.dir.read_tensor(name, &Device::Cpu)?;
+        if !raw.dtype().is_float() {
+            return Err(self.dir.tensor_error(
+                name,
+                format!(
+                    "is stored as {:?}; a model weight must be a float (F32, F16, BF16)",
+                    raw.dtype()
+                ),
+            ));
+        }
+        let t = raw
             .to_dtype(DType::F32)
-            .map_err(|e| self.dir.tensor_error(name, e.to_string()))
+            .map_err(|e| self.dir.tensor_error(name, e.to_string()))?;
+        check_finite(&t).map_err(|what| self.dir.tensor_error(name, what))?;
+        Ok(t)
     }
     fn quantized(&mut self, prefix: &str) -> Result<Option<Nf4Tensor>, ModelError> {
         if self.bnb
@@ -156,18 +182,48 @@ struct Gguf {
 
 impl TensorSource for Gguf {
     fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
-        self.file
+        let t = self
+            .file
             .read_hf_tensor(name, &Device::Cpu)
             .map_err(|source| ModelError::Gguf {
                 path: self.file.path().to_path_buf(),
                 source: Box::new(source),
-            })
+            })?;
+        check_finite(&t).map_err(|what| {
+            ModelError::invalid(
+                self.file.path().display().to_string(),
+                format!("`{name}` {what}"),
+            )
+        })?;
+        Ok(t)
     }
     fn quantized(&mut self, _prefix: &str) -> Result<Option<Nf4Tensor>, ModelError> {
         Ok(None)
     }
     fn has(&self, name: &str) -> bool {
         self.names.iter().any(|n| n == name)
+    }
+}
+
+/// The positions a model is built for: `opts.max_positions` (the run's sequence length) when
+/// given, else `default`; refused when longer than the model's context (`field` of the config
+/// is `context`), which its position embeddings or RoPE were trained for.
+pub(crate) fn positions(
+    opts: &LoadOptions,
+    context: usize,
+    field: &str,
+    default: usize,
+) -> Result<usize, ModelError> {
+    match opts.max_positions {
+        Some(p) if p > context => Err(ModelError::Config {
+            path: "config.json".into(),
+            what: format!(
+                "a sequence length of {p} is longer than the model's context: `{field}` is \
+                 {context} (give --seq-len {context} or less)"
+            ),
+        }),
+        Some(p) => Ok(p),
+        None => Ok(default.min(context)),
     }
 }
 
@@ -307,6 +363,27 @@ fn load_classifier(
     )?)
 }
 
+/// Refuse a checkpoint holding a layer past the config's count (`probe(n)` names a tensor of
+/// layer `n`): its weights would be silently left out of the model.
+pub(crate) fn refuse_extra_layer(
+    src: &dyn TensorSource,
+    layers: usize,
+    field: &str,
+    probe: impl Fn(usize) -> String,
+) -> Result<(), ModelError> {
+    let name = probe(layers);
+    if src.has(&name) {
+        return Err(ModelError::Config {
+            path: "config.json".into(),
+            what: format!(
+                "`{field}` is {layers}, but the checkpoint has more layers (`{name}`); the \
+                 config and the weights disagree"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Refuse a tensor whose shape is not `expected`, naming it.
 pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<(), ModelError> {
     if t.dims() != expected {
@@ -341,6 +418,9 @@ pub(crate) fn build(
             Some(dense(src, "lm_head.weight", &[cfg.vocab_size, h])?)
         };
     let norm = dense(src, "model.norm.weight", &[h])?;
+    refuse_extra_layer(src, cfg.num_hidden_layers, "num_hidden_layers", |n| {
+        format!("model.layers.{n}.input_layernorm.weight")
+    })?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for li in 0..cfg.num_hidden_layers {
         let mut lin = Vec::with_capacity(7);
@@ -385,9 +465,12 @@ pub(crate) fn build(
         )?;
         layers.push(DecoderLayer::new(cfg, ln1, attn, ln2, mlp));
     }
-    let max_pos = opts
-        .max_positions
-        .unwrap_or(cfg.max_position_embeddings.min(8192));
+    let max_pos = positions(
+        opts,
+        cfg.max_position_embeddings,
+        "max_position_embeddings",
+        8192,
+    )?;
     Ok(Llama::new(
         cfg.clone(),
         embed_tokens,
