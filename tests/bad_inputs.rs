@@ -54,6 +54,34 @@ fn train(out: &Path, extra: &[&str]) -> Output {
     qlora(&args)
 }
 
+/// Every tensor of a safetensors file as (name, bytes, shape, dtype), to edit and write back.
+type Tensors = Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)>;
+
+fn read_tensors(path: &Path) -> Tensors {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut t: Tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+fn write_tensors(path: &Path, tensors: &Tensors) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, sh, dt)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, sh.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
 #[test]
 fn options_out_of_range_are_refused_by_name_from_flags_and_toml() {
     let tmp = tempfile::tempdir().unwrap();
@@ -206,28 +234,14 @@ fn an_earlier_run_is_never_overwritten_and_resumes_only_with_the_same_options() 
     // NaN in the optimizer state is refused on resume.
     let opt_path = ckpt.join("optimizer.safetensors");
     let opt_bytes = std::fs::read(&opt_path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&opt_bytes).unwrap();
-    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
-        .collect();
+    let mut tensors = read_tensors(&opt_path);
     let f32_tensor = tensors
         .iter_mut()
         .find(|t| t.3 == safetensors::Dtype::F32 && !t.1.is_empty())
         .unwrap();
     f32_tensor.1[..4].copy_from_slice(&f32::NAN.to_le_bytes());
     let poisoned = f32_tensor.0.clone();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, d, sh, dt)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), d).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(&opt_path, safetensors::serialize(views, None).unwrap()).unwrap();
+    write_tensors(&opt_path, &tensors);
     let o = train(
         &out,
         &["--resume", s(&ckpt), "--steps", &steps, "--seed", "7"],
@@ -256,27 +270,11 @@ fn an_adapter_holding_nan_is_refused_by_every_reader() {
     assert!(o.status.success(), "{}", stderr(&o));
     let adapter = out.join("adapter");
     let w = adapter.join("adapter_model.safetensors");
-    let bytes = std::fs::read(&w).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut tensors = read_tensors(&w);
     // bf16 NaN: exponent all ones, mantissa non-zero.
     tensors[0].1[..2].copy_from_slice(&[0xc1, 0x7f]);
     let name = tensors[0].0.clone();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, d, sh, dt)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), d).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(&w, safetensors::serialize(views, None).unwrap()).unwrap();
+    write_tensors(&w, &tensors);
     let (m, d) = (tiny(), data());
     let merged = tmp.path().join("merged");
     for args in [
@@ -314,7 +312,7 @@ fn variant(
     dir: &Path,
     name: &str,
     edit: impl Fn(&mut serde_json::Value),
-    weights: impl Fn(&mut Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)>),
+    weights: impl Fn(&mut Tensors),
 ) -> PathBuf {
     let m = dir.join(name);
     std::fs::create_dir_all(&m).unwrap();
@@ -326,34 +324,13 @@ fn variant(
             .unwrap();
     edit(&mut cfg);
     std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
-    let bytes = std::fs::read(tiny().join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
-        .collect();
+    let mut tensors = read_tensors(&tiny().join("model.safetensors"));
     weights(&mut tensors);
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, d, sh, dt)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*dt, sh.clone(), d).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        m.join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
+    write_tensors(&m.join("model.safetensors"), &tensors);
     m
 }
 
-fn nan_in(
-    name: &'static str,
-) -> impl Fn(&mut Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)>) {
+fn nan_in(name: &'static str) -> impl Fn(&mut Tensors) {
     move |ts| {
         let t = ts.iter_mut().find(|t| t.0 == name).unwrap();
         assert_eq!(t.3, safetensors::Dtype::F32);
@@ -364,7 +341,7 @@ fn nan_in(
 #[test]
 fn configs_and_weights_that_change_the_math_are_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
-    let keep = |_: &mut Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)>| {};
+    let keep = |_: &mut Tensors| {};
     let cases: Vec<(PathBuf, &str)> = vec![
         (
             variant(
