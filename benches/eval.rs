@@ -34,9 +34,9 @@ fn main() -> anyhow::Result<()> {
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("no tokenizer"))?;
         let seqs = read_token_sequences(Path::new("data/sonnets/valid.txt"), Some(tok))?;
-        let wins: Vec<Vec<u32>> = windows(&seqs, seq_len)
+        let wins: Vec<_> = windows(&seqs, seq_len)
             .into_iter()
-            .filter(|w| w.len() == seq_len)
+            .filter(|w| w.ids.len() == seq_len)
             .take(2)
             .collect();
         let mut best = f64::INFINITY;
@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             tokens = 0;
             for w in &wins {
-                tokens += sequence_nll(&m.model, w)?.1;
+                tokens += sequence_nll(&m.model, &w.ids, w.labels.as_deref())?.1;
             }
             best = best.min(t.elapsed().as_secs_f64());
         }

@@ -3,8 +3,9 @@
 //! Writers (quantized models, checkpoints, exports) fill [`AtomicDir::path`] and call
 //! [`AtomicDir::commit`] last. Until then the target name does not exist; if the writer fails or
 //! panics, dropping the `AtomicDir` deletes the temporary folder, so a failed run leaves nothing
-//! half-written behind. (A process killed by a signal leaves a `.<name>.tmp-<pid>-*` folder next
-//! to the target; it is never mistaken for the output and can be deleted.)
+//! half-written behind. A process killed by a signal leaves a `.<name>.tmp-<pid>-*` folder next
+//! to the target; it is never mistaken for the output, and the next writer of the same target
+//! deletes it once no process with that id is running.
 
 use std::fs;
 use std::io;
@@ -31,6 +32,43 @@ pub enum AtomicDirError {
         /// The underlying error.
         source: io::Error,
     },
+}
+
+/// Delete the `.<name>.tmp-<pid>-*` folders in `parent` left by killed writers (no process
+/// `pid` running). Best effort: a folder that cannot be read or removed stays.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid as u32 != std::process::id() && !process_running(pid) && entry.path().is_dir() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (Unix; elsewhere assumed running, so nothing is
+/// deleted).
+fn process_running(pid: i32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
 }
 
 /// A temporary folder next to `target` that becomes `target` on [`commit`](AtomicDir::commit).
@@ -61,6 +99,7 @@ impl AtomicDir {
             path: parent.clone(),
             source,
         })?;
+        remove_stale(&parent, &name);
         let temp = tempfile::Builder::new()
             .prefix(&format!(".{name}.tmp-{}-", std::process::id()))
             .tempdir_in(&parent)
@@ -161,6 +200,30 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn folders_left_by_killed_writers_are_removed_by_the_next_one() {
+        let root = tempfile::tempdir().unwrap();
+        // A pid above the kernel's limit (4194304) is never running.
+        let dead = root.path().join(".out.tmp-99999999-abc");
+        let other = root.path().join(".other.tmp-99999999-abc");
+        let mine = root
+            .path()
+            .join(format!(".out.tmp-{}-abc", std::process::id()));
+        for d in [&dead, &other, &mine] {
+            fs::create_dir_all(d.join("sub")).unwrap();
+        }
+        let dir = AtomicDir::new(root.path().join("out")).unwrap();
+        assert!(
+            !dead.exists(),
+            "a dead writer's folder of this target is removed"
+        );
+        assert!(
+            other.exists() && mine.exists(),
+            "other targets and live writers are kept"
+        );
+        dir.commit().unwrap();
     }
 
     #[test]

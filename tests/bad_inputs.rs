@@ -525,3 +525,32 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
     assert!(!o.status.success() && e.contains("missing.txt"), "{e}");
     assert!(!merged.exists(), "nothing written");
 }
+
+/// `eval` scores what `train` trains: a record's `labels` (-100 not scored), shifted as
+/// transformers shifts them.
+#[test]
+fn eval_scores_only_the_labelled_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("masked.jsonl");
+    std::fs::write(
+        &f,
+        "{\"input_ids\": [5, 6, 7, 8, 9], \"labels\": [-100, -100, 7, -100, 9]}\n\
+         {\"input_ids\": [5, 6, 7, 8, 9]}\n",
+    )
+    .unwrap();
+    let m = tiny();
+    let o = qlora(&[
+        "eval",
+        "--model",
+        s(&m),
+        "--data",
+        s(&f),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // 2 labelled tokens of the first record, 4 next tokens of the second.
+    assert_eq!(v["tokens"], 6, "{v}");
+}

@@ -696,13 +696,22 @@ fn eval_reader_gives_one_unmasked_sequence_per_record() {
     let path = write(
         dir.path(),
         "eval.json",
-        "[{\"text\": \"Hello there.\"},\n {\"input_ids\": [4, 5, 6]}]",
+        "[{\"text\": \"Hello there.\"},\n {\"input_ids\": [4, 5, 6]},\n \
+         {\"input_ids\": [4, 5, 6], \"labels\": [-100, -100, 6]}]",
     );
     let seqs = read_token_sequences(&path, Some(&tok)).unwrap();
+    let ids: Vec<Vec<u32>> = seqs.iter().map(|s| s.ids.clone()).collect();
     assert_eq!(
-        seqs,
-        vec![tok.encode("Hello there.", true).unwrap(), vec![4, 5, 6]]
+        ids,
+        vec![
+            tok.encode("Hello there.", true).unwrap(),
+            vec![4, 5, 6],
+            vec![4, 5, 6]
+        ]
     );
+    // Labels are kept for the eval to score as train does (-100 not scored).
+    assert_eq!(seqs[1].labels, None);
+    assert_eq!(seqs[2].labels, Some(vec![-100, -100, 6]));
     let bad = write(
         dir.path(),
         "bad.jsonl",

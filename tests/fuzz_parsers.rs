@@ -193,14 +193,17 @@ fn fuzz(
                 .collect()
         })
         .unwrap_or_default();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ target.len() as u64 * 0x1000_0000_01b3);
+    // FNV-1a of the target's name: each target its own stream.
+    let seed_of = target.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut rng = Rng(seed_of | 1);
     let regression = inputs.len();
-    inputs.reserve(iters);
+    let mut replay = inputs.drain(..);
     for i in 0..regression + iters {
-        let input = if i < regression {
-            std::mem::take(&mut inputs[i])
-        } else {
-            mutate(seed, &mut rng, head, text)
+        let input = match replay.next() {
+            Some(known) => known,
+            None => mutate(seed, &mut rng, head, text),
         };
         std::fs::write(path, &input).unwrap();
         let base = LIVE.load(Ordering::Relaxed);

@@ -87,10 +87,12 @@ fn ids() -> Tensor {
 }
 
 /// Token sequences for evaluation: the fixture's two rows plus a longer synthetic one.
-fn eval_seqs() -> Vec<Vec<u32>> {
+fn eval_seqs() -> Vec<qlora::data::dataset::TokenSequence> {
     let mut seqs = ids().to_vec2::<u32>().unwrap();
     seqs.push((0u32..64).map(|i| (i * 37 + 11) % 512).collect());
-    seqs
+    seqs.into_iter()
+        .map(|ids| qlora::data::dataset::TokenSequence { ids, labels: None })
+        .collect()
 }
 
 fn entries(dir: &Path) -> Vec<String> {

@@ -268,7 +268,14 @@ fn eval_nll_equals_cross_entropy_of_transformers_logits() {
         }
     }
     let want = sum / n as f64;
-    let report = qlora::eval::evaluate(&m.model, &ids, 16, |_, _| {}).unwrap();
+    let seqs: Vec<qlora::data::dataset::TokenSequence> = ids
+        .iter()
+        .map(|i| qlora::data::dataset::TokenSequence {
+            ids: i.clone(),
+            labels: None,
+        })
+        .collect();
+    let report = qlora::eval::evaluate(&m.model, &seqs, 16, |_, _| {}).unwrap();
     assert_eq!(report.tokens, n);
     assert!(
         (report.mean_nll - want).abs() / want < 1e-5,

@@ -64,7 +64,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let seqs = read_token_sequences(&args.data, m.tokenizer.as_ref())
         .with_context(|| format!("reading {}", args.data.display()))?;
     let vocab = m.model.info().vocab_size as u32;
-    if let Some(bad) = seqs.iter().flatten().find(|&&t| t >= vocab) {
+    if let Some(bad) = seqs.iter().flat_map(|s| &s.ids).find(|&&t| t >= vocab) {
         anyhow::bail!(
             "{}: token id {bad} is outside the model's vocabulary of {vocab}",
             args.data.display()

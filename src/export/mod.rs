@@ -309,7 +309,7 @@ pub fn compare_requantized(
     mut loaded: LoadedModel,
     out: &Path,
     opts: &ExportOptions,
-    seqs: &[Vec<u32>],
+    seqs: &[crate::data::dataset::TokenSequence],
     seq_len: usize,
 ) -> Result<(EvalReport, EvalReport), ModelError> {
     crate::peft::merge::merge_model(&mut loaded.model)?;

@@ -286,7 +286,7 @@ impl Bert {
         super::loader::refuse_extra_layer(src, cfg.num_hidden_layers, "num_hidden_layers", |n| {
             format!("{prefix}encoder.layer.{n}.attention.self.query.weight")
         })?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("{prefix}encoder.layer.{i}");
             let mut lin = |name: &str, out: usize, inp: usize| {

@@ -328,7 +328,7 @@ impl Gpt2 {
         super::loader::refuse_extra_layer(src, cfg.n_layer, "n_layer", |n| {
             format!("{prefix}h.{n}.ln_1.weight")
         })?;
-        let mut h = Vec::with_capacity(cfg.n_layer);
+        let mut h = Vec::new();
         for i in 0..cfg.n_layer {
             let p = format!("{prefix}h.{i}");
             let mut lin = |name: &str, out: usize, inp: usize| {

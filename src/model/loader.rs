@@ -421,7 +421,7 @@ pub(crate) fn build(
     refuse_extra_layer(src, cfg.num_hidden_layers, "num_hidden_layers", |n| {
         format!("model.layers.{n}.input_layernorm.weight")
     })?;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    let mut layers = Vec::new();
     for li in 0..cfg.num_hidden_layers {
         let mut lin = Vec::with_capacity(7);
         for proj in PROJECTIONS {
