@@ -66,8 +66,15 @@ impl TextTokenizer {
         if !tok_path.is_file() {
             return Ok(None);
         }
-        let inner = Tokenizer::from_file(&tok_path)
-            .map_err(|e| DataError::invalid(tok_path.display().to_string(), e.to_string()))?;
+        let bad = |what: String| DataError::invalid(tok_path.display().to_string(), what);
+        let text = std::fs::read_to_string(&tok_path).map_err(|e| bad(e.to_string()))?;
+        // The tokenizers crate panics on some malformed files (its decoder section is parsed
+        // with an unwrap): the JSON is checked here first, and a panic left is an error too.
+        serde_json::from_str::<Value>(&text)
+            .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
+            .map_err(|_| bad("the tokenizers library could not read this file".into()))?
+            .map_err(|e| bad(e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
             Ok(text) => serde_json::from_str(&text).map_err(|source| DataError::JsonFile {
