@@ -201,13 +201,22 @@ fn for_each_parquet_row(
         path: path.to_path_buf(),
         source,
     })?;
-    let reader =
-        SerializedFileReader::new(file).map_err(|e| bad(format!("not a parquet file: {e}")))?;
-    for (i, row) in RowIter::from_file_into(Box::new(reader)).enumerate() {
-        let row = row.map_err(|e| bad(format!("row {}: {e}", i + 1)))?;
-        f(i + 1, row.to_json_value())?;
-    }
-    Ok(())
+    // The parquet crate panics on some corrupt files (out-of-range lengths in its metadata and
+    // page decoders): such a panic is this file's error, not a crash.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let reader =
+            SerializedFileReader::new(file).map_err(|e| bad(format!("not a parquet file: {e}")))?;
+        for (i, row) in RowIter::from_file_into(Box::new(reader)).enumerate() {
+            let row = row.map_err(|e| bad(format!("row {}: {e}", i + 1)))?;
+            f(i + 1, row.to_json_value())?;
+        }
+        Ok(())
+    }));
+    read.unwrap_or_else(|_| {
+        Err(bad(
+            "corrupt: the parquet reader failed on its metadata or pages".into(),
+        ))
+    })
 }
 
 /// The top-level values of a JSON array or JSON Lines text, with their starting lines.

@@ -70,8 +70,7 @@ impl TextTokenizer {
         let text = std::fs::read_to_string(&tok_path).map_err(|e| bad(e.to_string()))?;
         // The tokenizers crate panics on some malformed files (its decoder section is parsed
         // with an unwrap): the JSON is checked here first, and a panic left is an error too.
-        serde_json::from_str::<Value>(&text)
-            .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        serde_json::from_str::<Value>(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let inner = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
             .map_err(|_| bad("the tokenizers library could not read this file".into()))?
             .map_err(|e| bad(e.to_string()))?;

@@ -239,6 +239,24 @@ impl GgufFile {
             tensor: gguf_name.into(),
             source,
         };
+        // The tensor's bytes must lie inside the file before anything is allocated for them.
+        let file_len = self
+            .reader
+            .get_ref()
+            .metadata()
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let end = tensor_bytes(info)
+            .and_then(|b| b.checked_add(info.offset))
+            .and_then(|b| b.checked_add(self.content.tensor_data_offset));
+        if end.is_none_or(|e| e > file_len) {
+            return Err(tensor_error(candle_core::Error::Msg(format!(
+                "shape {:?} of {:?} does not fit in the file ({file_len} bytes): truncated or \
+                 corrupt",
+                info.shape.dims(),
+                info.ggml_dtype
+            ))));
+        }
         let qtensor = info
             .read(
                 &mut self.reader,
@@ -619,6 +637,22 @@ impl<'a> Metadata<'a> {
             })
             .collect()
     }
+}
+
+/// Bytes of a tensor's data by its shape and type, or `None` when the shape overflows or is not
+/// a whole number of blocks.
+pub fn tensor_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> Option<u64> {
+    let dt = info.ggml_dtype;
+    let n = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))?;
+    let block = dt.block_size() as u64;
+    if n % block != 0 {
+        return None;
+    }
+    (n / block).checked_mul(dt.type_size() as u64)
 }
 
 fn type_error(key: &str, expected: &'static str, found: &Value) -> GgufError {

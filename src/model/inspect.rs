@@ -116,14 +116,16 @@ pub fn inspect(path: &Path) -> Result<Inspection, ModelError> {
         infos.sort_by_key(|(name, info)| (info.offset, name.as_str()));
         let len = out.disk_bytes;
         for (name, info) in &infos {
-            let dt = info.ggml_dtype;
-            let bytes = info.shape.elem_count() / dt.block_size() * dt.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
-            if end > len {
+            let end = crate::model::gguf::tensor_bytes(info)
+                .and_then(|b| b.checked_add(info.offset))
+                .and_then(|b| b.checked_add(content.tensor_data_offset));
+            if end.is_none_or(|e| e > len) {
                 return Err(ModelError::invalid(
                     path.display().to_string(),
                     format!(
-                        "truncated: tensor `{name}` ends at byte {end}, the file has {len} bytes"
+                        "truncated or corrupt: tensor `{name}` (shape {:?}) does not fit in the \
+                         file's {len} bytes",
+                        info.shape.dims()
                     ),
                 ));
             }
@@ -132,7 +134,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, ModelError> {
             *out.dtypes
                 .entry(format!("{:?}", info.ggml_dtype))
                 .or_default() += 1;
-            out.parameters += info.shape.elem_count();
+            out.parameters += info.shape.dims().iter().product::<usize>();
             if out.examples.len() < 6 && (name.starts_with("blk.0.") || !name.starts_with("blk.")) {
                 out.examples.push((
                     name.to_string(),
