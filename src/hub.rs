@@ -333,18 +333,7 @@ impl Hub {
             Ok(snap) => return Ok(snap),
             Err(what) => what,
         };
-        if self.offline {
-            return Err(HubError::Offline {
-                name: name.to_string(),
-                what,
-            });
-        }
-        let client = self.client(name)?;
-        let repo = client.api.repo(Repo::with_revision(
-            name.repo.clone(),
-            RepoType::Model,
-            name.revision.clone(),
-        ));
+        let (client, repo) = self.open_repo(name, RepoType::Model, what)?;
         let config = client.get(&repo, "config.json")?;
         let snapshot = config
             .parent()
@@ -398,18 +387,7 @@ impl Hub {
             Ok(files) => return Ok(files),
             Err(what) => what,
         };
-        if self.offline {
-            return Err(HubError::Offline {
-                name: name.to_string(),
-                what,
-            });
-        }
-        let client = self.client(name)?;
-        let repo = client.api.repo(Repo::with_revision(
-            name.repo.clone(),
-            RepoType::Dataset,
-            name.revision.clone(),
-        ));
+        let (client, repo) = self.open_repo(name, RepoType::Dataset, what)?;
         let info = repo
             .info()
             .map_err(|e| client.error(&format!("the file list of {name}"), e))?;
@@ -443,6 +421,29 @@ impl Hub {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// The client and repository handle to download `name` with; offline, the cache's miss
+    /// (`what`) is the error instead.
+    fn open_repo(
+        &self,
+        name: &HubName,
+        kind: RepoType,
+        what: String,
+    ) -> Result<(Client<'_>, hf_hub::api::sync::ApiRepo), HubError> {
+        if self.offline {
+            return Err(HubError::Offline {
+                name: name.to_string(),
+                what,
+            });
+        }
+        let client = self.client(name)?;
+        let repo = client.api.repo(Repo::with_revision(
+            name.repo.clone(),
+            kind,
+            name.revision.clone(),
+        ));
+        Ok((client, repo))
     }
 
     fn client<'a>(&'a self, name: &HubName) -> Result<Client<'a>, HubError> {

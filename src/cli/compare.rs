@@ -54,7 +54,13 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         args.model.adapter.is_none(),
         "--adapter: compare trains fresh adapters and takes no adapter"
     );
-    let recipe = args.opts.merged_with(args.config.as_deref())?.recipe()?;
+    let opts = args.opts.merged_with(args.config.as_deref())?;
+    let mut recipe = opts.recipe()?;
+    // The default sequence length is 512, or the model's context when that is shorter.
+    if opts.seq_len.is_none() {
+        let cfg = crate::plan::presets::resolve_config(&args.model.model.display().to_string())?;
+        recipe.seq_len = recipe.seq_len.min(cfg.max_positions());
+    }
     anyhow::ensure!(
         recipe.keep_layers != crate::train::layerwise::KeepLayers::Auto,
         "--keep-layers auto: compare trains two bases of different sizes; give a number of layers"

@@ -595,6 +595,10 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     // Planned from the config alone, so an oversized run is refused before anything loads.
     let plan = {
         let cfg = crate::plan::presets::resolve_config(&args.model.model.display().to_string())?;
+        // The default sequence length is 512, or the model's context when that is shorter.
+        if opts.seq_len.is_none() {
+            recipe.seq_len = recipe.seq_len.min(cfg.max_positions());
+        }
         anyhow::ensure!(
             recipe.seq_len <= cfg.max_positions(),
             "--seq-len {} is longer than the model's context of {} positions (its config's \
