@@ -34,6 +34,15 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The command failed, and its error holds every one of `parts`.
+fn assert_refused(o: &Output, parts: &[&str]) {
+    let e = stderr(o);
+    assert!(!o.status.success(), "accepted:\n{e}");
+    for p in parts {
+        assert!(e.contains(p), "{p:?} in:\n{e}");
+    }
+}
+
 /// `qlora train` on tiny-llama with `extra` options into `out`.
 fn train(out: &Path, extra: &[&str]) -> Output {
     let (m, d) = (tiny(), data());
@@ -115,11 +124,7 @@ fn options_out_of_range_are_refused_by_name_from_flags_and_toml() {
     std::fs::write(&cfg, "lr = -0.001\ndropout = 2.0\n").unwrap();
     let out = tmp.path().join("out");
     let o = train(&out, &["--config", s(&cfg), "--steps", "1"]);
-    let e = stderr(&o);
-    assert!(
-        !o.status.success() && e.contains("--lr") && e.contains("--dropout"),
-        "{e}"
-    );
+    assert_refused(&o, &["--lr", "--dropout"]);
     assert!(!out.exists());
 }
 
@@ -224,11 +229,7 @@ fn an_earlier_run_is_never_overwritten_and_resumes_only_with_the_same_options() 
         &out,
         &["--resume", s(&ckpt), "--steps", &steps, "--seed", "7"],
     );
-    let e = stderr(&o);
-    assert!(
-        !o.status.success() && e.contains("trainer_state.json") && e.contains("`step`"),
-        "{e}"
-    );
+    assert_refused(&o, &["trainer_state.json", "`step`"]);
     std::fs::write(&state_path, &original).unwrap();
 
     // NaN in the optimizer state is refused on resume.
@@ -426,11 +427,7 @@ fn configs_and_weights_that_change_the_math_are_refused_by_name() {
     // quantize refuses the NaN weight, and writes nothing.
     let out = tmp.path().join("q");
     let o = qlora(&["quantize", "--model", s(&cases[4].0), "--out", s(&out)]);
-    let e = stderr(&o);
-    assert!(
-        !o.status.success() && e.contains("q_proj") && e.contains("finite"),
-        "{e}"
-    );
+    assert_refused(&o, &["q_proj", "finite"]);
     assert!(!out.exists());
 }
 
@@ -453,11 +450,7 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
         "--steps",
         "1",
     ]);
-    let e = stderr(&o);
-    assert!(
-        !o.status.success() && e.contains("max_position_embeddings"),
-        "{e}"
-    );
+    assert_refused(&o, &["max_position_embeddings"]);
     assert!(!out.exists());
     let o = qlora(&[
         "plan",
@@ -466,8 +459,7 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
         "--seq-len",
         "18446744073709551615",
     ]);
-    let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("context of 128"), "{e}");
+    assert_refused(&o, &["context of 128"]);
     // A plan past the machine's memory is refused unless a limit is given.
     let o = qlora(&[
         "train",
@@ -484,8 +476,7 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
         "--steps",
         "1",
     ]);
-    let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("machine's memory"), "{e}");
+    assert_refused(&o, &["machine's memory"]);
     assert!(!out.exists());
     let o = qlora(&[
         "generate",
@@ -496,11 +487,7 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
         "--temperature",
         "nan",
     ]);
-    let e = stderr(&o);
-    assert!(
-        !o.status.success() && e.contains("--temperature") && e.contains("NaN"),
-        "{e}"
-    );
+    assert_refused(&o, &["--temperature", "NaN"]);
     // merge reads --eval-data before writing anything.
     let run = tmp.path().join("run");
     assert!(train(&run, &["--steps", "1", "--val-split", "0"])
@@ -521,8 +508,7 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
         "--eval-data",
         s(&missing),
     ]);
-    let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("missing.txt"), "{e}");
+    assert_refused(&o, &["missing.txt"]);
     assert!(!merged.exists(), "nothing written");
 }
 

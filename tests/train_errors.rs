@@ -49,6 +49,14 @@ fn train(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Run {
     run
 }
 
+/// `ids.jsonl` in `dir`: 8 pre-tokenized records of 8 ids each.
+fn eight_id_records(dir: &Path) -> PathBuf {
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!("{{\"input_ids\": [{}, 5, 6, 7, 8, 9, 10, 11]}}", 20 + i))
+        .collect();
+    write(dir, "ids.jsonl", &(lines.join("\n") + "\n"))
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     fs::write(&p, text).unwrap();
@@ -347,10 +355,7 @@ fn keep_layers_auto_keeps_what_fits_in_the_limit_or_the_machine() {
 #[test]
 fn a_small_validation_split_says_what_it_held_out() {
     let dir = tempfile::tempdir().unwrap();
-    let lines: Vec<String> = (0..8)
-        .map(|i| format!("{{\"input_ids\": [{}, 5, 6, 7, 8, 9, 10, 11]}}", 20 + i))
-        .collect();
-    let data = write(dir.path(), "ids.jsonl", &(lines.join("\n") + "\n"));
+    let data = eight_id_records(dir.path());
     let model = model_variant(dir.path(), None, None);
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         fs::remove_file(model.join(f)).unwrap();
@@ -392,10 +397,7 @@ fn a_bnb_folder_without_a_tokenizer_trains_on_input_ids_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bnb4/model");
     assert!(!model.join("tokenizer.json").exists());
-    let lines: Vec<String> = (0..8)
-        .map(|i| format!("{{\"input_ids\": [{}, 5, 6, 7, 8, 9, 10, 11]}}", 20 + i))
-        .collect();
-    let data = write(dir.path(), "ids.jsonl", &(lines.join("\n") + "\n"));
+    let data = eight_id_records(dir.path());
     let out = dir.path().join("out");
     let o = Command::new(env!("CARGO_BIN_EXE_qlora"))
         .args(["train", "--model"])
