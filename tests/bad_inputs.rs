@@ -478,6 +478,28 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
     ]);
     assert_refused(&o, &["machine's memory"]);
     assert!(!out.exists());
+    // One 6 MB line of text: tokenized in pieces, its 3.6 M tokens held in memory are counted
+    // with the plan against the limit (36 MiB plan + 45 MiB of tokens > 64 MiB).
+    let long = tmp.path().join("long.jsonl");
+    let text = vec!["the quick brown fox"; 300_000].join(" ");
+    std::fs::write(&long, format!("{{\"text\": \"{text}\"}}\n")).unwrap();
+    let o = qlora(&[
+        "train",
+        "--model",
+        s(&m),
+        "--data",
+        s(&long),
+        "--out",
+        s(&out),
+        "--seq-len",
+        "64",
+        "--steps",
+        "1",
+        "--memory-limit",
+        "64MiB",
+    ]);
+    assert_refused(&o, &["tokenized data", "--memory-limit 64.00 MiB"]);
+    assert!(!out.exists());
     let o = qlora(&[
         "generate",
         "--model",

@@ -687,6 +687,42 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     };
     let data = recipe.load_data(&m, &args.data)?;
     println!("train data: {}", data.train_report);
+    let plan = plan.map(|p| {
+        // The plan covers the model and one step; the tokenized data stay in memory beside it.
+        let data_bytes = data.resident_bytes();
+        println!(
+            "tokenized data in memory {} (planned peak with it {})",
+            crate::plan::format_bytes(data_bytes),
+            crate::plan::format_bytes(p.peak + data_bytes)
+        );
+        (p.peak, data_bytes)
+    });
+    if let Some(limit) = memory_limit {
+        let limit_name = if opts.memory_limit.is_some() {
+            "--memory-limit"
+        } else {
+            "the machine's memory"
+        };
+        if let Some((peak, data_bytes)) = plan.filter(|(p, d)| p + d > limit) {
+            anyhow::bail!(
+                "the planned peak memory {} plus the tokenized data {} is {}, over {limit_name} \
+                 {}; train on a smaller --data or raise --memory-limit",
+                crate::plan::format_bytes(peak),
+                crate::plan::format_bytes(data_bytes),
+                crate::plan::format_bytes(peak + data_bytes),
+                crate::plan::format_bytes(limit),
+            );
+        }
+        // Tokenizing holds a record's tokens in several forms at once: the peak so far counts.
+        if let Some(loaded) = crate::plan::rss::peak_rss_bytes().filter(|&p| p > limit) {
+            anyhow::bail!(
+                "loading the model and the data already peaked at {}, over {limit_name} {}; \
+                 train on a smaller --data (or split its longest records) or raise --memory-limit",
+                crate::plan::format_bytes(loaded),
+                crate::plan::format_bytes(limit),
+            );
+        }
+    }
     if let Some(v) = &data.val_report {
         println!("validation data: {v}");
     }
@@ -751,10 +787,10 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     )?;
     if let Some(peak) = crate::plan::rss::peak_rss_bytes() {
         match &plan {
-            Some(plan) => println!(
+            Some((planned, data_bytes)) => println!(
                 "peak memory {} (planned {})",
                 crate::plan::format_bytes(peak),
-                crate::plan::format_bytes(plan.peak)
+                crate::plan::format_bytes(planned + data_bytes)
             ),
             None => println!("peak memory {}", crate::plan::format_bytes(peak)),
         }

@@ -130,7 +130,19 @@ impl Batches {
         })
     }
 
-    /// The examples batched.
+    /// Bytes the examples hold in memory (their token ids and labels).
+    pub fn resident_bytes(&self) -> usize {
+        self.examples
+            .iter()
+            .map(|e| {
+                std::mem::size_of::<Example>()
+                    + e.ids.capacity() * std::mem::size_of::<u32>()
+                    + e.labels.capacity() * std::mem::size_of::<i64>()
+            })
+            .sum()
+    }
+
+    /// The examples, in file order.
     pub fn examples(&self) -> &[Example] {
         &self.examples
     }

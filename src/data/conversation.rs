@@ -47,12 +47,7 @@ pub fn tokenize_conversation(
     };
     let messages = &messages[..=last];
     let full = tokenizer.apply_chat_template(messages, false)?;
-    let enc = tokenizer
-        .inner()
-        .encode(full.as_str(), false)
-        .map_err(|e| DataError::invalid("tokenizer", e.to_string()))?;
-    let ids = enc.get_ids().to_vec();
-    let offsets = enc.get_offsets();
+    let (ids, offsets) = tokenizer.encode_with_offsets(&full, false)?;
     let eos = tokenizer.eos_token_ids();
     let mut trained = vec![false; ids.len()];
     let mut ends_with_eos = false;

@@ -163,16 +163,13 @@ pub fn tokenize_record(
             let tok = need("alpaca")?;
             let prompt = alpaca_prompt(instruction, input);
             let full = format!("{prompt}{output}");
-            let enc = tok
-                .inner()
-                .encode(full.as_str(), true)
-                .map_err(|e| DataError::invalid("tokenizer", e.to_string()))?;
-            let mut ids = widen(enc.get_ids());
+            let (enc_ids, offsets) = tok.encode_with_offsets(&full, true)?;
+            let mut ids = widen(&enc_ids);
             // Trained: tokens reaching into the response. Special tokens the post-processor
             // adds have empty offsets and stay untrained (a trailing EOS is handled below).
             let mut labels: Vec<i64> = ids
                 .iter()
-                .zip(enc.get_offsets())
+                .zip(&offsets)
                 .map(|(&id, &(_, end))| if end > prompt.len() { id } else { IGNORE_INDEX })
                 .collect();
             eos.finish(&mut ids, &mut labels);

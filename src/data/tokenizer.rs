@@ -9,6 +9,35 @@ use tokenizers::Tokenizer;
 
 use super::error::DataError;
 
+/// Token ids and the byte range of each in the text (`(0, 0)` for added special tokens).
+pub type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
+/// The special ids a post-processor puts before and after a sequence.
+type SpecialFrame = (Vec<u32>, Vec<u32>);
+
+/// Texts longer than this many bytes are tokenized in pieces of about this size.
+pub const PIECE_BYTES: usize = 64 * 1024;
+
+/// The first byte index at or after `from` where a piece may end: a space with a non-space
+/// character on each side; the end of the text if there is none.
+fn next_cut(text: &str, from: usize) -> usize {
+    let bytes = text.as_bytes();
+    let mut i = from.max(1);
+    while i + 1 < bytes.len() {
+        if bytes[i] == b' ' {
+            let before = text[..i].chars().next_back();
+            let after = text[i + 1..].chars().next();
+            if before.is_some_and(|c| !c.is_whitespace())
+                && after.is_some_and(|c| !c.is_whitespace())
+            {
+                return i;
+            }
+        }
+        i += 1;
+    }
+    text.len()
+}
+
 /// One chat turn.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Message {
@@ -134,12 +163,105 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text`; `add_special` applies the tokenizer's post-processor (e.g. BOS).
+    ///
+    /// Long texts are tokenized in pieces (see [`TextTokenizer::encode_with_offsets`]), so the
+    /// memory this takes is bounded by the piece size, not by the length of the text.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, DataError> {
-        let enc = self
-            .inner
+        Ok(self.encode_with_offsets(text, add_special)?.0)
+    }
+
+    /// Token ids of `text` and each token's byte range in it (`(0, 0)` for the special tokens
+    /// the post-processor adds).
+    ///
+    /// A text longer than [`PIECE_BYTES`] is cut into pieces of about that size, each just
+    /// before a space that follows a non-space character and precedes one, and every piece is
+    /// tokenized with the word before it as context, whose tokens are then dropped. Every
+    /// tokenizer family in use (byte-level BPE, SentencePiece BPE, WordPiece, Unigram) ends a
+    /// token at such a space, and the cut is checked on the tokens themselves: if one crosses
+    /// it, the text is tokenized whole instead. The result equals tokenizing the text whole
+    /// (`tests` compare both on every tokenizer the repository ships).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<IdsAndOffsets, DataError> {
+        if text.len() > PIECE_BYTES {
+            if let Some(done) = self.encode_in_pieces(text, add_special)? {
+                return Ok(done);
+            }
+        }
+        let enc = self.encode_whole(text, add_special)?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    fn encode_whole(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<tokenizers::Encoding, DataError> {
+        self.inner
             .encode(text, add_special)
-            .map_err(|e| DataError::invalid("tokenizer", e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+            .map_err(|e| DataError::invalid("tokenizer", e.to_string()))
+    }
+
+    /// The special ids the post-processor puts before and after a single sequence, found by
+    /// encoding a one-letter probe with and without them; `None` if they do not frame it.
+    fn special_frame(&self) -> Result<Option<SpecialFrame>, DataError> {
+        let with = self.encode_whole("a", true)?;
+        let without = self.encode_whole("a", false)?;
+        let (with, without) = (with.get_ids(), without.get_ids());
+        if without.is_empty() || without.len() > with.len() {
+            return Ok(None);
+        }
+        Ok((0..=with.len() - without.len())
+            .find(|&at| &with[at..at + without.len()] == without)
+            .map(|at| (with[..at].to_vec(), with[at + without.len()..].to_vec())))
+    }
+
+    /// [`TextTokenizer::encode_with_offsets`] piece by piece, whatever the length of `text`;
+    /// `None` when the text has to be tokenized whole (no frame for the special tokens, or a
+    /// token crossing a cut).
+    pub fn encode_in_pieces(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Option<IdsAndOffsets>, DataError> {
+        let (prefix, suffix) = if add_special {
+            match self.special_frame()? {
+                Some(frame) => frame,
+                None => return Ok(None),
+            }
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let mut ids = prefix;
+        let mut offsets = vec![(0, 0); ids.len()];
+        // `start..end` is the piece's own text, `context..start` the word before it.
+        let (mut context, mut start) = (0, 0);
+        while start < text.len() {
+            let end = next_cut(text, start + PIECE_BYTES);
+            let enc = self.encode_whole(&text[context..end], false)?;
+            let own = start - context;
+            for (&id, &(a, b)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+                if a < own && b > own {
+                    return Ok(None);
+                }
+                if a >= own {
+                    ids.push(id);
+                    offsets.push((a + context, b + context));
+                }
+            }
+            context = text[..end]
+                .char_indices()
+                .rev()
+                .find(|(_, c)| c.is_whitespace())
+                .map_or(start, |(w, c)| w + c.len_utf8())
+                .max(start);
+            start = end;
+        }
+        offsets.extend(std::iter::repeat_n((0, 0), suffix.len()));
+        ids.extend(suffix);
+        Ok(Some((ids, offsets)))
     }
 
     /// Text of `ids` (special tokens skipped when `skip_special`).

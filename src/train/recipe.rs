@@ -92,6 +92,24 @@ pub struct RunData {
     pub note: Option<String>,
 }
 
+impl RunData {
+    /// Bytes the training and validation data hold in memory for the whole run.
+    pub fn resident_bytes(&self) -> usize {
+        let tensor = |t: &candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let val: usize = self
+            .val
+            .iter()
+            .map(|b| {
+                tensor(&b.ids)
+                    + b.labels.len() * std::mem::size_of::<i64>()
+                    + b.segments.as_ref().map_or(0, tensor)
+                    + b.positions.as_ref().map_or(0, tensor)
+            })
+            .sum();
+        self.train.resident_bytes() + val
+    }
+}
+
 /// The first `eos_token_id` of the generation_config.json beside a model folder's config, if any.
 fn generation_eos(model: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(model.join("generation_config.json")).ok()?;
