@@ -17,6 +17,7 @@ pub mod eval;
 pub mod export;
 pub mod frozen;
 pub mod hub;
+pub mod json_fields;
 pub mod lora;
 pub mod model;
 pub mod optim;

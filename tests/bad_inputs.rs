@@ -408,6 +408,15 @@ fn configs_and_weights_that_change_the_math_are_refused_by_name() {
             ),
             "must be a float",
         ),
+        (
+            variant(
+                tmp.path(),
+                "untied-without-head",
+                |c| c["tie_word_embeddings"] = false.into(),
+                |ts| ts.retain(|t| t.0 != "lm_head.weight"),
+            ),
+            "`tie_word_embeddings` is false",
+        ),
     ];
     let d = data();
     for (model, what) in &cases {
@@ -561,4 +570,104 @@ fn eval_scores_only_the_labelled_tokens() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     // 2 labelled tokens of the first record, 4 next tokens of the second.
     assert_eq!(v["tokens"], 6, "{v}");
+}
+
+/// A field present with the wrong type is named with its value, never read as its default:
+/// in a model's config.json and in an adapter's adapter_config.json.
+#[test]
+fn fields_of_the_wrong_type_are_named_not_defaulted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data();
+    let keep = |_: &mut Tensors| {};
+    let eval = |model: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(model),
+            "--data",
+            s(&d),
+            "--seq-len",
+            "16",
+        ];
+        args.extend_from_slice(extra);
+        qlora(&args)
+    };
+    for (name, edit, what) in [
+        (
+            "tie",
+            serde_json::json!({"tie_word_embeddings": "yes"}),
+            "`tie_word_embeddings` is \"yes\"",
+        ),
+        (
+            "heads",
+            serde_json::json!({"num_key_value_heads": 2.5}),
+            "`num_key_value_heads` is 2.5",
+        ),
+        (
+            "eos",
+            serde_json::json!({"eos_token_id": [2, "x"]}),
+            "`eos_token_id`",
+        ),
+        (
+            "gptq",
+            serde_json::json!({"quantization_config": {"quant_method": "gptq"}}),
+            "`gptq`",
+        ),
+    ] {
+        let m = variant(
+            tmp.path(),
+            name,
+            |c| {
+                for (k, v) in edit.as_object().unwrap() {
+                    c[k] = v.clone();
+                }
+            },
+            keep,
+        );
+        assert_refused(&eval(&m, &[]), &["config.json", what]);
+    }
+    let run = tmp.path().join("run");
+    assert!(train(&run, &["--steps", "1", "--val-split", "0"])
+        .status
+        .success());
+    let cfg_path = run.join("adapter/adapter_config.json");
+    let original = std::fs::read_to_string(&cfg_path).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&original).unwrap();
+    assert_eq!(
+        cfg["lora_dropout"],
+        serde_json::json!(0.05),
+        "written as PEFT writes it"
+    );
+    for (key, value, what) in [
+        (
+            "r",
+            serde_json::json!([1, 2, 3]),
+            "`r` is [1,2,3], expected a positive integer",
+        ),
+        (
+            "lora_alpha",
+            serde_json::json!("16"),
+            "`lora_alpha` is \"16\", expected a number",
+        ),
+        (
+            "use_dora",
+            serde_json::json!("true"),
+            "`use_dora` is \"true\", expected true or false",
+        ),
+        (
+            "lora_dropout",
+            serde_json::json!(1.5),
+            "`lora_dropout` is 1.5",
+        ),
+    ] {
+        let mut bad = cfg.clone();
+        bad[key] = value;
+        std::fs::write(&cfg_path, bad.to_string()).unwrap();
+        let adapter = run.join("adapter");
+        assert_refused(
+            &eval(&tiny(), &["--adapter", s(&adapter)]),
+            &["adapter_config.json", what],
+        );
+    }
+    std::fs::write(&cfg_path, original).unwrap();
 }

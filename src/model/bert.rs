@@ -65,12 +65,9 @@ impl BertConfig {
     /// Parse an HF BERT config; fields that change the math and are not implemented are refused
     /// by name.
     pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
-        let usize_field = |k: &str| -> std::result::Result<usize, String> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or(format!("missing or non-integer field `{k}`"))
-        };
+        use crate::json_fields::{opt_bool, opt_f64, opt_u32, opt_usize, optional};
+        let usize_field = |k: &str| crate::json_fields::usize_field(v, k);
+        let opt_str = |k: &str| optional(v, k, |x| x.as_str().map(str::to_string), "a string");
         let prob = |k: &str, default: f64| -> std::result::Result<f32, String> {
             match v.get(k) {
                 None | Some(Value::Null) => Ok(default as f32),
@@ -88,27 +85,22 @@ impl BertConfig {
                 "`hidden_size` ({hidden_size}) must be a positive multiple of `num_attention_heads` ({heads})"
             ));
         }
-        let act = v
-            .get("hidden_act")
-            .and_then(Value::as_str)
-            .unwrap_or("gelu");
+        let act = opt_str("hidden_act")?.unwrap_or_else(|| "gelu".into());
+        let act = act.as_str();
         let hidden_act = Activation::parse(act).ok_or(format!(
             "`hidden_act` `{act}` is not supported (gelu, gelu_new, relu)"
         ))?;
-        if let Some(p) = v.get("position_embedding_type").and_then(Value::as_str) {
+        if let Some(p) = opt_str("position_embedding_type")? {
             if p != "absolute" {
                 return Err(format!(
                     "`position_embedding_type` `{p}` is not supported (absolute)"
                 ));
             }
         }
-        if v.get("is_decoder").and_then(Value::as_bool) == Some(true) {
+        if opt_bool(v, "is_decoder")? == Some(true) {
             return Err("`is_decoder: true` is not supported (BERT as an encoder)".into());
         }
-        let eps = v
-            .get("layer_norm_eps")
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-12);
+        let eps = opt_f64(v, "layer_norm_eps")?.unwrap_or(1e-12);
         if !(eps > 0.0 && eps.is_finite()) {
             return Err(format!("`layer_norm_eps` must be positive, got {eps}"));
         }
@@ -121,10 +113,7 @@ impl BertConfig {
             intermediate_size: usize_field("intermediate_size")?,
             hidden_act,
             max_position_embeddings: usize_field("max_position_embeddings")?,
-            type_vocab_size: v
-                .get("type_vocab_size")
-                .and_then(Value::as_u64)
-                .unwrap_or(2) as usize,
+            type_vocab_size: opt_usize(v, "type_vocab_size")?.unwrap_or(2),
             layer_norm_eps: eps,
             hidden_dropout_prob,
             attention_probs_dropout_prob: prob("attention_probs_dropout_prob", 0.1)?,
@@ -132,14 +121,8 @@ impl BertConfig {
                 None | Some(Value::Null) => hidden_dropout_prob,
                 Some(_) => prob("classifier_dropout", 0.0)?,
             },
-            initializer_range: v
-                .get("initializer_range")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.02),
-            pad_token_id: v
-                .get("pad_token_id")
-                .and_then(Value::as_u64)
-                .map(|x| x as u32),
+            initializer_range: opt_f64(v, "initializer_range")?.unwrap_or(0.02),
+            pad_token_id: opt_u32(v, "pad_token_id")?,
         })
     }
 

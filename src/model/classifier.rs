@@ -53,7 +53,13 @@ impl ClassifierConfig {
             None => Vec::new(),
         };
         labels.sort();
-        match v.get("problem_type").and_then(Value::as_str) {
+        let problem_type = crate::json_fields::optional(
+            v,
+            "problem_type",
+            |x| x.as_str().map(str::to_string),
+            "a string",
+        )?;
+        match problem_type.as_deref() {
             None | Some("single_label_classification") | Some("regression") => {}
             Some(other) => {
                 return Err(format!(
@@ -61,11 +67,7 @@ impl ClassifierConfig {
                 ))
             }
         }
-        let n = v
-            .get("num_labels")
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-            .unwrap_or(labels.len().max(2));
+        let n = crate::json_fields::opt_usize(v, "num_labels")?.unwrap_or(labels.len().max(2));
         if labels.is_empty() {
             return Ok(Some(Self::with_num_labels(n)));
         }

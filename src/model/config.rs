@@ -105,26 +105,22 @@ impl LlamaConfig {
                 SUPPORTED.join(", ")
             ));
         }
-        let usize_field = |k: &str| -> Result<usize, String> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or(format!("missing or non-integer field `{k}`"))
-        };
-        let opt_usize = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
-        let opt_bool = |k: &str| v.get(k).and_then(Value::as_bool);
+        use crate::json_fields::opt_f64;
+        let usize_field = |k: &str| crate::json_fields::usize_field(v, k);
+        let opt_usize = |k: &str| crate::json_fields::opt_usize(v, k);
+        let opt_bool = |k: &str| crate::json_fields::opt_bool(v, k);
         let hidden_size = usize_field("hidden_size")?;
         let num_attention_heads = usize_field("num_attention_heads")?;
         if num_attention_heads == 0 || hidden_size == 0 {
             return Err("`hidden_size` and `num_attention_heads` must be positive".into());
         }
-        let num_key_value_heads = opt_usize("num_key_value_heads").unwrap_or(num_attention_heads);
+        let num_key_value_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(format!(
                 "`num_attention_heads` ({num_attention_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})"
             ));
         }
-        let head_dim = opt_usize("head_dim").unwrap_or(hidden_size / num_attention_heads);
+        let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_attention_heads);
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(format!(
                 "`head_dim` must be even and positive, got {head_dim}"
@@ -132,11 +128,11 @@ impl LlamaConfig {
         }
         // transformers 5 moved rope settings into `rope_parameters`; 4.x has them top level.
         let rope = v.get("rope_parameters").filter(|r| r.is_object());
-        let rope_theta = rope
-            .and_then(|r| r.get("rope_theta"))
-            .or_else(|| v.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10000.0);
+        let rope_theta = match rope.filter(|r| r.get("rope_theta").is_some()) {
+            Some(r) => opt_f64(r, "rope_theta")?,
+            None => opt_f64(v, "rope_theta")?,
+        }
+        .unwrap_or(10000.0);
         let scaling = rope
             .filter(|r| r.get("rope_type").and_then(Value::as_str) != Some("default"))
             .or_else(|| v.get("rope_scaling").filter(|r| r.is_object()));
@@ -144,15 +140,17 @@ impl LlamaConfig {
             None => RopeScaling::None,
             Some(s) => parse_rope_scaling(s)?,
         };
-        let eos_token_ids = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64())
-                .map(|x| x as u32)
-                .collect(),
-            _ => vec![],
-        };
+        let token_id = |x: &Value| x.as_u64().and_then(|i| u32::try_from(i).ok());
+        let eos_token_ids = crate::json_fields::optional(
+            v,
+            "eos_token_id",
+            |x| match x {
+                Value::Array(a) => a.iter().map(token_id).collect(),
+                x => token_id(x).map(|i| vec![i]),
+            },
+            "a token id or a list of them",
+        )?
+        .unwrap_or_default();
         // The Llama-family MLP is SwiGLU with SiLU; another activation would be a different model.
         if let Some(act) = v.get("hidden_act") {
             if !matches!(act.as_str(), Some("silu" | "swish")) {
@@ -168,7 +166,7 @@ impl LlamaConfig {
             ));
         }
         let is_qwen2 = model_type == "qwen2";
-        let attention_bias = opt_bool("attention_bias").unwrap_or(is_qwen2);
+        let attention_bias = opt_bool("attention_bias")?.unwrap_or(is_qwen2);
         Ok(Self {
             vocab_size: usize_field("vocab_size")?,
             hidden_size,
@@ -177,27 +175,25 @@ impl LlamaConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: v
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
+            rms_norm_eps: opt_f64(v, "rms_norm_eps")?
                 .filter(|e| e.is_finite() && *e > 0.0)
-                .ok_or("missing field `rms_norm_eps`, or not a positive number")?,
+                .ok_or("the field `rms_norm_eps` is missing or not a positive number")?,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(4096),
+            max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(4096),
             // Qwen2 has biases on q/k/v only; Llama's `attention_bias` covers o_proj as well.
             attention_bias,
             o_proj_bias: attention_bias && !is_qwen2,
-            mlp_bias: opt_bool("mlp_bias").unwrap_or(false),
-            tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(false),
-            bos_token_id: opt_usize("bos_token_id").map(|x| x as u32),
+            mlp_bias: opt_bool("mlp_bias")?.unwrap_or(false),
+            tie_word_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            bos_token_id: crate::json_fields::opt_u32(v, "bos_token_id")?,
             eos_token_ids,
-            pad_token_id: opt_usize("pad_token_id").map(|x| x as u32),
+            pad_token_id: crate::json_fields::opt_u32(v, "pad_token_id")?,
             sequence_classification: super::classifier::names_classifier(v),
-            sliding_window: if opt_bool("use_sliding_window") == Some(false) {
+            sliding_window: if opt_bool("use_sliding_window")? == Some(false) {
                 None
             } else {
-                opt_usize("sliding_window")
+                opt_usize("sliding_window")?
             },
             model_type,
         })

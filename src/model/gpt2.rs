@@ -101,14 +101,10 @@ impl Gpt2Config {
     /// Parse an HF GPT-2 config; fields that change the math and are not implemented are
     /// refused by name.
     pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
-        let usize_field = |k: &str| -> std::result::Result<usize, String> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or(format!("missing or non-integer field `{k}`"))
-        };
-        let opt_u32 = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as u32);
-        let flag = |k: &str| v.get(k).and_then(Value::as_bool);
+        use crate::json_fields::{opt_f64, optional};
+        let usize_field = |k: &str| crate::json_fields::usize_field(v, k);
+        let opt_u32 = |k: &str| crate::json_fields::opt_u32(v, k);
+        let flag = |k: &str| crate::json_fields::opt_bool(v, k);
         let n_embd = usize_field("n_embd")?;
         let n_head = usize_field("n_head")?;
         if n_head == 0 || n_embd == 0 || n_embd % n_head != 0 {
@@ -116,10 +112,14 @@ impl Gpt2Config {
                 "`n_embd` ({n_embd}) must be a positive multiple of `n_head` ({n_head})"
             ));
         }
-        let act_name = v
-            .get("activation_function")
-            .and_then(Value::as_str)
-            .unwrap_or("gelu_new");
+        let act_name = optional(
+            v,
+            "activation_function",
+            |x| x.as_str().map(str::to_string),
+            "a string",
+        )?
+        .unwrap_or_else(|| "gelu_new".into());
+        let act_name = act_name.as_str();
         let activation = Activation::parse(act_name).ok_or(format!(
             "`activation_function` `{act_name}` is not supported (gelu_new, gelu, relu)"
         ))?;
@@ -128,7 +128,7 @@ impl Gpt2Config {
             ("scale_attn_by_inverse_layer_idx", false),
             ("add_cross_attention", false),
         ] {
-            if flag(key).is_some_and(|x| x != ok) {
+            if flag(key)?.is_some_and(|x| x != ok) {
                 return Err(format!("`{key}: {}` is not supported", !ok));
             }
         }
@@ -142,10 +142,7 @@ impl Gpt2Config {
                     .ok_or(format!("`{k}` must be a probability in [0, 1), got {x}")),
             }
         };
-        let eps = v
-            .get("layer_norm_epsilon")
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-5);
+        let eps = opt_f64(v, "layer_norm_epsilon")?.unwrap_or(1e-5);
         if !(eps > 0.0 && eps.is_finite()) {
             return Err(format!("`layer_norm_epsilon` must be positive, got {eps}"));
         }
@@ -161,10 +158,10 @@ impl Gpt2Config {
             },
             activation,
             layer_norm_epsilon: eps,
-            tie_word_embeddings: flag("tie_word_embeddings").unwrap_or(true),
-            bos_token_id: opt_u32("bos_token_id"),
-            eos_token_id: opt_u32("eos_token_id"),
-            pad_token_id: opt_u32("pad_token_id"),
+            tie_word_embeddings: flag("tie_word_embeddings")?.unwrap_or(true),
+            bos_token_id: opt_u32("bos_token_id")?,
+            eos_token_id: opt_u32("eos_token_id")?,
+            pad_token_id: opt_u32("pad_token_id")?,
             embd_pdrop: prob("embd_pdrop")?,
             attn_pdrop: prob("attn_pdrop")?,
             resid_pdrop: prob("resid_pdrop")?,
@@ -362,9 +359,11 @@ impl Gpt2 {
             });
         }
         let ln_f = norm(src, "ln_f")?;
+        // As in transformers 5: a stored `lm_head.weight` is used even when the config ties it.
         let lm_head = if cfg.tie_word_embeddings && !src.has("lm_head.weight") {
             None
         } else {
+            super::loader::untied_head_present(src)?;
             let t = src.dense("lm_head.weight")?;
             check_shape("lm_head.weight", &t, &[cfg.vocab_size, e])?;
             Some(t.to_dtype(wdt)?.to_device(dev)?)

@@ -286,9 +286,20 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, ModelE
         path: cfg_path.display().to_string(),
         what,
     };
-    let bnb = config_json
-        .get("quantization_config")
-        .is_some_and(|q| q.get("quant_method").and_then(Value::as_str) == Some("bitsandbytes"));
+    let bnb = match config_json.get("quantization_config") {
+        None | Some(Value::Null) => false,
+        Some(q) => match q.get("quant_method").and_then(Value::as_str) {
+            Some("bitsandbytes") => true,
+            other => {
+                return Err(config_error(format!(
+                    "`quantization_config.quant_method` is {}; of quantized checkpoints only \
+                     bitsandbytes' are read (a dense or bitsandbytes 4-bit model, which qlora \
+                     quantizes itself)",
+                    other.map_or("missing".to_string(), |m| format!("`{m}`"))
+                )))
+            }
+        },
+    };
     let dir = SafetensorsDir::open(path)?;
     let tokenizer = TextTokenizer::from_dir(path)?;
     let mut src = StDir { dir, bnb };
@@ -397,6 +408,18 @@ pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<
 }
 
 /// Assemble a [`Llama`] from `src`, one tensor at a time (linear weights quantized as they come).
+/// An untied output head must be in the checkpoint: its absence is named with the config field.
+pub(crate) fn untied_head_present(src: &dyn TensorSource) -> Result<(), ModelError> {
+    if src.has("lm_head.weight") {
+        return Ok(());
+    }
+    Err(ModelError::invalid(
+        "config.json",
+        "`tie_word_embeddings` is false, but the checkpoint has no `lm_head.weight` for the \
+         untied output head (set it true if the head shares the token embeddings)",
+    ))
+}
+
 pub(crate) fn build(
     cfg: &LlamaConfig,
     src: &mut dyn TensorSource,
@@ -411,10 +434,13 @@ pub(crate) fn build(
         Ok::<_, ModelError>(t.to_dtype(wdt)?.to_device(dev)?)
     };
     let embed_tokens = dense(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    // As in transformers 5: tied unless the checkpoint stores its own `lm_head.weight`, which
+    // is then used even when the config says tied.
     let lm_head =
         if cfg.sequence_classification || (cfg.tie_word_embeddings && !src.has("lm_head.weight")) {
             None
         } else {
+            untied_head_present(src)?;
             Some(dense(src, "lm_head.weight", &[cfg.vocab_size, h])?)
         };
     let norm = dense(src, "model.norm.weight", &[h])?;

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use crate::json_fields::optional;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
@@ -55,18 +56,17 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
     // AdaLoRA ignores `r` (PEFT writes its default 8): every module starts at `init_r`.
     let rank = match &adalora {
         Some(a) => a.init_r,
-        None => v
-            .get("r")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad("missing integer field `r`".into()))? as usize,
+        None => optional(&v, "r", Value::as_u64, "a positive integer")
+            .map_err(&bad)?
+            .ok_or_else(|| bad("the field `r` (the LoRA rank) is missing".into()))?
+            as usize,
     };
     if rank == 0 {
         return Err(bad("`r` must be positive".into()));
     }
-    let alpha = v
-        .get("lora_alpha")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| bad("missing field `lora_alpha`".into()))?;
+    let alpha = optional(&v, "lora_alpha", Value::as_f64, "a number")
+        .map_err(&bad)?
+        .ok_or_else(|| bad("the field `lora_alpha` is missing".into()))?;
     let targets: Vec<String> = match v.get("target_modules") {
         Some(Value::Array(a)) => a
             .iter()
@@ -76,8 +76,9 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
         Some(Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
         other => {
             return Err(bad(format!(
-                "`target_modules` {other:?} is not supported (a list of module names, or \"all-linear\"; \
-                 a regular expression is not)"
+                "`target_modules` {} is not supported (a list of module names, or \"all-linear\"; \
+                 a regular expression is not)",
+                other.map_or("(missing)".to_string(), Value::to_string)
             )))
         }
     };
@@ -160,16 +161,26 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
         }
         _ => LoraInit::Kaiming,
     };
+    let dropout = optional(&v, "lora_dropout", Value::as_f64, "a probability in [0, 1)")
+        .map_err(&bad)?
+        .unwrap_or(0.0);
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(bad(format!(
+            "`lora_dropout` is {dropout}, expected a probability in [0, 1)"
+        )));
+    }
+    let dropout = dropout as f32;
     let cfg = LoraConfig {
         rank,
         alpha,
-        dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
+        dropout,
         targets,
-        use_rslora: v
-            .get("use_rslora")
-            .and_then(Value::as_bool)
+        use_rslora: optional(&v, "use_rslora", Value::as_bool, "true or false")
+            .map_err(&bad)?
             .unwrap_or(false),
-        use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
+        use_dora: optional(&v, "use_dora", Value::as_bool, "true or false")
+            .map_err(&bad)?
+            .unwrap_or(false),
         init,
         dtype: DType::F32,
         rank_pattern,
@@ -192,15 +203,13 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, ModelError> {
 /// ...]}` (or null before any masking).
 fn read_adalora(v: &Value) -> Result<AdaLoraConfig, String> {
     let int = |k: &str| -> Result<usize, String> {
-        v.get(k)
-            .and_then(Value::as_u64)
+        optional(v, k, Value::as_u64, "a non-negative integer")?
             .map(|x| x as usize)
-            .ok_or(format!("AdaLoRA field `{k}` is missing or not an integer"))
+            .ok_or(format!("the AdaLoRA field `{k}` is missing"))
     };
     let float = |k: &str| -> Result<f64, String> {
-        v.get(k)
-            .and_then(Value::as_f64)
-            .ok_or(format!("AdaLoRA field `{k}` is missing or not a number"))
+        optional(v, k, Value::as_f64, "a number")?
+            .ok_or(format!("the AdaLoRA field `{k}` is missing"))
     };
     let init_r = int("init_r")?;
     let rank_pattern = match v.get("rank_pattern") {
@@ -811,7 +820,7 @@ pub fn config_json(cfg: &LoraConfig, model: &Model, base_model: &str) -> Value {
         "loftq_config": {},
         "lora_alpha": alpha_json(cfg.alpha),
         "lora_bias": false,
-        "lora_dropout": cfg.dropout,
+        "lora_dropout": f32_json(cfg.dropout),
         "megatron_config": null,
         "megatron_core": "megatron.core",
         "modules_to_save": if model.classifier().is_some() {
@@ -895,6 +904,13 @@ fn prune_to_pattern(
 }
 
 /// An alpha as PEFT writes it: an integer when integral.
+/// An f32 option as JSON with its shortest decimal form (0.05, not 0.05000000074505806).
+fn f32_json(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .map_or(Value::Null, |d| json!(d))
+}
+
 fn alpha_json(a: f64) -> Value {
     if a.fract() == 0.0 && a.abs() < 1e15 {
         json!(a as i64)
