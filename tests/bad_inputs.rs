@@ -110,6 +110,8 @@ fn options_out_of_range_are_refused_by_name_from_flags_and_toml() {
         ("--steps=0", "--steps"),
         ("--val-split=1.5", "--val-split"),
         ("--optim-resident-mb=-3", "--optim-resident-mb"),
+        // tiny-llama has layers 0 and 1: no module selected, nothing would train.
+        ("--layers-to-transform=5", "--layers-to-transform"),
     ];
     for (flag, name) in cases {
         let out = tmp.path().join("out");

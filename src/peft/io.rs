@@ -456,19 +456,16 @@ pub fn load_adapter(
         }
     }
     let used = store.used;
-    if used.len() != tensors.len() {
-        let extra: Vec<&String> = tensors
-            .keys()
-            .filter(|k| !used.contains(*k))
-            .take(3)
-            .collect();
+    let extra: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+    if !extra.is_empty() {
         return Err(ModelError::invalid(
             path.display().to_string(),
             format!(
-                "holds {} tensors that do not fit this {}-layer {} model or its target modules, e.g. {extra:?}",
-                tensors.len() - used.len(),
+                "holds {} tensors that do not fit this {}-layer {} model or its target modules, e.g. {:?}",
+                extra.len(),
                 model.num_layers(),
                 model.info().model_type,
+                &extra[..extra.len().min(3)],
             ),
         ));
     }

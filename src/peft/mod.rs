@@ -57,9 +57,23 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), 
     cfg.validate_patterns()
         .map_err(|why| ModelError::invalid("--rank-pattern/--alpha-pattern", why))?;
     check_targets(model, &cfg.targets).map_err(|why| ModelError::invalid("--target", why))?;
+    let layers = model.num_layers();
+    if let Some(l) = cfg
+        .layers_to_transform
+        .iter()
+        .flatten()
+        .find(|&&l| l >= layers)
+    {
+        return Err(ModelError::invalid(
+            "--layers-to-transform (layers_to_transform)",
+            format!("layer {l} does not exist: the model has layers 0..{}", layers.saturating_sub(1)),
+        ));
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let device = model.device().clone();
+    let mut adapted = 0usize;
     for m in model.linears_mut() {
+        adapted += usize::from(cfg.targets_module(&m.path));
         let adapter = if cfg.targets_module(&m.path) {
             let module = cfg.for_module(&m.path);
             Some(init_adapter(
@@ -112,6 +126,28 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), 
     } else {
         None
     };
+    adapted += usize::from(emb.adapter.is_some());
+    if let Some((_, slot)) = model.head_adapter_mut() {
+        adapted += usize::from(slot.is_some());
+    }
+    if adapted == 0 {
+        // As PEFT ("Target modules ... not found in the base model"): nothing would train.
+        return Err(ModelError::invalid(
+            "--target",
+            format!(
+                "no module of the model is selected by target_modules {:?}{}{}",
+                cfg.targets,
+                cfg.layers_to_transform
+                    .as_ref()
+                    .map_or(String::new(), |l| format!(", layers_to_transform {l:?}")),
+                if cfg.exclude_modules.is_empty() {
+                    String::new()
+                } else {
+                    format!(", exclude_modules {:?}", cfg.exclude_modules)
+                },
+            ),
+        ));
+    }
     Ok(())
 }
 
