@@ -10,6 +10,7 @@ pub mod atomic_dir;
 pub mod classify;
 pub mod cli;
 pub mod compare;
+pub mod contained;
 pub mod cpu_tensor;
 pub mod data;
 pub mod device;

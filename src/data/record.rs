@@ -203,7 +203,7 @@ fn for_each_parquet_row(
     })?;
     // The parquet crate panics on some corrupt files (out-of-range lengths in its metadata and
     // page decoders): such a panic is this file's error, not a crash.
-    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let read = crate::contained::contained(|| {
         let reader =
             SerializedFileReader::new(file).map_err(|e| bad(format!("not a parquet file: {e}")))?;
         for (i, row) in RowIter::from_file_into(Box::new(reader)).enumerate() {
@@ -211,11 +211,11 @@ fn for_each_parquet_row(
             f(i + 1, row.to_json_value())?;
         }
         Ok(())
-    }));
-    read.unwrap_or_else(|_| {
-        Err(bad(
-            "corrupt: the parquet reader failed on its metadata or pages".into(),
-        ))
+    });
+    read.unwrap_or_else(|why| {
+        Err(bad(format!(
+            "corrupt: the parquet reader failed on its metadata or pages ({why})"
+        )))
     })
 }
 

@@ -100,8 +100,8 @@ impl TextTokenizer {
         // The tokenizers crate panics on some malformed files (its decoder section is parsed
         // with an unwrap): the JSON is checked here first, and a panic left is an error too.
         serde_json::from_str::<Value>(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let inner = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
-            .map_err(|_| bad("the tokenizers library could not read this file".into()))?
+        let inner = crate::contained::contained(|| text.parse::<Tokenizer>())
+            .map_err(|why| bad(format!("the tokenizers library could not read it: {why}")))?
             .map_err(|e| bad(e.to_string()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {

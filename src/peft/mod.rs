@@ -66,7 +66,10 @@ pub fn attach_new(model: &mut Model, cfg: &LoraConfig, seed: u64) -> Result<(), 
     {
         return Err(ModelError::invalid(
             "--layers-to-transform (layers_to_transform)",
-            format!("layer {l} does not exist: the model has layers 0..{}", layers.saturating_sub(1)),
+            format!(
+                "layer {l} does not exist: the model has layers 0..{}",
+                layers.saturating_sub(1)
+            ),
         ));
     }
     let mut rng = StdRng::seed_from_u64(seed);
