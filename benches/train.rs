@@ -110,6 +110,8 @@ struct Measured {
     cpu_s: Vec<f64>,
     loss: f64,
     rss_mib: f64,
+    /// Seconds in each [`qlora::profile::Part`] over the timed steps (ours only).
+    parts: Option<Vec<f64>>,
 }
 
 impl Measured {
@@ -266,6 +268,7 @@ fn print_table(
         );
     }
     println!("ratio columns against {ref_name}, NF4, checkpointing on");
+    print_budgets(rows, threads);
     let find = |n: &str| rows.iter().find(|(c, _)| c.name == n).map(|(_, m)| m);
     for (nf4, fp, what) in [
         ("nf4-ckpt", "fp-ckpt", "checkpointing on"),
@@ -293,6 +296,47 @@ fn print_table(
     }
 }
 
+/// Where each of our configurations spent its steps (`qlora::profile`), seconds per step.
+fn print_budgets(rows: &[(&Config, Measured)], threads: usize) {
+    let rows: Vec<_> = rows
+        .iter()
+        .filter_map(|(c, m)| m.parts.as_ref().map(|p| (c, m, p)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!("\nstep-time budget, s per step (share of the step):");
+    let header: Vec<&str> = rows.iter().map(|(c, _, _)| c.name).collect();
+    println!("| part | {} |", header.join(" | "));
+    println!("| --- |{}", " ---: |".repeat(rows.len()));
+    let n = |m: &Measured| m.step_s.len().max(1) as f64;
+    let mut names: Vec<&str> = qlora::profile::Part::ALL.iter().map(|p| p.name()).collect();
+    names.push("graph and other ops");
+    for (i, name) in names.iter().enumerate() {
+        let cells: Vec<String> = rows
+            .iter()
+            .map(|(_, m, p)| {
+                let total: f64 = m.step_s.iter().sum();
+                let s = if i < p.len() {
+                    p[i]
+                } else {
+                    (total - p.iter().sum::<f64>()).max(0.0)
+                };
+                format!("{:.3} ({:.0}%)", s / n(m), 100.0 * s / total)
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    let busy: Vec<String> = rows
+        .iter()
+        .map(|(_, m, _)| {
+            let (w, c): (f64, f64) = (m.step_s.iter().sum(), m.cpu_s.iter().sum());
+            format!("{:.0}%", 100.0 * c / (w * threads as f64))
+        })
+        .collect();
+    println!("| threads busy | {} |", busy.join(" | "));
+}
+
 /// The child's one result line: `result <loss> <rss MiB> <steps> <wall s>... <cpu s>...`.
 fn parse_child(stdout: &str) -> anyhow::Result<Measured> {
     let line = stdout
@@ -309,7 +353,14 @@ fn parse_child(stdout: &str) -> anyhow::Result<Measured> {
     if steps == 0 || nums.len() != 3 + 2 * steps {
         bail!("result line `{line}` does not hold its step times");
     }
+    let parts = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("budget "))
+        .map(|l| l.split_whitespace().map(str::parse::<f64>).collect())
+        .transpose()
+        .context("bad budget line")?;
     Ok(Measured {
+        parts,
         loss: nums[0],
         rss_mib: nums[1],
         step_s: nums[3..3 + steps].to_vec(),
@@ -334,23 +385,9 @@ fn peak_rss_mib() -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`.
+/// CPU seconds this process has used (user + system, all threads).
 fn cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc/self/stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        f.get(i)
-            .context("short /proc/self/stat")?
-            .parse::<f64>()
-            .context("bad tick count in /proc/self/stat")
-    };
-    // USER_HZ is 100 on Linux.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+    qlora::profile::process_cpu_seconds().context("reading /proc/self/stat")
 }
 
 /// Load, attach adapters, run one warm-up and `steps` timed training steps (forward, backward,
@@ -390,6 +427,8 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
     let mut times = Vec::with_capacity(steps);
     let mut cpu = Vec::with_capacity(steps);
     let mut loss = f64::NAN;
+    let mut parts = [0.0f64; 6];
+    qlora::profile::enable(true);
     for step in 0..=steps {
         let batch = batches
             .next_batch()?
@@ -409,9 +448,13 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
             "  {} step {step}: {secs:.2} s wall, {cpu_s:.2} s CPU, loss {l:.4}",
             cfg.name
         );
+        let timed = qlora::profile::take();
         if step > 0 {
             times.push(secs);
             cpu.push(cpu_s);
+            for (total, (_, s)) in parts.iter_mut().zip(timed) {
+                *total += s;
+            }
         }
         loss = l;
     }
@@ -422,5 +465,7 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
         .map(|t| format!("{t:.4}"))
         .collect();
     println!("result {loss} {rss} {steps} {}", all.join(" "));
+    let parts: Vec<String> = parts.iter().map(|t| format!("{t:.4}")).collect();
+    println!("budget {}", parts.join(" "));
     Ok(())
 }

@@ -24,4 +24,5 @@ pub mod model;
 pub mod optim;
 pub mod peft;
 pub mod plan;
+pub mod profile;
 pub mod train;

@@ -89,6 +89,7 @@ fn settings(
         resume,
         stop: Some(Arc::new(AtomicBool::new(stop))),
         run_options: [("seed".to_string(), "3".to_string())].into(),
+        profile: false,
     }
 }
 

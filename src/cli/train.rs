@@ -216,6 +216,10 @@ pub struct TrainArgs {
     pub labels: Option<Vec<String>>,
     #[command(flatten)]
     pub opts: TrainOptions,
+    /// Time the parts of every step (base and adapter products, attention, norms, loss head,
+    /// optimizer, the rest) and print the step-time budget at the end.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Put a new classification head on `m` when `--task seq-cls` asks for one (and check the
@@ -748,6 +752,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     settings.resume = args.resume.clone();
     settings.run_options = recipe.run_options(&args.data, &format!("{:?}", args.model.quant));
     settings.stop = Some(interrupt_flag()?);
+    settings.profile = args.profile;
     let (steps, lr, kind, warmup) = (
         settings.steps,
         recipe.lr,
@@ -794,6 +799,9 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             ),
             None => println!("peak memory {}", crate::plan::format_bytes(peak)),
         }
+    }
+    if let Some(budget) = &report.budget {
+        println!("{budget}");
     }
     let first = report.losses.first().copied().unwrap_or(f64::NAN);
     let last = report.losses.last().copied().unwrap_or(f64::NAN);

@@ -113,6 +113,7 @@ impl FusedLoraLinear {
         output: &mut [f32],
         transposed: bool,
     ) -> Result<()> {
+        let _timed = crate::profile::part(crate::profile::Part::BaseProduct);
         match &self.base {
             Base::Quantized(w) => if transposed {
                 quant_cpu::matmul_t_into(input, m, w, output)
@@ -311,6 +312,7 @@ impl CustomOp3 for FusedLoraLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timed = crate::profile::part(crate::profile::Part::AdapterProduct);
         let (m, inp, out, r) = self.dims(l1.dims(), l2.dims(), l3.dims())?;
         let (x, a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let y = self.forward_cpu(x, a, b, Dims { m, inp, out, r })?;
@@ -325,6 +327,7 @@ impl CustomOp3 for FusedLoraLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::profile::part(crate::profile::Part::AdapterProduct);
         let (m, inp, out, r) = self.dims(x.dims(), a.dims(), b.dims())?;
         let dims = Dims { m, inp, out, r };
         let dy = grad_res.contiguous()?;

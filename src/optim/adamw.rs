@@ -103,6 +103,7 @@ impl AdamW {
     /// no gradient this step, parameter and its moments untouched as in torch; the step count,
     /// and so the bias correction, is shared by all parameters).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        let _timed = crate::profile::part(crate::profile::Part::Optimizer);
         if grads.len() != self.params.len() {
             bail!(
                 "AdamW::step got {} gradients for {} parameters",

@@ -151,10 +151,12 @@ pub fn loss_and_grads_layerwise(
     // at the last hidden state; a classification head's own parameters (and an adapter on
     // BERT's pooler) get their gradients here.
     let top = Var::from_tensor(&inputs[n_layers])?;
+    let timed = crate::profile::part(crate::profile::Part::LossHead);
     let h = model.finish(top.as_tensor())?;
     let loss = head_loss(model, &h, batch, true)?;
     let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let mut head_store = loss.backward()?;
+    drop(timed);
     let mut g = head_store.remove(top.as_tensor()).ok_or_else(|| {
         candle_core::Error::Msg("loss does not depend on the hidden states".into())
     })?;

@@ -408,6 +408,7 @@ impl TrainRecipe {
             resume: None,
             stop: None,
             run_options: BTreeMap::new(),
+            profile: false,
         }
     }
 }

@@ -62,6 +62,8 @@ pub struct TrainSettings {
     /// The options that decide the run's numbers (`TrainRecipe::run_options`): written into
     /// every checkpoint, and a resumed run must have the same.
     pub run_options: std::collections::BTreeMap<String, String>,
+    /// Time the parts of each step ([`crate::profile`]) and report the step-time budget.
+    pub profile: bool,
 }
 
 impl TrainSettings {
@@ -95,6 +97,9 @@ pub struct TrainReport {
     pub checkpoints: Vec<PathBuf>,
     /// The run stopped early on request; the last checkpoint holds it.
     pub interrupted: bool,
+    /// With `profile`: where the steps' time went.
+    #[serde(skip)]
+    pub budget: Option<crate::profile::Budget>,
 }
 
 fn write_jsonl(
@@ -361,7 +366,13 @@ pub fn train(
     let fingerprint = checkpoint::fingerprint(model);
     let mut checkpoints = Vec::new();
     let mut interrupted = false;
+    crate::profile::enable(settings.profile);
+    // Seconds per part, steps, wall seconds and CPU seconds of the profiled steps.
+    let mut profiled = ([0.0f64; 6], 0usize, 0.0, Some(0.0));
     for step in first_step..settings.steps {
+        // Validation between steps is not part of the budget.
+        let _ = crate::profile::take();
+        let cpu_start = crate::profile::process_cpu_seconds();
         let step_start = Instant::now();
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut step_loss = 0f64;
@@ -389,6 +400,7 @@ pub fn train(
                 format!("loss became {step_loss} at step {step}; stopping (lower --lr, or check the data)"),
             ));
         }
+        let clip_timed = crate::profile::part(crate::profile::Part::Optimizer);
         let scale = 1.0 / settings.grad_accum as f64;
         let mut grads: Vec<Option<Tensor>> = acc
             .into_iter()
@@ -424,6 +436,7 @@ pub fn train(
         }
         let lr = settings.schedule.lr_at(step);
         opt.step(&grads, lr)?;
+        drop(clip_timed);
         if let (Some(alloc), Some(a)) = (allocator.as_mut(), lora_cfg.adalora.as_mut()) {
             let linears = model.linears();
             let triplets = adalora_triplets(&linears, &vars, &grads)?;
@@ -435,7 +448,19 @@ pub fn train(
         }
         losses.push(step_loss);
         // Throughput counts training time only, not validation.
-        train_secs += step_start.elapsed().as_secs_f64();
+        let step_secs = step_start.elapsed().as_secs_f64();
+        train_secs += step_secs;
+        if settings.profile {
+            for (total, (_, s)) in profiled.0.iter_mut().zip(crate::profile::take()) {
+                *total += s;
+            }
+            profiled.1 += 1;
+            profiled.2 += step_secs;
+            profiled.3 = match (profiled.3, cpu_start, crate::profile::process_cpu_seconds()) {
+                (Some(c), Some(a), Some(b)) => Some(c + b - a),
+                _ => None,
+            };
+        }
         let elapsed = start.elapsed().as_secs_f64();
         let tps = tokens as f64 / train_secs;
         let mut rec = json!({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": norm,
@@ -557,7 +582,22 @@ pub fn train(
         peft::save_adapter(model, &lora_cfg, base_name, &dir)?;
         Some(dir)
     };
+    crate::profile::enable(false);
+    let budget = (settings.profile && profiled.1 > 0).then(|| {
+        let mut i = 0;
+        let parts = crate::profile::Part::ALL.map(|p| {
+            i += 1;
+            (p, profiled.0[i - 1])
+        });
+        crate::profile::Budget::new(
+            parts,
+            profiled.1,
+            profiled.2,
+            profiled.3.map(|c| (c, rayon::current_num_threads())),
+        )
+    });
     Ok(TrainReport {
+        budget,
         steps: losses.len(),
         checkpoints,
         interrupted,

@@ -431,6 +431,7 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timed = crate::profile::part(crate::profile::Part::Attention);
         self.check(l1.dims(), self.heads, "q")?;
         self.check(l2.dims(), self.kv_heads, "k")?;
         self.check(l3.dims(), self.kv_heads, "v")?;
@@ -450,6 +451,7 @@ impl CustomOp3 for FusedAttention {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::profile::part(crate::profile::Part::Attention);
         let grad = grad_res.contiguous()?;
         let (dq, dk, dv) = with_f32(q, |q| {
             with_f32(k, |k| {

@@ -57,6 +57,7 @@ impl CustomOp1 for FusedRmsNorm {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timed = crate::profile::part(crate::profile::Part::NormActivation);
         self.check(layout)?;
         let x = f32_slice(storage, layout)?;
         let n = self.weight.len();
@@ -75,6 +76,7 @@ impl CustomOp1 for FusedRmsNorm {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let _timed = crate::profile::part(crate::profile::Part::NormActivation);
         let g = grad_res.contiguous()?;
         Ok(Some(arg.apply_op2_no_bwd(&g, &RmsNormGrad(self.clone()))?))
     }
@@ -95,6 +97,7 @@ impl CustomOp2 for RmsNormGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timed = crate::profile::part(crate::profile::Part::NormActivation);
         let op = &self.0;
         op.check(l1)?;
         if l1.dims() != l2.dims() {

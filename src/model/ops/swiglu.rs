@@ -35,6 +35,7 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timed = crate::profile::part(crate::profile::Part::NormActivation);
         if l1.dims() != l2.dims() {
             candle_core::bail!(
                 "silu-mul: gate {:?} and up {:?} differ",
@@ -61,6 +62,7 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::profile::part(crate::profile::Part::NormActivation);
         let dy = grad_res.contiguous()?;
         let (dg, du) = with_f32(gate, |g| {
             with_f32(up, |u| {
