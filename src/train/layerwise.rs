@@ -1,12 +1,13 @@
 //! The training step layer by layer, with optional activation checkpointing.
 //!
-//! Forward keeps only each decoder layer's input. Backward walks the layers in reverse: it
-//! rebuilds a layer's graph (recomputing its forward when checkpointing, or reusing the graph it
-//! kept otherwise), then back-propagates `Σ out ⊙ g` — whose gradient is exactly the upstream
-//! gradient `g` pushed through the layer — giving that layer's adapter gradients and the gradient
-//! of its input. Both modes run the same arithmetic, so their losses and gradients are
-//! bit-identical; checkpointing only trades compute for memory. Between the two, checkpointing
-//! can keep the graphs of the top `keep_layers` layers (torchtune's and Megatron's selective
+//! Forward keeps each recomputed layer's input; the layers that are not recomputed form one run
+//! whose whole graph is kept. Backward walks down from the top: the kept run is differentiated
+//! in one pass, then each recomputed layer's graph is rebuilt from its input and
+//! differentiated. Each pass back-propagates `Σ out ⊙ g`, whose gradient is exactly the upstream
+//! gradient `g` pushed through the layers, giving their adapter gradients and the gradient of
+//! their input. Every mode runs the same arithmetic, so losses and gradients are bit-identical;
+//! checkpointing only trades compute for memory. Between all and nothing, checkpointing can
+//! keep the graphs of the top `keep_layers` layers (torchtune's and Megatron's selective
 //! recompute, by layer count): each kept layer costs one layer graph of memory and saves its
 //! recompute. The top layers are the ones kept because the backward reaches them first, so
 //! their graphs are freed before any recompute starts.
@@ -131,20 +132,36 @@ pub fn loss_and_grads_layerwise(
     let ctx = model.context(&batch.ids, &pos, &batch.span_for(model), 0)?;
     let run_layer = |i: usize, x: &Tensor| model.layer(i, x, &ctx, None, true);
 
-    // Forward: layer inputs always; whole graphs of the layers not recomputed.
+    // Forward: the input of every recomputed layer; one graph for each run of consecutive
+    // layers that are not recomputed (every layer without checkpointing, the top kept layers
+    // with it), started on a variable holding the run's input. Inside a run, layer outputs feed
+    // the next layer directly: no copy of them, and one backward for the run.
     let n_layers = model.num_layers();
     let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids, &pos, None, true)?.detach()];
-    let mut kept: Vec<Option<(Var, Tensor)>> = vec![None; n_layers];
-    for (i, slot) in kept.iter_mut().enumerate() {
+    // (first layer, input variable, output of the last layer) of each run, in order.
+    let mut runs: Vec<(usize, Var, Tensor)> = Vec::new();
+    for i in 0..n_layers {
         let x = inputs[i].clone();
         if checkpointing.recomputes(i, n_layers) {
             inputs.push(run_layer(i, &x)?.detach());
-        } else {
-            let xv = Var::from_tensor(&x)?;
-            let out = run_layer(i, xv.as_tensor())?;
-            inputs.push(out.detach());
-            *slot = Some((xv, out));
+            continue;
         }
+        let out = match runs.last_mut() {
+            Some((first, _, last))
+                if *first + count_in(*first, i, &checkpointing, n_layers) == i =>
+            {
+                let out = run_layer(i, last)?;
+                *last = out.clone();
+                out
+            }
+            _ => {
+                let xv = Var::from_tensor(&x)?;
+                let out = run_layer(i, xv.as_tensor())?;
+                runs.push((i, xv, out.clone()));
+                out
+            }
+        };
+        inputs.push(out.detach());
     }
 
     // Head: final norm and the loss (chunked cross-entropy, or the classifier's), differentiated
@@ -167,13 +184,18 @@ pub fn loss_and_grads_layerwise(
             *slot = Some(gv);
         }
     }
-    for i in (0..n_layers).rev() {
-        let (xv, out) = match kept[i].take() {
-            Some(graph) => graph,
-            None => {
-                let xv = Var::from_tensor(&inputs[i])?;
-                let out = run_layer(i, xv.as_tensor())?;
-                (xv, out)
+    let mut i = n_layers;
+    while i > 0 {
+        // The run ending at layer i - 1, or layer i - 1 recomputed alone.
+        let (first, xv, out) = match runs.last() {
+            Some((first, _, _)) if *first + count_in(*first, i, &checkpointing, n_layers) == i => {
+                let (first, xv, out) = runs.pop().expect("a run");
+                (first, xv, out)
+            }
+            _ => {
+                let xv = Var::from_tensor(&inputs[i - 1])?;
+                let out = run_layer(i - 1, xv.as_tensor())?;
+                (i - 1, xv, out)
             }
         };
         let surrogate = (out * g.detach())?.sum_all()?;
@@ -185,7 +207,8 @@ pub fn loss_and_grads_layerwise(
         }
         g = store
             .remove(xv.as_tensor())
-            .ok_or_else(|| candle_core::Error::Msg(format!("layer {i}: no input gradient")))?;
+            .ok_or_else(|| candle_core::Error::Msg(format!("layer {first}: no input gradient")))?;
+        i = first;
     }
     // An adapter on the token embedding: its update enters the first hidden state, whose
     // gradient `g` now is.
@@ -199,6 +222,14 @@ pub fn loss_and_grads_layerwise(
         }
     }
     Ok((loss_value, grads))
+}
+
+/// How many layers from `first` up to (not including) `end` are kept, i.e. not recomputed:
+/// `end - first` when they all are, so a run starting at `first` reaches `end`.
+fn count_in(first: usize, end: usize, c: &Checkpointing, n_layers: usize) -> usize {
+    (first..end)
+        .take_while(|&l| !c.recomputes(l, n_layers))
+        .count()
 }
 
 #[cfg(test)]
