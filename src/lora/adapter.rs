@@ -105,7 +105,7 @@ impl LoraAdapter {
     }
 
     /// The dropout of the current seed.
-    fn dropout_mask(&self) -> Result<HashDropout> {
+    pub(crate) fn dropout_mask(&self) -> Result<HashDropout> {
         self.dropout_seed.dropout(self.dropout, self.dropout_key)
     }
 

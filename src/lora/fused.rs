@@ -68,6 +68,30 @@ impl FusedLoraLinear {
         })
     }
 
+    /// The op for `base` on host f32 slices (the hand-written layer step), if the base is one
+    /// the op multiplies.
+    pub(crate) fn on_host(
+        base: &BaseWeight,
+        scale: f64,
+        dropout: Option<HashDropout>,
+    ) -> Option<Self> {
+        let base = match base {
+            BaseWeight::Quantized(w) => Base::Quantized(w.clone()),
+            BaseWeight::Dense(w)
+                if w.dtype() == DType::F32 && w.device().is_cpu() && w.is_contiguous() =>
+            {
+                Base::Dense(w.clone())
+            }
+            BaseWeight::Dense(_) => return None,
+        };
+        Some(Self {
+            base,
+            scale: scale as f32,
+            dropout,
+            threads: rayon::current_num_threads(),
+        })
+    }
+
     /// Apply to `x` `[m, in]` with the adapter's `a` `[r, in]` and `b` `[out, r]` (any float
     /// dtype: cast to f32 here, so the cast's backward rounds their gradients back).
     pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -199,7 +223,14 @@ impl FusedLoraLinear {
         u
     }
 
-    fn forward_cpu(&self, x: &[f32], a: &[f32], b: &[f32], dims: Dims) -> Result<Vec<f32>> {
+    pub(crate) fn forward_cpu(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        dims: Dims,
+    ) -> Result<Vec<f32>> {
+        let _timed = crate::profile::part(crate::profile::Part::AdapterProduct);
         let Dims { m, out, r, .. } = dims;
         let mut y = vec![0f32; m * out];
         self.base_product(x, m, &mut y, false)?;
@@ -212,7 +243,7 @@ impl FusedLoraLinear {
     }
 
     /// `(dx, dA, dB)` for the upstream gradient `dy` `[m, out]`.
-    fn backward_cpu(
+    pub(crate) fn backward_cpu(
         &self,
         x: &[f32],
         a: &[f32],
@@ -220,6 +251,7 @@ impl FusedLoraLinear {
         dy: &[f32],
         dims: Dims,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let _timed = crate::profile::part(crate::profile::Part::AdapterProduct);
         let Dims { m, inp, out, r } = dims;
         let mut scratch = Vec::new();
         let xd = self.dropped(x, &mut scratch);
@@ -256,11 +288,11 @@ impl FusedLoraLinear {
 
 /// Shapes of one call.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    m: usize,
-    inp: usize,
-    out: usize,
-    r: usize,
+pub(crate) struct Dims {
+    pub(crate) m: usize,
+    pub(crate) inp: usize,
+    pub(crate) out: usize,
+    pub(crate) r: usize,
 }
 
 /// A matrix operand: its data and `gemm`'s column and row strides.

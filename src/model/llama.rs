@@ -96,6 +96,11 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// `(heads, kv_heads, head_dim)`.
+    pub fn heads(&self) -> (usize, usize, usize) {
+        (self.n_heads, self.n_kv, self.head_dim)
+    }
+
     /// Build from the four projections.
     pub fn new(cfg: &LlamaConfig, q: Linear, k: Linear, v: Linear, o: Linear) -> Self {
         Self {
@@ -170,6 +175,11 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The norms' epsilon.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// Assemble a layer.
     pub fn new(
         cfg: &LlamaConfig,

@@ -130,7 +130,35 @@ pub fn loss_and_grads_layerwise(
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
     let pos = batch.positions_for(model)?;
     let ctx = model.context(&batch.ids, &pos, &batch.span_for(model), 0)?;
-    let run_layer = |i: usize, x: &Tensor| model.layer(i, x, &ctx, None, true);
+    if let Some(layers) = super::llama_step::host_layers(model, &ctx, true)? {
+        return host_step(model, batch, vars, checkpointing, &pos, &layers);
+    }
+    graph_step(model, batch, vars, checkpointing, &pos, &ctx)
+}
+
+/// [`loss_and_grads_layerwise`] through candle's graph, whatever the model (the reference
+/// of the hand-written Llama-family step, and the path of every other configuration).
+pub fn loss_and_grads_graph(
+    model: &Model,
+    batch: &Batch,
+    vars: &[Var],
+    checkpointing: Checkpointing,
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let pos = batch.positions_for(model)?;
+    let ctx = model.context(&batch.ids, &pos, &batch.span_for(model), 0)?;
+    graph_step(model, batch, vars, checkpointing, &pos, &ctx)
+}
+
+fn graph_step(
+    model: &Model,
+    batch: &Batch,
+    vars: &[Var],
+    checkpointing: Checkpointing,
+    pos: &Tensor,
+    ctx: &crate::model::transformer::LayerContext,
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let pos = pos.clone();
+    let run_layer = |i: usize, x: &Tensor| model.layer(i, x, ctx, None, true);
 
     // Forward: the input of every recomputed layer; one graph for each run of consecutive
     // layers that are not recomputed (every layer without checkpointing, the top kept layers
@@ -167,23 +195,7 @@ pub fn loss_and_grads_layerwise(
     // Head: final norm and the loss (chunked cross-entropy, or the classifier's), differentiated
     // at the last hidden state; a classification head's own parameters (and an adapter on
     // BERT's pooler) get their gradients here.
-    let top = Var::from_tensor(&inputs[n_layers])?;
-    let timed = crate::profile::part(crate::profile::Part::LossHead);
-    let h = model.finish(top.as_tensor())?;
-    let loss = head_loss(model, &h, batch, true)?;
-    let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    let mut head_store = loss.backward()?;
-    drop(timed);
-    let mut g = head_store.remove(top.as_tensor()).ok_or_else(|| {
-        candle_core::Error::Msg("loss does not depend on the hidden states".into())
-    })?;
-
-    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    for (slot, v) in grads.iter_mut().zip(vars) {
-        if let Some(gv) = head_store.remove(v.as_tensor()) {
-            *slot = Some(gv);
-        }
-    }
+    let (loss_value, mut g, mut grads) = head(model, batch, vars, &inputs[n_layers])?;
     let mut i = n_layers;
     while i > 0 {
         // The run ending at layer i - 1, or layer i - 1 recomputed alone.
@@ -210,10 +222,47 @@ pub fn loss_and_grads_layerwise(
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {first}: no input gradient")))?;
         i = first;
     }
-    // An adapter on the token embedding: its update enters the first hidden state, whose
-    // gradient `g` now is.
+    embedding_grads(model, batch, vars, &pos, &g, &mut grads)?;
+    Ok((loss_value, grads))
+}
+
+/// The loss of the last hidden state `top` and its gradient, with the gradients the head's
+/// own parameters (a classifier, an adapter on the head or BERT's pooler) got.
+fn head(
+    model: &Model,
+    batch: &Batch,
+    vars: &[Var],
+    top: &Tensor,
+) -> Result<(f64, Tensor, Vec<Option<Tensor>>)> {
+    let top = Var::from_tensor(top)?;
+    let timed = crate::profile::part(crate::profile::Part::LossHead);
+    let h = model.finish(top.as_tensor())?;
+    let loss = head_loss(model, &h, batch, true)?;
+    let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let mut head_store = loss.backward()?;
+    drop(timed);
+    let g = head_store.remove(top.as_tensor()).ok_or_else(|| {
+        candle_core::Error::Msg("loss does not depend on the hidden states".into())
+    })?;
+    let grads = vars
+        .iter()
+        .map(|v| head_store.remove(v.as_tensor()))
+        .collect();
+    Ok((loss_value, g, grads))
+}
+
+/// An adapter on the token embedding: its update enters the first hidden state, whose
+/// gradient is `g`.
+fn embedding_grads(
+    model: &Model,
+    batch: &Batch,
+    vars: &[Var],
+    pos: &Tensor,
+    g: &Tensor,
+    grads: &mut [Option<Tensor>],
+) -> Result<()> {
     if model.token_embedding().adapter.is_some() {
-        let e = model.embed(&batch.ids, &pos, None, true)?;
+        let e = model.embed(&batch.ids, pos, None, true)?;
         let mut store = (e * g.detach())?.sum_all()?.backward()?;
         for (slot, v) in grads.iter_mut().zip(vars) {
             if let Some(gv) = store.remove(v.as_tensor()) {
@@ -221,6 +270,55 @@ pub fn loss_and_grads_layerwise(
             }
         }
     }
+    Ok(())
+}
+
+/// [`loss_and_grads_layerwise`] through the hand-written layers of [`super::llama_step`]:
+/// kept layers hold their tapes from the forward, recomputed layers their input only.
+fn host_step(
+    model: &Model,
+    batch: &Batch,
+    vars: &[Var],
+    checkpointing: Checkpointing,
+    pos: &Tensor,
+    layers: &[super::llama_step::HostLayer],
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let n = layers.len();
+    let emb = model.embed(&batch.ids, pos, None, true)?.detach();
+    let (dims, device) = (emb.dims().to_vec(), emb.device().clone());
+    let mut x: Vec<f32> = emb.flatten_all()?.to_vec1()?;
+    drop(emb);
+    let mut inputs: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();
+    let mut tapes: Vec<Option<super::llama_step::Tape>> = (0..n).map(|_| None).collect();
+    for (i, layer) in layers.iter().enumerate() {
+        let (out, tape) = layer.forward(x)?;
+        if checkpointing.recomputes(i, n) {
+            inputs[i] = Some(tape.x);
+        } else {
+            tapes[i] = Some(tape);
+        }
+        x = out;
+    }
+    let top = Tensor::from_vec(x, dims.as_slice(), &device)?;
+    let (loss_value, g, mut grads) = head(model, batch, vars, &top)?;
+    drop(top);
+    let mut dy: Vec<f32> = g.flatten_all()?.to_vec1()?;
+    let mut host_grads = super::llama_step::Grads::default();
+    for i in (0..n).rev() {
+        let tape = match (tapes[i].take(), inputs[i].take()) {
+            (Some(t), _) => t,
+            (None, Some(x)) => layers[i].forward(x)?.1,
+            (None, None) => candle_core::bail!("layer {i}: neither a tape nor an input"),
+        };
+        dy = layers[i].backward(tape, dy, &mut host_grads)?;
+    }
+    for (slot, v) in grads.iter_mut().zip(vars) {
+        if let Some(gv) = host_grads.take(v) {
+            *slot = Some(gv);
+        }
+    }
+    let g = Tensor::from_vec(dy, dims.as_slice(), &device)?;
+    embedding_grads(model, batch, vars, pos, &g, &mut grads)?;
     Ok((loss_value, grads))
 }
 

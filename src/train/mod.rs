@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod layerwise;
+pub mod llama_step;
 pub mod loss;
 pub mod plot;
 pub mod recipe;

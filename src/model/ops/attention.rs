@@ -181,7 +181,8 @@ impl FusedAttention {
         }
     }
 
-    fn forward_cpu(&self, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) -> Vec<f32> {
+    pub(crate) fn forward_cpu(&self, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) -> Vec<f32> {
+        let _timed = crate::profile::part(crate::profile::Part::Attention);
         let (b, t, d, h) = (self.b, self.t, self.head_dim, self.heads);
         let (qw, kw) = (h * d, self.kv_heads * d);
         let g = h / self.kv_heads;
@@ -232,7 +233,7 @@ impl FusedAttention {
     }
 
     /// `(dq, dk, dv)` for the inputs `q, k, v`, output `o` and output gradient `dout`.
-    fn backward_cpu(
+    pub(crate) fn backward_cpu(
         &self,
         q: &[f32],
         k: &[f32],
@@ -241,6 +242,7 @@ impl FusedAttention {
         dout: &[f32],
         mask: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let _timed = crate::profile::part(crate::profile::Part::Attention);
         let (b, t, d, h, kvh) = (self.b, self.t, self.head_dim, self.heads, self.kv_heads);
         let (qw, kw) = (h * d, kvh * d);
         let g = h / kvh;

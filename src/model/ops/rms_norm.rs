@@ -60,18 +60,8 @@ impl CustomOp1 for FusedRmsNorm {
         let _timed = crate::profile::part(crate::profile::Part::NormActivation);
         self.check(layout)?;
         let x = f32_slice(storage, layout)?;
-        let n = self.weight.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n * ROWS_PER_TASK)
-            .zip(x.par_chunks(n * ROWS_PER_TASK))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_exact_mut(n).zip(xc.chunks_exact(n)) {
-                    let r = self.inv_rms(xr);
-                    for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&self.weight) {
-                        *o = v * r * w;
-                    }
-                }
-            });
+        self.forward_rows(x, &mut y);
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -108,8 +98,34 @@ impl CustomOp2 for RmsNormGrad {
             );
         }
         let (x, dy) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let n = op.weight.len();
         let mut dx = vec![0f32; x.len()];
+        op.backward_rows(x, dy, &mut dx);
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+impl FusedRmsNorm {
+    /// `y` = the normalized rows of `x` (both `[rows, hidden]` row-major).
+    pub(crate) fn forward_rows(&self, x: &[f32], y: &mut [f32]) {
+        let _timed = crate::profile::part(crate::profile::Part::NormActivation);
+        let n = self.weight.len();
+        y.par_chunks_mut(n * ROWS_PER_TASK)
+            .zip(x.par_chunks(n * ROWS_PER_TASK))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_exact_mut(n).zip(xc.chunks_exact(n)) {
+                    let r = self.inv_rms(xr);
+                    for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&self.weight) {
+                        *o = v * r * w;
+                    }
+                }
+            });
+    }
+
+    /// `dx` of the rows of `x` for the output gradient `dy`.
+    pub(crate) fn backward_rows(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let _timed = crate::profile::part(crate::profile::Part::NormActivation);
+        let op = self;
+        let n = op.weight.len();
         let chunk = n * ROWS_PER_TASK;
         dx.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
@@ -132,7 +148,6 @@ impl CustomOp2 for RmsNormGrad {
                     }
                 }
             });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 

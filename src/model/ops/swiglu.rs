@@ -45,13 +45,7 @@ impl CustomOp2 for SiluMul {
         }
         let (g, u) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(yc, (gc, uc))| {
-                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = a * sigmoid(a) * b;
-                }
-            });
+        silu_mul_into(g, u, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -69,18 +63,7 @@ impl CustomOp2 for SiluMul {
                 with_f32(&dy, |d| {
                     let mut dg = vec![0f32; g.len()];
                     let mut du = vec![0f32; g.len()];
-                    dg.par_chunks_mut(CHUNK)
-                        .zip(du.par_chunks_mut(CHUNK))
-                        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                        .zip(d.par_chunks(CHUNK))
-                        .for_each(|(((dgc, duc), (gc, uc)), dc)| {
-                            for i in 0..gc.len() {
-                                let (a, b, e) = (gc[i], uc[i], dc[i]);
-                                let s = sigmoid(a);
-                                duc[i] = e * a * s;
-                                dgc[i] = e * b * s * (1.0 + a * (1.0 - s));
-                            }
-                        });
+                    silu_mul_grad_into(g, u, d, &mut dg, &mut du);
                     Ok((dg, du))
                 })
             })
@@ -91,4 +74,33 @@ impl CustomOp2 for SiluMul {
             Some(Tensor::from_vec(du, up.dims(), dev)?),
         ))
     }
+}
+
+/// `y = silu(g) · u`, elementwise over equal-length slices.
+pub(crate) fn silu_mul_into(g: &[f32], u: &[f32], y: &mut [f32]) {
+    let _timed = crate::profile::part(crate::profile::Part::NormActivation);
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(yc, (gc, uc))| {
+            for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+                *o = a * sigmoid(a) * b;
+            }
+        });
+}
+
+/// The gradients of `silu(g) · u` for the output gradient `d`.
+pub(crate) fn silu_mul_grad_into(g: &[f32], u: &[f32], d: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let _timed = crate::profile::part(crate::profile::Part::NormActivation);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .zip(d.par_chunks(CHUNK))
+        .for_each(|(((dgc, duc), (gc, uc)), dc)| {
+            for i in 0..gc.len() {
+                let (a, b, e) = (gc[i], uc[i], dc[i]);
+                let s = sigmoid(a);
+                duc[i] = e * a * s;
+                dgc[i] = e * b * s * (1.0 + a * (1.0 - s));
+            }
+        });
 }
