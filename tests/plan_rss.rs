@@ -102,13 +102,13 @@ fn memory_limit_refuses_before_writing() {
             "--seq-len",
             "512",
             "--memory-limit",
-            "512MiB",
+            "384MiB",
         ],
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
-        stderr.contains("exceeds --memory-limit 512.00 MiB"),
+        stderr.contains("exceeds --memory-limit 384.00 MiB"),
         "{stderr}"
     );
     assert!(stderr.contains("--seq-len "), "{stderr}");

@@ -198,6 +198,34 @@ pub fn fused_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
     n * h + 2 * n * h + projections + n * q + n * i + 2 * n * h
 }
 
+/// Whether a training step under `s` takes the hand-written Llama-family step
+/// (`train::llama_step`): f32 compute, plain LoRA on every projection of every layer.
+pub fn uses_host_step(model: &PlanModel, s: &PlanSettings) -> bool {
+    matches!(model, PlanModel::Llama(_))
+        && uses_fused_ops(s)
+        && !s.adalora
+        && s.layers_to_transform.is_none()
+        && model.linears().iter().all(|l| s.targets(&l.path))
+}
+
+/// Elements one layer's tape holds on the hand-written step: its input, q, k, v, the attention
+/// output, the residual after attention, gate and up.
+pub fn host_layer_tape_elems(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
+    let n = s.batch_size * s.seq_len;
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    n * (h + q + 2 * kv + q + h + 2 * i)
+}
+
+/// What the hand-written step's backward of one layer holds beyond its tape, at its peak in
+/// the MLP: the recomputed activation, its gradient, the fused op's dropped-out input, and
+/// input-sized gradients (the upstream one, the residual's, the norm's).
+pub fn host_layer_backward_elems(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
+    let n = s.batch_size * s.seq_len;
+    3 * n * cfg.intermediate_size + 3 * n * cfg.hidden_size
+}
+
 /// Elements of every tensor one decoder layer's forward allocates and its graph keeps on the
 /// composite path (other compute dtypes), op by op (see `attention_composite`, `Rope::apply`,
 /// `rms_norm_composite`, `softmax_last_dim`): `(attention-score sized, row sized)`.
@@ -312,6 +340,10 @@ pub fn activations(model: &PlanModel, s: &PlanSettings) -> Activations {
         s.threads * (5 * t * d + 2 * 64 * t + t) * 4
     };
     let (layer_graph, layer_backward) = match model {
+        PlanModel::Llama(cfg) if uses_host_step(model, s) => (
+            host_layer_tape_elems(cfg, s) * cd,
+            host_layer_backward_elems(cfg, s) * cd + attention_scratch,
+        ),
         PlanModel::Llama(cfg) if uses_fused_ops(s) => {
             let graph = fused_layer_graph_elems(cfg, s) * cd;
             (

@@ -198,7 +198,8 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
         largest_batch(&PlanModel::from(cfg.clone()), &s, 1 << 30, 1024),
         None
     );
-    // Checkpointing off keeps every layer's graph (32 x ~150 MiB): far more memory.
+    // Checkpointing off keeps every layer's tape (32 x ~90 MiB on the hand-written step):
+    // far more memory.
     let off = plan_memory(
         &PlanModel::from(cfg.clone()),
         &PlanSettings {
@@ -206,7 +207,7 @@ fn llama2_7b_plan_and_limits_are_the_largest_that_fit() {
             ..s.clone()
         },
     );
-    assert!(off.peak > p.peak + (4 << 30), "{off}");
+    assert!(off.peak > p.peak + (5 << 29), "{off}");
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! The training step layer by layer, with optional activation checkpointing.
 //!
-//! Forward keeps each recomputed layer's input; the layers that are not recomputed form one run
-//! whose whole graph is kept. Backward walks down from the top: the kept run is differentiated
-//! in one pass, then each recomputed layer's graph is rebuilt from its input and
-//! differentiated. Each pass back-propagates `Σ out ⊙ g`, whose gradient is exactly the upstream
-//! gradient `g` pushed through the layers, giving their adapter gradients and the gradient of
-//! their input. Every mode runs the same arithmetic, so losses and gradients are bit-identical;
+//! Llama-family models with f32 compute and plain LoRA on every projection take the
+//! hand-written step of [`super::llama_step`]; every other model takes candle's graph, one
+//! layer at a time. Forward keeps only each layer's input, or, for a layer not recomputed, its
+//! whole graph (tape). Backward walks the layers in reverse: it rebuilds a layer's graph
+//! (recomputing its forward when checkpointing, or reusing the one it kept), then
+//! back-propagates `Σ out ⊙ g`, whose gradient is exactly the upstream gradient `g` pushed
+//! through the layer, giving that layer's adapter gradients and the gradient of its input, and
+//! frees it. Every mode runs the same arithmetic, so losses and gradients are bit-identical;
 //! checkpointing only trades compute for memory. Between all and nothing, checkpointing can
 //! keep the graphs of the top `keep_layers` layers (torchtune's and Megatron's selective
 //! recompute, by layer count): each kept layer costs one layer graph of memory and saves its
@@ -160,54 +162,31 @@ fn graph_step(
     let pos = pos.clone();
     let run_layer = |i: usize, x: &Tensor| model.layer(i, x, ctx, None, true);
 
-    // Forward: the input of every recomputed layer; one graph for each run of consecutive
-    // layers that are not recomputed (every layer without checkpointing, the top kept layers
-    // with it), started on a variable holding the run's input. Inside a run, layer outputs feed
-    // the next layer directly: no copy of them, and one backward for the run.
+    // Forward: layer inputs always; whole graphs of the layers not recomputed, each from a
+    // variable holding its input, so that a layer's graph is freed once its backward is done.
     let n_layers = model.num_layers();
     let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids, &pos, None, true)?.detach()];
-    // (first layer, input variable, output of the last layer) of each run, in order.
-    let mut runs: Vec<(usize, Var, Tensor)> = Vec::new();
-    for i in 0..n_layers {
+    let mut kept: Vec<Option<(Var, Tensor)>> = vec![None; n_layers];
+    for (i, slot) in kept.iter_mut().enumerate() {
         let x = inputs[i].clone();
         if checkpointing.recomputes(i, n_layers) {
             inputs.push(run_layer(i, &x)?.detach());
-            continue;
+        } else {
+            let xv = Var::from_tensor(&x)?;
+            let out = run_layer(i, xv.as_tensor())?;
+            inputs.push(out.detach());
+            *slot = Some((xv, out));
         }
-        let out = match runs.last_mut() {
-            Some((first, _, last))
-                if *first + count_in(*first, i, &checkpointing, n_layers) == i =>
-            {
-                let out = run_layer(i, last)?;
-                *last = out.clone();
-                out
-            }
-            _ => {
-                let xv = Var::from_tensor(&x)?;
-                let out = run_layer(i, xv.as_tensor())?;
-                runs.push((i, xv, out.clone()));
-                out
-            }
-        };
-        inputs.push(out.detach());
     }
 
-    // Head: final norm and the loss (chunked cross-entropy, or the classifier's), differentiated
-    // at the last hidden state; a classification head's own parameters (and an adapter on
-    // BERT's pooler) get their gradients here.
-    let (loss_value, mut g, mut grads) = head(model, batch, vars, &inputs[n_layers])?;
-    let mut i = n_layers;
-    while i > 0 {
-        // The run ending at layer i - 1, or layer i - 1 recomputed alone.
-        let (first, xv, out) = match runs.last() {
-            Some((first, _, _)) if *first + count_in(*first, i, &checkpointing, n_layers) == i => {
-                let (first, xv, out) = runs.pop().expect("a run");
-                (first, xv, out)
-            }
-            _ => {
-                let xv = Var::from_tensor(&inputs[i - 1])?;
-                let out = run_layer(i - 1, xv.as_tensor())?;
-                (i - 1, xv, out)
+    let (loss_value, mut g, mut grads, _head_graph) = head(model, batch, vars, &inputs[n_layers])?;
+    for i in (0..n_layers).rev() {
+        let (xv, out) = match kept[i].take() {
+            Some(graph) => graph,
+            None => {
+                let xv = Var::from_tensor(&inputs[i])?;
+                let out = run_layer(i, xv.as_tensor())?;
+                (xv, out)
             }
         };
         let surrogate = (out * g.detach())?.sum_all()?;
@@ -219,8 +198,7 @@ fn graph_step(
         }
         g = store
             .remove(xv.as_tensor())
-            .ok_or_else(|| candle_core::Error::Msg(format!("layer {first}: no input gradient")))?;
-        i = first;
+            .ok_or_else(|| candle_core::Error::Msg(format!("layer {i}: no input gradient")))?;
     }
     embedding_grads(model, batch, vars, &pos, &g, &mut grads)?;
     Ok((loss_value, grads))
@@ -233,7 +211,7 @@ fn head(
     batch: &Batch,
     vars: &[Var],
     top: &Tensor,
-) -> Result<(f64, Tensor, Vec<Option<Tensor>>)> {
+) -> Result<(f64, Tensor, Vec<Option<Tensor>>, HeadGraph)> {
     let top = Var::from_tensor(top)?;
     let timed = crate::profile::part(crate::profile::Part::LossHead);
     let h = model.finish(top.as_tensor())?;
@@ -248,8 +226,16 @@ fn head(
         .iter()
         .map(|v| head_store.remove(v.as_tensor()))
         .collect();
-    Ok((loss_value, g, grads))
+    Ok((loss_value, g, grads, HeadGraph(loss, head_store)))
 }
+
+/// The loss's graph and what its backward left: the graph path holds them until the step ends
+/// (the plan's backward terms for GPT-2 and BERT were fitted with them alive); the hand-written
+/// path drops them at once.
+struct HeadGraph(
+    #[allow(dead_code)] Tensor,
+    #[allow(dead_code)] candle_core::backprop::GradStore,
+);
 
 /// An adapter on the token embedding: its update enters the first hidden state, whose
 /// gradient is `g`.
@@ -300,8 +286,8 @@ fn host_step(
         x = out;
     }
     let top = Tensor::from_vec(x, dims.as_slice(), &device)?;
-    let (loss_value, g, mut grads) = head(model, batch, vars, &top)?;
-    drop(top);
+    let (loss_value, g, mut grads, head_graph) = head(model, batch, vars, &top)?;
+    drop((top, head_graph));
     let mut dy: Vec<f32> = g.flatten_all()?.to_vec1()?;
     let mut host_grads = super::llama_step::Grads::default();
     for i in (0..n).rev() {
@@ -320,14 +306,6 @@ fn host_step(
     let g = Tensor::from_vec(dy, dims.as_slice(), &device)?;
     embedding_grads(model, batch, vars, pos, &g, &mut grads)?;
     Ok((loss_value, grads))
-}
-
-/// How many layers from `first` up to (not including) `end` are kept, i.e. not recomputed:
-/// `end - first` when they all are, so a run starting at `first` reaches `end`.
-fn count_in(first: usize, end: usize, c: &Checkpointing, n_layers: usize) -> usize {
-    (first..end)
-        .take_while(|&l| !c.recomputes(l, n_layers))
-        .count()
 }
 
 #[cfg(test)]
