@@ -130,7 +130,7 @@ impl FusedLoraLinear {
     }
 
     /// `y[m, out] = x · W0ᵀ`, or with `transposed` `dx[m, in] = dy · W0`.
-    fn base_product(
+    pub(crate) fn base_product(
         &self,
         input: &[f32],
         m: usize,

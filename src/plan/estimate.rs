@@ -199,13 +199,9 @@ pub fn fused_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
 }
 
 /// Whether a training step under `s` takes the hand-written Llama-family step
-/// (`train::llama_step`): f32 compute, plain LoRA on every projection of every layer.
+/// (`train::llama_step`): f32 compute and plain LoRA (not AdaLoRA).
 pub fn uses_host_step(model: &PlanModel, s: &PlanSettings) -> bool {
-    matches!(model, PlanModel::Llama(_))
-        && uses_fused_ops(s)
-        && !s.adalora
-        && s.layers_to_transform.is_none()
-        && model.linears().iter().all(|l| s.targets(&l.path))
+    matches!(model, PlanModel::Llama(_)) && uses_fused_ops(s) && !s.adalora
 }
 
 /// Elements one layer's tape holds on the hand-written step: its input, q, k, v, the attention

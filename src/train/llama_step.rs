@@ -1,5 +1,6 @@
 //! The training step of a Llama-family decoder (Llama, Mistral, Qwen2) written out on host f32
-//! buffers, for f32 compute on the CPU with plain LoRA on all seven projections of every layer.
+//! buffers, for f32 compute on the CPU with plain LoRA (on any of the seven projections of any
+//! layer; the others run their frozen product alone).
 //!
 //! It runs the same kernels as the candle graph path (the fused LoRA linear, fused attention,
 //! RMSNorm, SwiGLU) in the same order, so the forward is the same arithmetic; what it leaves
@@ -11,8 +12,8 @@
 //! input add their parts in a fixed order, which need not be candle's, so the gradients agree
 //! with the graph path to f32 rounding (`tests/train_parity.rs` holds both to PEFT).
 //!
-//! Any other configuration (DoRA, AdaLoRA, adapters on some projections only, other dtypes or
-//! devices, other families) returns `None` and takes the graph path.
+//! Any other configuration (DoRA, AdaLoRA, other dtypes or devices, other families) returns
+//! `None` and takes the graph path.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,23 +30,40 @@ use crate::model::ops::rms_norm::FusedRmsNorm;
 use crate::model::ops::swiglu::{silu_mul_grad_into, silu_mul_into};
 use crate::model::transformer::LayerContext;
 
-/// One projection, ready to multiply host slices.
-struct Proj {
-    op: FusedLoraLinear,
+/// A projection's plain LoRA adapter on host buffers.
+struct HostAdapter {
     a: Vec<f32>,
     b: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    inp: usize,
-    out: usize,
     r: usize,
     a_var: Var,
     b_var: Var,
 }
 
+/// One projection, ready to multiply host slices: the frozen base, with or without an adapter.
+struct Proj {
+    op: FusedLoraLinear,
+    adapter: Option<HostAdapter>,
+    bias: Option<Vec<f32>>,
+    inp: usize,
+    out: usize,
+}
+
 impl Proj {
     fn new(linear: &Linear, train: bool) -> Result<Option<Self>> {
+        let host =
+            |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+        let (out, inp) = linear.base.shape();
+        let bias = linear.bias.as_ref().map(host).transpose()?;
         let Some(ad) = &linear.adapter else {
-            return Ok(None);
+            return Ok(
+                FusedLoraLinear::on_host(&linear.base, 1.0, None).map(|op| Self {
+                    op,
+                    adapter: None,
+                    bias,
+                    inp,
+                    out,
+                }),
+            );
         };
         if ad.magnitude.is_some() || ad.e.is_some() {
             return Ok(None);
@@ -58,34 +76,42 @@ impl Proj {
         let Some(op) = FusedLoraLinear::on_host(&linear.base, ad.scale, dropout) else {
             return Ok(None);
         };
-        let host =
-            |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
-        let (r, inp) = ad.a.as_tensor().dims2()?;
-        let (out, _) = ad.b.as_tensor().dims2()?;
+        let (r, _) = ad.a.as_tensor().dims2()?;
         Ok(Some(Self {
             op,
-            a: host(ad.a.as_tensor())?,
-            b: host(ad.b.as_tensor())?,
-            bias: linear.bias.as_ref().map(host).transpose()?,
+            adapter: Some(HostAdapter {
+                a: host(ad.a.as_tensor())?,
+                b: host(ad.b.as_tensor())?,
+                r,
+                a_var: ad.a.clone(),
+                b_var: ad.b.clone(),
+            }),
+            bias,
             inp,
             out,
-            r,
-            a_var: ad.a.clone(),
-            b_var: ad.b.clone(),
         }))
     }
 
-    fn dims(&self, x: &[f32]) -> Dims {
+    fn dims(&self, x: &[f32], r: usize) -> Dims {
         Dims {
             m: x.len() / self.inp,
             inp: self.inp,
             out: self.out,
-            r: self.r,
+            r,
         }
     }
 
     fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let mut y = self.op.forward_cpu(x, &self.a, &self.b, self.dims(x))?;
+        let mut y = match &self.adapter {
+            Some(ad) => self.op.forward_cpu(x, &ad.a, &ad.b, self.dims(x, ad.r))?,
+            None => {
+                let m = x.len() / self.inp;
+                let mut y = vec![0f32; m * self.out];
+                let _timed = crate::profile::part(crate::profile::Part::BaseProduct);
+                self.op.base_product(x, m, &mut y, false)?;
+                y
+            }
+        };
         if let Some(bias) = &self.bias {
             y.par_chunks_mut(self.out)
                 .for_each(|row| row.iter_mut().zip(bias).for_each(|(o, b)| *o += b));
@@ -93,13 +119,20 @@ impl Proj {
         Ok(y)
     }
 
-    /// `dx`, recording `dA` and `dB` in `grads`.
+    /// `dx`, recording the adapter's `dA` and `dB` in `grads`.
     fn backward(&self, x: &[f32], dy: &[f32], grads: &mut Grads) -> Result<Vec<f32>> {
+        let Some(ad) = &self.adapter else {
+            let m = x.len() / self.inp;
+            let mut dx = vec![0f32; m * self.inp];
+            let _timed = crate::profile::part(crate::profile::Part::BaseProduct);
+            self.op.base_product(dy, m, &mut dx, true)?;
+            return Ok(dx);
+        };
         let (dx, da, db) = self
             .op
-            .backward_cpu(x, &self.a, &self.b, dy, self.dims(x))?;
-        grads.put(&self.a_var, da, (self.r, self.inp))?;
-        grads.put(&self.b_var, db, (self.out, self.r))?;
+            .backward_cpu(x, &ad.a, &ad.b, dy, self.dims(x, ad.r))?;
+        grads.put(&ad.a_var, da, (ad.r, self.inp))?;
+        grads.put(&ad.b_var, db, (self.out, ad.r))?;
         Ok(dx)
     }
 }
