@@ -43,6 +43,22 @@ fn assert_refused(o: &Output, parts: &[&str]) {
     }
 }
 
+/// `qlora eval` of `model` on the text fixture at 16 tokens, with `extra` options.
+fn eval(model: &Path, extra: &[&str]) -> Output {
+    let d = data();
+    let mut args = vec![
+        "eval",
+        "--model",
+        s(model),
+        "--data",
+        s(&d),
+        "--seq-len",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    qlora(&args)
+}
+
 /// `qlora train` on tiny-llama with `extra` options into `out`.
 fn train(out: &Path, extra: &[&str]) -> Output {
     let (m, d) = (tiny(), data());
@@ -420,17 +436,8 @@ fn configs_and_weights_that_change_the_math_are_refused_by_name() {
             "`tie_word_embeddings` is false",
         ),
     ];
-    let d = data();
     for (model, what) in &cases {
-        let o = qlora(&[
-            "eval",
-            "--model",
-            s(model),
-            "--data",
-            s(&d),
-            "--seq-len",
-            "16",
-        ]);
+        let o = eval(model, &[]);
         let e = stderr(&o);
         assert!(!o.status.success(), "{}: {e}", model.display());
         assert!(e.contains(what), "{}: {what:?} in {e}", model.display());
@@ -579,21 +586,7 @@ fn eval_scores_only_the_labelled_tokens() {
 #[test]
 fn fields_of_the_wrong_type_are_named_not_defaulted() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = data();
     let keep = |_: &mut Tensors| {};
-    let eval = |model: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            s(model),
-            "--data",
-            s(&d),
-            "--seq-len",
-            "16",
-        ];
-        args.extend_from_slice(extra);
-        qlora(&args)
-    };
     for (name, edit, what) in [
         (
             "tie",

@@ -51,21 +51,7 @@ impl FusedLoraLinear {
         if x.dtype() != DType::F32 || !x.device().is_cpu() {
             return None;
         }
-        let base = match base {
-            BaseWeight::Quantized(w) => Base::Quantized(w.clone()),
-            BaseWeight::Dense(w)
-                if w.dtype() == DType::F32 && w.device().is_cpu() && w.is_contiguous() =>
-            {
-                Base::Dense(w.clone())
-            }
-            BaseWeight::Dense(_) => return None,
-        };
-        Some(Self {
-            base,
-            scale: scale as f32,
-            dropout,
-            threads: rayon::current_num_threads(),
-        })
+        Self::on_host(base, scale, dropout)
     }
 
     /// The op for `base` on host f32 slices (the hand-written layer step), if the base is one
