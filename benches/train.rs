@@ -427,7 +427,7 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
     let mut times = Vec::with_capacity(steps);
     let mut cpu = Vec::with_capacity(steps);
     let mut loss = f64::NAN;
-    let mut parts = [0.0f64; 6];
+    let mut totals = qlora::profile::Totals::new();
     qlora::profile::enable(true);
     for step in 0..=steps {
         let batch = batches
@@ -448,13 +448,12 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
             "  {} step {step}: {secs:.2} s wall, {cpu_s:.2} s CPU, loss {l:.4}",
             cfg.name
         );
-        let timed = qlora::profile::take();
         if step > 0 {
             times.push(secs);
             cpu.push(cpu_s);
-            for (total, (_, s)) in parts.iter_mut().zip(timed) {
-                *total += s;
-            }
+            totals.add_step(secs, Some(cpu0));
+        } else {
+            let _ = qlora::profile::take();
         }
         loss = l;
     }
@@ -465,7 +464,7 @@ fn run_child(cfg: &Config, steps: usize) -> anyhow::Result<()> {
         .map(|t| format!("{t:.4}"))
         .collect();
     println!("result {loss} {rss} {steps} {}", all.join(" "));
-    let parts: Vec<String> = parts.iter().map(|t| format!("{t:.4}")).collect();
+    let parts: Vec<String> = totals.parts.iter().map(|t| format!("{t:.4}")).collect();
     println!("budget {}", parts.join(" "));
     Ok(())
 }

@@ -28,7 +28,7 @@ pub enum Part {
 }
 
 impl Part {
-    /// Every part, in the order printed.
+    /// Every part, in the order printed (and of their discriminants, which index the totals).
     pub const ALL: [Part; 6] = [
         Part::BaseProduct,
         Part::AdapterProduct,
@@ -71,10 +71,9 @@ pub fn enabled() -> bool {
 }
 
 fn add(part: Part, since: Instant, now: Instant) {
-    let i = Part::ALL.iter().position(|&p| p == part).unwrap_or(0);
     NANOS.with(|n| {
         let mut v = n.get();
-        v[i] += (now - since).as_nanos() as u64;
+        v[part as usize] += (now - since).as_nanos() as u64;
         n.set(v);
     });
 }
@@ -121,11 +120,7 @@ impl Drop for Guard {
 /// Seconds per part collected so far on this thread, and reset to zero.
 pub fn take() -> [(Part, f64); 6] {
     let v = NANOS.with(|n| n.replace([0; 6]));
-    let mut i = 0;
-    Part::ALL.map(|p| {
-        i += 1;
-        (p, v[i - 1] as f64 * 1e-9)
-    })
+    std::array::from_fn(|i| (Part::ALL[i], v[i] as f64 * 1e-9))
 }
 
 /// CPU seconds this process has used (user + system, all threads), from `/proc/self/stat`;
@@ -138,6 +133,53 @@ pub fn process_cpu_seconds() -> Option<f64> {
     let ticks = |i: usize| f.get(i)?.parse::<f64>().ok();
     // USER_HZ is 100 on Linux.
     Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// The parts' seconds, wall seconds and CPU seconds summed over the steps timed so far.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    /// Seconds in each part, in [`Part::ALL`]'s order.
+    pub parts: [f64; 6],
+    steps: usize,
+    wall_s: f64,
+    /// `None` once a step's CPU time could not be read.
+    cpu_s: Option<f64>,
+}
+
+impl Totals {
+    /// Empty totals.
+    pub fn new() -> Self {
+        Self {
+            cpu_s: Some(0.0),
+            ..Default::default()
+        }
+    }
+
+    /// Add one step of `wall_s` seconds that started at `cpu_start` process CPU seconds, and
+    /// the parts timed since the last [`take`].
+    pub fn add_step(&mut self, wall_s: f64, cpu_start: Option<f64>) {
+        for (total, (_, s)) in self.parts.iter_mut().zip(take()) {
+            *total += s;
+        }
+        self.steps += 1;
+        self.wall_s += wall_s;
+        self.cpu_s = match (self.cpu_s, cpu_start, process_cpu_seconds()) {
+            (Some(c), Some(a), Some(b)) => Some(c + b - a),
+            _ => None,
+        };
+    }
+
+    /// The budget per step on `threads` threads, once a step was added.
+    pub fn budget(&self, threads: usize) -> Option<Budget> {
+        (self.steps > 0).then(|| {
+            Budget::new(
+                std::array::from_fn(|i| (Part::ALL[i], self.parts[i])),
+                self.steps,
+                self.wall_s,
+                self.cpu_s.map(|c| (c, threads)),
+            )
+        })
+    }
 }
 
 /// A step-time budget: per part, seconds per step and share of the step.

@@ -61,19 +61,22 @@ fn eval(model: &Path, extra: &[&str]) -> Output {
 
 /// `qlora train` on tiny-llama with `extra` options into `out`.
 fn train(out: &Path, extra: &[&str]) -> Output {
-    let (m, d) = (tiny(), data());
+    let mut args = vec!["--seq-len", "16", "--batch-size", "2"];
+    args.extend_from_slice(extra);
+    train_on(&data(), out, &args)
+}
+
+/// `qlora train` of tiny-llama on `data` into `out`, with `extra` options only.
+fn train_on(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let m = tiny();
     let mut args = vec![
         "train",
         "--model",
         s(&m),
         "--data",
-        s(&d),
+        s(data),
         "--out",
         s(out),
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
     ];
     args.extend_from_slice(extra);
     qlora(&args)
@@ -455,19 +458,7 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
     let (m, d) = (tiny(), data());
     // tiny-llama's context is 128 positions.
     let out = tmp.path().join("out");
-    let o = qlora(&[
-        "train",
-        "--model",
-        s(&m),
-        "--data",
-        s(&d),
-        "--out",
-        s(&out),
-        "--seq-len",
-        "100000",
-        "--steps",
-        "1",
-    ]);
+    let o = train_on(&d, &out, &["--seq-len", "100000", "--steps", "1"]);
     assert_refused(&o, &["max_position_embeddings"]);
     assert!(!out.exists());
     let o = qlora(&[
@@ -479,21 +470,18 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
     ]);
     assert_refused(&o, &["context of 128"]);
     // A plan past the machine's memory is refused unless a limit is given.
-    let o = qlora(&[
-        "train",
-        "--model",
-        s(&m),
-        "--data",
-        s(&d),
-        "--out",
-        s(&out),
-        "--seq-len",
-        "128",
-        "--batch-size",
-        "100000000",
-        "--steps",
-        "1",
-    ]);
+    let o = train_on(
+        &d,
+        &out,
+        &[
+            "--seq-len",
+            "128",
+            "--batch-size",
+            "100000000",
+            "--steps",
+            "1",
+        ],
+    );
     assert_refused(&o, &["machine's memory"]);
     assert!(!out.exists());
     // One 6 MB line of text: tokenized in pieces, its 3.6 M tokens held in memory are counted
@@ -501,21 +489,11 @@ fn lengths_and_sizes_beyond_the_model_or_the_machine_are_refused_before_work() {
     let long = tmp.path().join("long.jsonl");
     let text = vec!["the quick brown fox"; 300_000].join(" ");
     std::fs::write(&long, format!("{{\"text\": \"{text}\"}}\n")).unwrap();
-    let o = qlora(&[
-        "train",
-        "--model",
-        s(&m),
-        "--data",
-        s(&long),
-        "--out",
-        s(&out),
-        "--seq-len",
-        "64",
-        "--steps",
-        "1",
-        "--memory-limit",
-        "64MiB",
-    ]);
+    let o = train_on(
+        &long,
+        &out,
+        &["--seq-len", "64", "--steps", "1", "--memory-limit", "64MiB"],
+    );
     assert_refused(&o, &["tokenized data", "--memory-limit 64.00 MiB"]);
     assert!(!out.exists());
     let o = qlora(&[

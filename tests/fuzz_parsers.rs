@@ -171,6 +171,26 @@ struct Tally {
 
 /// Run `check` on `iters` mutations of `seed` (written to `path` before each run), after the
 /// regression inputs of `target`.
+/// [`fuzz`] the file at `path` in place, seeded with its own bytes (edits within the first
+/// `head(seed)` bytes, read as text), and put the file back as it was for the next target.
+fn fuzz_in_place(
+    target: &str,
+    path: &Path,
+    head: impl Fn(&[u8]) -> usize,
+    iters: usize,
+    check: &dyn Fn() -> Result<(), String>,
+) -> Tally {
+    let seed = std::fs::read(path).unwrap();
+    let tally = fuzz(target, &seed, path, head(&seed), true, iters, check);
+    std::fs::write(path, &seed).unwrap();
+    tally
+}
+
+/// The length of a safetensors file's header (its 8-byte size and the JSON).
+fn safetensors_head(seed: &[u8]) -> usize {
+    8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize
+}
+
 fn fuzz(
     target: &str,
     seed: &[u8],
@@ -272,30 +292,22 @@ fn parsers_of_outside_bytes_survive_mutated_inputs() {
     let model = tmp.path().join("model");
     copy_dir(&fixtures().join("tiny-llama"), &model);
     let weights = model.join("model.safetensors");
-    let seed = std::fs::read(&weights).unwrap();
-    let header = 8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
     report.push((
         "safetensors",
-        fuzz("safetensors", &seed, &weights, header, true, iters, &|| {
+        fuzz_in_place("safetensors", &weights, safetensors_head, iters, &|| {
             load(&model)
         }),
     ));
-    std::fs::write(&weights, &seed).unwrap();
 
     // config.json of the same model.
     let cfg = model.join("config.json");
-    let seed = std::fs::read(&cfg).unwrap();
     report.push((
         "config.json",
-        fuzz("config", &seed, &cfg, seed.len(), true, iters, &|| {
-            load(&model)
-        }),
+        fuzz_in_place("config", &cfg, <[u8]>::len, iters, &|| load(&model)),
     ));
-    std::fs::write(&cfg, &seed).unwrap();
 
     // Tokenizer files.
     let tok = model.join("tokenizer.json");
-    let seed = std::fs::read(&tok).unwrap();
     let use_tok = || {
         let t = qlora::data::tokenizer::TextTokenizer::from_dir(&model).map_err(err)?;
         if let Some(t) = t {
@@ -305,39 +317,24 @@ fn parsers_of_outside_bytes_survive_mutated_inputs() {
     };
     report.push((
         "tokenizer.json",
-        fuzz("tokenizer", &seed, &tok, seed.len(), true, iters, &use_tok),
+        fuzz_in_place("tokenizer", &tok, <[u8]>::len, iters, &use_tok),
     ));
-    std::fs::write(&tok, &seed).unwrap();
     let tok_cfg = model.join("tokenizer_config.json");
-    let seed = std::fs::read(&tok_cfg).unwrap();
     report.push((
         "tokenizer_config.json",
-        fuzz(
-            "tokenizer_config",
-            &seed,
-            &tok_cfg,
-            seed.len(),
-            true,
-            iters,
-            &use_tok,
-        ),
+        fuzz_in_place("tokenizer_config", &tok_cfg, <[u8]>::len, iters, &use_tok),
     ));
-    std::fs::write(&tok_cfg, &seed).unwrap();
 
     // The bitsandbytes 4-bit checkpoint: its quant-state JSON and absmax/code tensors.
     let bnb = tmp.path().join("bnb");
     copy_dir(&fixtures().join("bnb4/model"), &bnb);
     let bnb_w = bnb.join("model.safetensors");
-    let seed = std::fs::read(&bnb_w).unwrap();
-    let header = 8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
     // Edits land in the header and the first quant-state payloads after it.
+    let bnb_head = |seed: &[u8]| safetensors_head(seed) + 4096;
     report.push((
         "bnb 4-bit checkpoint",
-        fuzz("bnb", &seed, &bnb_w, header + 4096, true, iters, &|| {
-            load(&bnb)
-        }),
+        fuzz_in_place("bnb", &bnb_w, bnb_head, iters, &|| load(&bnb)),
     ));
-    std::fs::write(&bnb_w, &seed).unwrap();
 
     // A PEFT adapter: adapter_config.json, then its weights, loaded onto tiny-llama.
     let adapter = tmp.path().join("adapter");
@@ -350,28 +347,15 @@ fn parsers_of_outside_bytes_survive_mutated_inputs() {
             .map_err(err)
     };
     let acfg = adapter.join("adapter_config.json");
-    let seed = std::fs::read(&acfg).unwrap();
     report.push((
         "adapter_config.json",
-        fuzz(
-            "adapter_config",
-            &seed,
-            &acfg,
-            seed.len(),
-            true,
-            iters,
-            &attach,
-        ),
+        fuzz_in_place("adapter_config", &acfg, <[u8]>::len, iters, &attach),
     ));
-    std::fs::write(&acfg, &seed).unwrap();
     let aw = adapter.join("adapter_model.safetensors");
-    let seed = std::fs::read(&aw).unwrap();
-    let header = 8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
     report.push((
         "adapter weights",
-        fuzz("adapter_weights", &seed, &aw, header, true, iters, &attach),
+        fuzz_in_place("adapter_weights", &aw, safetensors_head, iters, &attach),
     ));
-    std::fs::write(&aw, &seed).unwrap();
 
     // GGUF: tiny-llama exported by `qlora merge --format gguf`, loaded back.
     let gguf_dir = tmp.path().join("gguf");

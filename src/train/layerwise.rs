@@ -159,13 +159,12 @@ fn graph_step(
     pos: &Tensor,
     ctx: &crate::model::transformer::LayerContext,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
-    let pos = pos.clone();
     let run_layer = |i: usize, x: &Tensor| model.layer(i, x, ctx, None, true);
 
     // Forward: layer inputs always; whole graphs of the layers not recomputed, each from a
     // variable holding its input, so that a layer's graph is freed once its backward is done.
     let n_layers = model.num_layers();
-    let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids, &pos, None, true)?.detach()];
+    let mut inputs: Vec<Tensor> = vec![model.embed(&batch.ids, pos, None, true)?.detach()];
     let mut kept: Vec<Option<(Var, Tensor)>> = vec![None; n_layers];
     for (i, slot) in kept.iter_mut().enumerate() {
         let x = inputs[i].clone();
@@ -200,7 +199,7 @@ fn graph_step(
             .remove(xv.as_tensor())
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {i}: no input gradient")))?;
     }
-    embedding_grads(model, batch, vars, &pos, &g, &mut grads)?;
+    embedding_grads(model, batch, vars, pos, &g, &mut grads)?;
     Ok((loss_value, grads))
 }
 

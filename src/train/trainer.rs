@@ -367,8 +367,7 @@ pub fn train(
     let mut checkpoints = Vec::new();
     let mut interrupted = false;
     crate::profile::enable(settings.profile);
-    // Seconds per part, steps, wall seconds and CPU seconds of the profiled steps.
-    let mut profiled = ([0.0f64; 6], 0usize, 0.0, Some(0.0));
+    let mut profiled = crate::profile::Totals::new();
     for step in first_step..settings.steps {
         // Validation between steps is not part of the budget.
         let _ = crate::profile::take();
@@ -451,15 +450,7 @@ pub fn train(
         let step_secs = step_start.elapsed().as_secs_f64();
         train_secs += step_secs;
         if settings.profile {
-            for (total, (_, s)) in profiled.0.iter_mut().zip(crate::profile::take()) {
-                *total += s;
-            }
-            profiled.1 += 1;
-            profiled.2 += step_secs;
-            profiled.3 = match (profiled.3, cpu_start, crate::profile::process_cpu_seconds()) {
-                (Some(c), Some(a), Some(b)) => Some(c + b - a),
-                _ => None,
-            };
+            profiled.add_step(step_secs, cpu_start);
         }
         let elapsed = start.elapsed().as_secs_f64();
         let tps = tokens as f64 / train_secs;
@@ -583,19 +574,10 @@ pub fn train(
         Some(dir)
     };
     crate::profile::enable(false);
-    let budget = (settings.profile && profiled.1 > 0).then(|| {
-        let mut i = 0;
-        let parts = crate::profile::Part::ALL.map(|p| {
-            i += 1;
-            (p, profiled.0[i - 1])
-        });
-        crate::profile::Budget::new(
-            parts,
-            profiled.1,
-            profiled.2,
-            profiled.3.map(|c| (c, rayon::current_num_threads())),
-        )
-    });
+    let budget = settings
+        .profile
+        .then(|| profiled.budget(rayon::current_num_threads()))
+        .flatten();
     Ok(TrainReport {
         budget,
         steps: losses.len(),
