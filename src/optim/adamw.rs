@@ -9,7 +9,7 @@ use candle_core::{bail, DType, Device, Result, Tensor, Var};
 
 use super::blockwise8::Blockwise8;
 use super::page_store::PageStats;
-use super::state::{MomentValues, OptimState, StateStorage};
+use super::state::{MomentValues, OptimState, StateStorage, UpdateEngine};
 use super::update::StepScalars;
 
 /// AdamW hyperparameters.
@@ -60,6 +60,7 @@ pub struct AdamW {
     /// Steps taken.
     pub step: u64,
     storage: StateStorage,
+    engine: UpdateEngine,
     state: OptimState,
 }
 
@@ -73,15 +74,37 @@ impl AdamW {
         Self::with_storage(vars, cfg, lr_scale, StateStorage::Plain)
     }
 
-    /// Zero state for `vars`, kept as `storage` says.
+    /// Zero state for `vars`, kept as `storage` says, updated where the parameters live (the
+    /// host update for CPU parameters, tensor ops on the device otherwise).
     pub fn with_storage(
         vars: Vec<(String, Var)>,
         cfg: AdamWConfig,
         lr_scale: impl Fn(&str) -> f64,
         storage: StateStorage,
     ) -> Result<Self> {
+        let engine = vars.first().map_or(UpdateEngine::Host, |(_, v)| {
+            UpdateEngine::for_device(v.device())
+        });
+        Self::with_engine(vars, cfg, lr_scale, storage, engine)
+    }
+
+    /// Zero state for `vars`, kept as `storage` says and updated by `engine` (tests run the
+    /// tensor engine on CPU parameters to compare it with the host one).
+    pub fn with_engine(
+        vars: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        lr_scale: impl Fn(&str) -> f64,
+        storage: StateStorage,
+        engine: UpdateEngine,
+    ) -> Result<Self> {
+        let device = vars
+            .first()
+            .map_or(Device::Cpu, |(_, v)| v.device().clone());
+        if let Some((name, _)) = vars.iter().find(|(_, v)| !v.device().same_device(&device)) {
+            bail!("AdamW: parameter `{name}` is on another device than the first parameter");
+        }
         let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
-        let state = OptimState::new(&storage, &sizes)?;
+        let state = OptimState::new(&storage, &sizes, engine, &device)?;
         let params = vars
             .into_iter()
             .map(|(name, var)| ParamState {
@@ -95,6 +118,7 @@ impl AdamW {
             params,
             step: 0,
             storage,
+            engine,
             state,
         })
     }
@@ -115,6 +139,24 @@ impl AdamW {
         for (i, (p, g)) in self.params.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
             let s = StepScalars::new(&self.cfg, lr * p.lr_scale, self.step);
+            if self.engine == UpdateEngine::Tensors {
+                let g = g.to_dtype(DType::F32)?.flatten_all()?;
+                let w = p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+                if g.elem_count() != w.elem_count() {
+                    bail!(
+                        "gradient of `{}` has {} values, the parameter {}",
+                        p.name,
+                        g.elem_count(),
+                        w.elem_count()
+                    );
+                }
+                let w = self
+                    .state
+                    .update_tensor(i, &w, &g.to_device(w.device())?, &s)?;
+                p.var
+                    .set(&w.reshape(p.var.shape())?.to_dtype(p.var.dtype())?)?;
+                continue;
+            }
             let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let mut w = p
                 .var
@@ -142,6 +184,11 @@ impl AdamW {
     /// How the moments are stored.
     pub fn storage(&self) -> &StateStorage {
         &self.storage
+    }
+
+    /// Where the update runs.
+    pub fn engine(&self) -> UpdateEngine {
+        self.engine
     }
 
     /// Bytes of optimizer state, wherever it is (for paged state most is on disk: see

@@ -15,13 +15,13 @@ const PAR_GRAIN: usize = 1 << 14;
 /// floats meet f32 tensors as f32 scalars).
 #[derive(Clone, Copy, Debug)]
 pub struct StepScalars {
-    decay: Option<f32>,
-    lerp_w: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bc2_sqrt: f32,
-    eps: f32,
-    neg_step_size: f32,
+    pub(crate) decay: Option<f32>,
+    pub(crate) lerp_w: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) bc2_sqrt: f32,
+    pub(crate) eps: f32,
+    pub(crate) neg_step_size: f32,
 }
 
 impl StepScalars {
