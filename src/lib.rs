@@ -14,6 +14,7 @@ pub mod contained;
 pub mod cpu_tensor;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod eval;
 pub mod export;
 pub mod frozen;

@@ -90,6 +90,8 @@ fn settings(
         stop: Some(Arc::new(AtomicBool::new(stop))),
         run_options: [("seed".to_string(), "3".to_string())].into(),
         profile: false,
+        collective: std::sync::Arc::new(qlora::distributed::Single),
+        optim_engine: None,
     }
 }
 

@@ -1,6 +1,7 @@
 //! `qlora train`: fine-tune LoRA adapters on a frozen NF4 (or FP4, or full-precision) base.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::DType;
@@ -8,6 +9,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::model_args::ModelArgs;
+use crate::distributed::Collective;
 use crate::lora::adalora::AdaLoraConfig;
 use crate::lora::{parse_targets, LoraConfig, LoraInit};
 use crate::model::classifier::{ClassifierConfig, SequenceClassifier};
@@ -220,6 +222,52 @@ pub struct TrainArgs {
     /// optimizer, the rest) and print the step-time budget at the end.
     #[arg(long)]
     pub profile: bool,
+    /// Data-parallel training, one process per rank as a launcher started them: `mpirun -np N
+    /// qlora train --distributed ...` on CPU hosts (MPI; binary built with `--features mpi`), one
+    /// process per GPU on CUDA (NCCL; `--features nccl`; the GPU is the launcher's local rank).
+    /// Each rank trains on --batch-size rows of every step, so a step covers N x batch-size
+    /// rows; only rank 0 writes and prints.
+    #[arg(long)]
+    pub distributed: bool,
+}
+
+/// Join the data-parallel job when `--distributed` asks for it: the collective, and the device
+/// this rank computes on. A rank other than 0 prints nothing on standard output from here on
+/// (errors still reach standard error).
+fn join_job(args: &mut TrainArgs) -> anyhow::Result<Arc<dyn Collective>> {
+    if !args.distributed {
+        return Ok(Arc::new(crate::distributed::Single));
+    }
+    let (collective, device) = crate::distributed::connect(args.model.device)?;
+    args.model.device = device;
+    if collective.rank() != 0 {
+        silence_stdout()?;
+    } else {
+        println!(
+            "distributed: {} ranks over {}, {} on rank 0",
+            collective.world_size(),
+            collective.engine(),
+            device
+        );
+    }
+    Ok(collective)
+}
+
+/// Send this process's standard output to /dev/null.
+fn silence_stdout() -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .context("opening /dev/null")?;
+    // SAFETY: dup2 onto the process's own stdout descriptor with a valid open descriptor.
+    if unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) } < 0 {
+        anyhow::bail!(
+            "redirecting standard output: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// Put a new classification head on `m` when `--task seq-cls` asks for one (and check the
@@ -575,14 +623,19 @@ fn refuse_earlier_run(out: &Path) -> anyhow::Result<()> {
 pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     let opts = std::mem::take(&mut args.opts).merged_with(args.config.as_deref())?;
     let mut recipe = opts.recipe()?;
-    if args.resume.is_none() {
+    let collective = join_job(&mut args)?;
+    // Only rank 0 writes: the others neither check nor touch --out (rank 0 may already be
+    // writing in it).
+    if args.resume.is_none() && collective.writes() {
         refuse_earlier_run(&args.out)?;
     }
     if let Some(dir) = &args.resume {
         check_checkpoint_dir(dir)?;
     }
     // Fail on an unusable --out now, not after loading the model and the data.
-    check_output_dir(&args.out)?;
+    if collective.writes() {
+        check_output_dir(&args.out)?;
+    }
     let memory_limit = opts
         .memory_limit
         .as_deref()
@@ -625,7 +678,7 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
             blocksize: args.model.blocksize,
             double_quant: !args.model.no_double_quant,
             adapter_dtype: recipe.lora.dtype,
-            ..Default::default()
+            ..crate::plan::PlanSettings::for_device(args.model.device, args.model.compute_dtype)
         };
         let (optim_8bit, optim_resident_mb) =
             (opts.optim_8bit.unwrap_or(false), opts.optim_resident_mb);
@@ -753,6 +806,11 @@ pub fn run(mut args: TrainArgs) -> anyhow::Result<()> {
     settings.run_options = recipe.run_options(&args.data, &format!("{:?}", args.model.quant));
     settings.stop = Some(interrupt_flag()?);
     settings.profile = args.profile;
+    // A step's rows depend on the number of ranks: a checkpoint resumes only with as many.
+    settings
+        .run_options
+        .insert("world_size".into(), collective.world_size().to_string());
+    settings.collective = collective;
     let (steps, lr, kind, warmup) = (
         settings.steps,
         recipe.lr,

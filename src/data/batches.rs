@@ -227,6 +227,24 @@ impl Batches {
         Ok(Some(batch))
     }
 
+    /// Move past the next batch without assembling it (a data-parallel rank skips the other
+    /// ranks' batches); `false` once the set number of epochs is done.
+    pub fn skip_batch(&mut self) -> Result<bool, DataError> {
+        if self
+            .opts
+            .epochs
+            .is_some_and(|limit| self.position.epoch >= limit)
+        {
+            return Ok(false);
+        }
+        let plan = self.take_plan(self.position.epoch);
+        let end = (self.position.index + self.opts.batch_size).min(plan.rows.len());
+        self.plan = Some(plan);
+        self.position.index = end;
+        self.normalize();
+        Ok(true)
+    }
+
     /// Move past the end of an epoch to the start of the next.
     fn normalize(&mut self) {
         if self.position.index >= self.rows_in_epoch(self.position.epoch) {

@@ -1,6 +1,7 @@
 //! Training: loss, the step, and the trainer loop.
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod layerwise;
 pub mod llama_step;
 pub mod loss;

@@ -409,6 +409,8 @@ impl TrainRecipe {
             stop: None,
             run_options: BTreeMap::new(),
             profile: false,
+            collective: std::sync::Arc::new(crate::distributed::Single),
+            optim_engine: None,
         }
     }
 }

@@ -23,8 +23,9 @@ use crate::lora::LoraConfig;
 use crate::model::error::ModelError;
 use crate::model::transformer::Model;
 use crate::optim::schedule::Schedule;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, UpdateEngine};
 use crate::peft;
+use crate::train::data_parallel;
 
 /// Settings of a run (everything but the data and the model).
 #[derive(Clone, Debug)]
@@ -64,6 +65,13 @@ pub struct TrainSettings {
     pub run_options: std::collections::BTreeMap<String, String>,
     /// Time the parts of each step ([`crate::profile`]) and report the step-time budget.
     pub profile: bool,
+    /// The ranks of a data-parallel run ([`crate::distributed::Single`] for one process): each
+    /// rank takes its share of every step's batches, gradients are summed over ranks, and only
+    /// the writing rank writes.
+    pub collective: std::sync::Arc<dyn crate::distributed::Collective>,
+    /// Where the optimizer update runs (`None`: by the parameters' device, the host update on
+    /// CPU and tensor ops on a GPU).
+    pub optim_engine: Option<crate::optim::UpdateEngine>,
 }
 
 impl TrainSettings {
@@ -102,12 +110,16 @@ pub struct TrainReport {
     pub budget: Option<crate::profile::Budget>,
 }
 
+/// Append a record to the metrics log (a rank that does not write has none).
 fn write_jsonl(
-    file: &mut std::fs::File,
+    file: &mut Option<std::fs::File>,
     path: &Path,
     v: serde_json::Value,
 ) -> Result<(), ModelError> {
-    writeln!(file, "{v}").map_err(|e| ModelError::io(path, e))
+    match file {
+        Some(f) => writeln!(f, "{v}").map_err(|e| ModelError::io(path, e)),
+        None => Ok(()),
+    }
 }
 
 /// Accuracy and macro-F1 of the classifier on classification `batches` (`None` for language
@@ -303,22 +315,45 @@ pub fn train(
         }
         None => None,
     };
-    check_output_dir(out)?;
-    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    let collective = settings.collective.as_ref();
+    let writer = collective.writes();
+    let fingerprint = checkpoint::fingerprint(model);
+    // Ranks that disagree stop here, before anything is written.
+    data_parallel::check_same_run(
+        collective,
+        &format!(
+            "{fingerprint:?} {:?} {}",
+            settings.run_options, settings.steps
+        ),
+    )?;
     let metrics_path = out.join("metrics.jsonl");
-    // A resumed run continues the log of the run it resumes (when it writes to the same folder).
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(resumed.is_some())
-        .truncate(resumed.is_none())
-        .open(&metrics_path)
-        .map_err(|e| ModelError::io(&metrics_path, e))?;
+    // Only the writing rank of a data-parallel run touches the output folder.
+    let mut metrics = if writer {
+        check_output_dir(out)?;
+        std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+        // A resumed run continues the log of the run it resumes (when it writes to the same
+        // folder).
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(resumed.is_some())
+                .truncate(resumed.is_none())
+                .open(&metrics_path)
+                .map_err(|e| ModelError::io(&metrics_path, e))?,
+        )
+    } else {
+        None
+    };
     let dropout = peft::share_dropout_seed(model);
     let named = peft::trainable_vars(model);
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let ratio = settings.lora_plus_ratio;
-    let mut opt = AdamW::with_storage(
+    let engine = settings.optim_engine.unwrap_or_else(|| {
+        vars.first()
+            .map_or(UpdateEngine::Host, |v| UpdateEngine::for_device(v.device()))
+    });
+    let mut opt = AdamW::with_engine(
         named,
         settings.adamw.clone(),
         |name| {
@@ -329,9 +364,10 @@ pub fn train(
             }
         },
         settings.optim_storage.clone(),
+        engine,
     )?;
 
-    let bar = if settings.progress {
+    let bar = if settings.progress && writer {
         ProgressBar::new(settings.steps as u64).with_style(
             ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -346,6 +382,8 @@ pub fn train(
     let mut tokens = 0usize;
     let mut train_secs = 0f64;
     let mut first_step = 0usize;
+    // Every rank starts from rank 0's adapters (however each initialised or loaded them).
+    data_parallel::broadcast_vars(collective, &vars)?;
     if let (Some(dir), Some(state)) = (&settings.resume, resumed) {
         checkpoint::load_optimizer(dir, &mut opt)?;
         train.seek(state.data_position)?;
@@ -355,7 +393,7 @@ pub fn train(
         tokens = state.tokens;
         train_secs = state.train_seconds;
         bar.set_position(first_step as u64);
-    } else if !val.is_empty() {
+    } else if !val.is_empty() && writer {
         let (rec, v, acc) = validate(model, val, 0)?;
         val_losses.push((0, v));
         if let Some(a) = acc {
@@ -363,7 +401,6 @@ pub fn train(
         }
         write_jsonl(&mut metrics, &metrics_path, rec)?;
     }
-    let fingerprint = checkpoint::fingerprint(model);
     let mut checkpoints = Vec::new();
     let mut interrupted = false;
     crate::profile::enable(settings.profile);
@@ -375,16 +412,16 @@ pub fn train(
         let step_start = Instant::now();
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut step_loss = 0f64;
+        let mut step_tokens = 0usize;
         for micro in 0..settings.grad_accum {
-            let batch = train
-                .next_batch()?
+            let batch = data_parallel::next_local_batch(train, collective)?
                 .ok_or_else(|| ModelError::invalid("training data", "ran out of batches"))?;
             let batch = &batch;
             dropout.set(settings.seed ^ ((step * settings.grad_accum + micro) as u64 + 1));
             let (loss, grads) =
                 loss_and_grads_layerwise(model, batch, &vars, settings.checkpointing())?;
             step_loss += loss / settings.grad_accum as f64;
-            tokens += batch.predicted_tokens();
+            step_tokens += batch.predicted_tokens();
             for (a, g) in acc.iter_mut().zip(grads) {
                 *a = match (a.take(), g) {
                     (Some(x), Some(y)) => Some((x + y)?),
@@ -392,6 +429,21 @@ pub fn train(
                 };
             }
         }
+        let clip_timed = crate::profile::part(crate::profile::Part::Optimizer);
+        let scale = 1.0 / settings.grad_accum as f64;
+        let grads: Vec<Option<Tensor>> = acc
+            .into_iter()
+            .map(|g| g.map(|g| g * scale).transpose())
+            .collect::<candle_core::Result<_>>()?;
+        let grads = data_parallel::fill_missing(grads, &vars, collective.world_size())?;
+        let asked_to_stop = settings
+            .stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        let reduced =
+            data_parallel::reduce_step(collective, step_loss, step_tokens, grads, asked_to_stop)?;
+        let (mut step_loss, mut grads, stop) = (reduced.loss, reduced.grads, reduced.stop);
+        tokens += reduced.tokens;
         if !step_loss.is_finite() {
             bar.abandon();
             return Err(ModelError::invalid(
@@ -399,12 +451,6 @@ pub fn train(
                 format!("loss became {step_loss} at step {step}; stopping (lower --lr, or check the data)"),
             ));
         }
-        let clip_timed = crate::profile::part(crate::profile::Part::Optimizer);
-        let scale = 1.0 / settings.grad_accum as f64;
-        let mut grads: Vec<Option<Tensor>> = acc
-            .into_iter()
-            .map(|g| g.map(|g| g * scale).transpose())
-            .collect::<candle_core::Result<_>>()?;
         // AdaLoRA: PEFT adds its orthogonality penalty to every forward's loss.
         let orth = match &lora_cfg.adalora {
             Some(a) => {
@@ -467,6 +513,7 @@ pub fn train(
         bar.inc(1);
         let last = step + 1 == settings.steps;
         if !val.is_empty()
+            && writer
             && (last || (settings.eval_every > 0 && (step + 1) % settings.eval_every == 0))
         {
             let (rec, v, acc) = validate(model, val, step + 1)?;
@@ -480,12 +527,8 @@ pub fn train(
             }
             write_jsonl(&mut metrics, &metrics_path, rec)?;
         }
-        let stop = settings
-            .stop
-            .as_ref()
-            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
         let due = settings.save_every > 0 && (step + 1) % settings.save_every == 0;
-        if (due || stop) && !last {
+        if (due || stop) && !last && writer {
             let state = TrainerState {
                 step: step + 1,
                 data_position: Batches::position(train),
@@ -507,6 +550,28 @@ pub fn train(
     }
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
+    crate::profile::enable(false);
+    let budget = settings
+        .profile
+        .then(|| profiled.budget(rayon::current_num_threads()))
+        .flatten();
+    let mut report = TrainReport {
+        budget,
+        steps: losses.len(),
+        checkpoints,
+        interrupted,
+        losses,
+        val_losses,
+        val_accuracy,
+        tokens_per_s: tokens as f64 / train_secs.max(1e-9),
+        seconds,
+        adapter_dir: None,
+    };
+    if !writer {
+        return Ok(report);
+    }
+    let (losses, val_losses, val_accuracy) =
+        (&report.losses, &report.val_losses, &report.val_accuracy);
 
     let train_pts: Vec<(f64, f64)> = losses
         .iter()
@@ -558,7 +623,7 @@ pub fn train(
             &[Styled {
                 series: Series {
                     name: "validation accuracy",
-                    points: &val_accuracy,
+                    points: val_accuracy,
                 },
                 style: Style::Markers,
             }],
@@ -566,28 +631,10 @@ pub fn train(
         )?;
     }
 
-    let adapter_dir = if interrupted {
-        None
-    } else {
+    if !report.interrupted {
         let dir = out.join("adapter");
         peft::save_adapter(model, &lora_cfg, base_name, &dir)?;
-        Some(dir)
-    };
-    crate::profile::enable(false);
-    let budget = settings
-        .profile
-        .then(|| profiled.budget(rayon::current_num_threads()))
-        .flatten();
-    Ok(TrainReport {
-        budget,
-        steps: losses.len(),
-        checkpoints,
-        interrupted,
-        losses,
-        val_losses,
-        val_accuracy,
-        tokens_per_s: tokens as f64 / train_secs.max(1e-9),
-        seconds,
-        adapter_dir,
-    })
+        report.adapter_dir = Some(dir);
+    }
+    Ok(report)
 }
