@@ -11,13 +11,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{Device, Tensor, Var};
+use qlora::device::DeviceSpec;
 use qlora::lora::LoraConfig;
 use qlora::model::attention::{attention_mask, AttentionSpan};
 use qlora::model::config::LlamaConfig;
 use qlora::model::loader::{load_model, LoadOptions};
 use qlora::model::random_source::generate_model;
 use qlora::peft;
-use qlora::plan::estimate::{fused_layer_graph_elems, layer_norm_family_graph_bytes};
+use qlora::plan::estimate::{
+    composite_layer_graph_elems, fused_layer_graph_elems, layer_norm_family_graph_bytes,
+};
 use qlora::plan::{activation_peak, PlanModel, PlanSettings};
 use qlora::train::layerwise::{loss_and_grads_layerwise, Checkpointing};
 use qlora::train::step::{Batch, ClassTargets};
@@ -80,7 +83,18 @@ fn config(vocab: usize, hidden: usize, inter: usize, heads: usize, kv: usize) ->
 
 /// Peak live heap bytes during one layer-wise step, over what was live before it.
 fn measured_step_peak(cfg: &LlamaConfig, b: usize, t: usize, ckpt: Checkpointing) -> usize {
-    let mut model = generate_model(cfg, &LoadOptions::default(), 3).unwrap();
+    measured_step_peak_in(cfg, b, t, ckpt, &LoadOptions::default())
+}
+
+/// [`measured_step_peak`] with the model loaded as `opts` says (its compute dtype).
+fn measured_step_peak_in(
+    cfg: &LlamaConfig,
+    b: usize,
+    t: usize,
+    ckpt: Checkpointing,
+    opts: &LoadOptions,
+) -> usize {
+    let mut model = generate_model(cfg, opts, 3).unwrap();
     peft::attach_new(&mut model, &LoraConfig::default(), 5).unwrap();
     peft::share_dropout_seed(&mut model).set(9);
     let vars: Vec<_> = peft::trainable_vars(&model)
@@ -454,4 +468,116 @@ fn layer_norm_family_layer_graph_count_is_exact() {
             );
         }
     }
+}
+
+/// The composite path's count of one Llama layer's graph in bf16 (what a CUDA step records, in
+/// its default dtype), against the bytes the same graph keeps on the CPU's bf16 backend: the ops
+/// and their outputs are the device's, only the backend differs.
+#[test]
+fn composite_bf16_layer_graph_count_matches() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bf16 = candle_core::DType::BF16;
+    let (b, t) = (2, 96);
+    let cfg = config(512, 128, 352, 8, 2);
+    let opts = LoadOptions {
+        compute_dtype: bf16,
+        ..Default::default()
+    };
+    let mut model = generate_model(&cfg, &opts, 3).unwrap();
+    peft::attach_new(&mut model, &LoraConfig::default(), 5).unwrap();
+    peft::share_dropout_seed(&mut model).set(9);
+    let pos = model.positions(b, t, 0).unwrap();
+    let mask = attention_mask(b, t, 0, &AttentionSpan::Causal, &Device::Cpu)
+        .unwrap()
+        .to_dtype(bf16)
+        .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (b, t, cfg.hidden_size), &Device::Cpu)
+        .unwrap()
+        .to_dtype(bf16)
+        .unwrap();
+    let layer = &model.as_llama().unwrap().layers[0];
+    let kept = (0..4)
+        .map(|_| {
+            let before = LIVE.load(Ordering::Relaxed);
+            let xv = Var::from_tensor(&x).unwrap();
+            let out = layer
+                .forward(
+                    xv.as_tensor(),
+                    &model.as_llama().unwrap().rope,
+                    &pos,
+                    &mask,
+                    None,
+                    true,
+                )
+                .unwrap();
+            let kept = LIVE.load(Ordering::Relaxed) - before;
+            drop((out, xv));
+            kept
+        })
+        .min()
+        .unwrap_or(0);
+    let s = PlanSettings {
+        batch_size: b,
+        seq_len: t,
+        ..PlanSettings::for_device(DeviceSpec::Cuda(0), None)
+    };
+    let (scores, rows) = composite_layer_graph_elems(&cfg, &s);
+    // The layer-wise step's copy of the input is counted with the layer inputs, not the graph.
+    let planned = (scores + rows) * 2 + b * t * cfg.hidden_size * 2;
+    let ratio = planned as f64 / kept as f64;
+    println!("bf16 composite layer graph: kept {kept} planned {planned} ratio {ratio:.4}");
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "planned {planned} vs kept {kept} bytes"
+    );
+}
+
+/// The step's activation peak in bf16 on the composite path (what a CUDA step runs by default),
+/// planned as for CUDA and measured on the CPU's bf16 backend: the same shapes and checkpointing
+/// modes as the f32 check, within 10%.
+#[test]
+fn planned_bf16_activations_match_allocated_bytes() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let opts = LoadOptions {
+        compute_dtype: candle_core::DType::BF16,
+        ..Default::default()
+    };
+    let mut bad = Vec::new();
+    for (v, h, i, heads, kv, b, t) in [
+        (512, 128, 352, 8, 2, 2, 256),
+        (512, 256, 704, 4, 4, 4, 64),
+        (8192, 64, 160, 4, 2, 2, 128),
+        (1024, 192, 512, 12, 4, 1, 384),
+    ] {
+        let cfg = config(v, h, i, heads, kv);
+        let keep_top = Checkpointing {
+            enabled: true,
+            keep_layers: 1,
+        };
+        for ckpt in [
+            Checkpointing::all(true),
+            keep_top,
+            Checkpointing::all(false),
+        ] {
+            let measured = measured_step_peak_in(&cfg, b, t, ckpt, &opts);
+            let s = PlanSettings {
+                batch_size: b,
+                seq_len: t,
+                grad_checkpointing: ckpt.enabled,
+                keep_layers: ckpt.keep_layers,
+                ..PlanSettings::for_device(DeviceSpec::Cuda(0), None)
+            };
+            let planned = activation_peak(&cfg.clone().into(), &s);
+            let ratio = planned as f64 / measured as f64;
+            println!(
+                "bf16 v {v} h {h} i {i} heads {heads}/{kv} b {b} t {t} ckpt {ckpt}: measured {measured} planned {planned} ratio {ratio:.3}"
+            );
+            if !(0.9..=1.1).contains(&ratio) {
+                bad.push(format!(
+                    "bf16 v {v} h {h} b {b} t {t} ckpt {ckpt}: ratio {ratio:.3}"
+                ));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
 }

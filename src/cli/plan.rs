@@ -4,6 +4,7 @@ use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
 
+use crate::device::{parse_compute_dtype, DeviceSpec};
 use crate::lora::parse_targets;
 use crate::model::loader::BaseFormat;
 use crate::plan::presets::{resolve_config, PRESETS};
@@ -13,17 +14,29 @@ use crate::plan::{
     OptimPlan, PlanSettings,
 };
 
+/// The GPU memory a CUDA plan is held against unless `--device-memory` says otherwise (a device
+/// cannot be queried without the `cuda` feature; 24 GiB is the common consumer card).
+const DEFAULT_GPU_MEMORY: usize = 24 << 30;
+
 /// Arguments of `qlora plan`.
 #[derive(Args, Debug)]
 #[command(
     about = "Print the memory plan of a training run and whether it fits",
     long_about = "Print the memory plan of a QLoRA training run: the frozen base as it is stored \
 (NF4 codes + double-quantized scales, embeddings, head), adapters and their gradients, optimizer \
-state, activations with or without checkpointing, the loss's logits chunk, kernel scratch and \
-the process's baseline; whether the peak fits --device-memory, and the longest sequence and \
-largest batch that do.\n\nMODEL is a preset (llama-2-7b, llama-3-8b, mistral-7b, qwen2-7b), an \
-HF folder or config.json, or a .gguf file (only its metadata is read).",
-    after_help = "Example:\n  qlora plan --model llama-2-7b --seq-len 512 --batch-size 1 --device-memory 8GiB"
+state, activations with or without checkpointing, the loss's logits chunk, and what the device \
+adds; whether the peak fits --device-memory, and the longest sequence and largest batch that \
+do.\n\nWith --device cpu (the default) the plan is of host memory: f32 Llama steps take the \
+fused CPU kernels, plus their per-thread scratch and the process's measured baseline. With \
+--device cuda[:N] it is of that GPU's memory: candle's graph in bf16 by default, plus the CUDA \
+context, the kernel modules, cuBLAS's workspace and the NF4 dequantization workspace (the \
+largest 4-bit weight in the compute dtype); the host memory of a GPU run is not in it. Planning \
+for CUDA needs neither a GPU nor a CUDA build; without --device-memory a 24 GiB GPU is assumed. \
+The context, modules and cuBLAS figures are documented estimates: no GPU has run this yet.\n\n\
+MODEL is a preset (llama-2-7b, llama-3-8b, mistral-7b, qwen2-7b), an HF folder or config.json, \
+or a .gguf file (only its metadata is read).",
+    after_help = "Examples:\n  qlora plan --model llama-2-7b --seq-len 512 --batch-size 1 --device-memory 8GiB\n  \
+qlora plan --model llama-3-8b --device cuda --seq-len 2048 --batch-size 2 --device-memory 24GiB"
 )]
 pub struct PlanArgs {
     /// Preset name, HF model folder, config.json, .gguf file, or a hub name in the local
@@ -58,7 +71,11 @@ pub struct PlanArgs {
     /// Resident budget of paged optimizer state, MiB.
     #[arg(long, default_value_t = 64.0)]
     pub optim_resident_mb: f64,
-    /// Memory available (e.g. 24GiB, 8G, 16GB) [default: this machine's RAM].
+    /// Device the run trains on: cpu, or cuda[:N] (plans GPU memory; needs no GPU).
+    #[arg(long, value_name = "cpu|cuda[:N]", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
+    /// Memory available (e.g. 24GiB, 8G, 16GB) [default: this machine's RAM on cpu, 24GiB on
+    /// cuda].
     #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
     pub device_memory: Option<usize>,
     /// Base weights: nf4, fp4 or none (full precision).
@@ -70,9 +87,9 @@ pub struct PlanArgs {
     /// Keep the absmax in f32 instead of double-quantizing it.
     #[arg(long)]
     pub no_double_quant: bool,
-    /// Activations' dtype.
-    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = parse_dtype)]
-    pub compute_dtype: DType,
+    /// Activations' dtype [default: f32 on cpu, bf16 on cuda].
+    #[arg(long, value_name = "f32|bf16|f16", value_parser = parse_compute_dtype)]
+    pub compute_dtype: Option<DType>,
     /// Embeddings, head and norms (and a full-precision base) [default: the compute dtype].
     #[arg(long, value_name = "f32|bf16", value_parser = parse_dtype)]
     pub weight_dtype: Option<DType>,
@@ -86,6 +103,10 @@ pub struct PlanArgs {
     /// state).
     #[arg(long)]
     pub adalora: bool,
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    DeviceSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -132,7 +153,11 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         "8bit" => OptimPlan::EightBit,
         other => anyhow::bail!("--optim `{other}`: expected plain, paged or 8bit"),
     };
+    let compute_dtype = args
+        .compute_dtype
+        .unwrap_or_else(|| args.device.default_compute_dtype());
     let s = PlanSettings {
+        device: args.device,
         seq_len: args.seq_len,
         batch_size: args.batch_size,
         rank: args.rank,
@@ -145,15 +170,24 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         base: args.quant,
         blocksize: args.blocksize,
         double_quant: !args.no_double_quant,
-        compute_dtype: args.compute_dtype,
-        weight_dtype: args.weight_dtype.unwrap_or(args.compute_dtype),
+        compute_dtype,
+        weight_dtype: args.weight_dtype.unwrap_or(compute_dtype),
         adapter_dtype: args.adapter_dtype,
         ..Default::default()
     };
     let plan = plan_memory(&cfg, &s);
     println!("model {}: {}", args.model, cfg.describe());
     println!("{plan}");
-    let limit = match args.device_memory.or_else(total_memory_bytes) {
+    let limit = match args.device {
+        DeviceSpec::Cpu => args.device_memory.or_else(total_memory_bytes),
+        DeviceSpec::Cuda(_) => {
+            if args.device_memory.is_none() {
+                println!("(no --device-memory: a 24 GiB GPU assumed)");
+            }
+            Some(args.device_memory.unwrap_or(DEFAULT_GPU_MEMORY))
+        }
+    };
+    let limit = match limit {
         Some(l) => l,
         None => {
             println!("(give --device-memory to check the fit)");

@@ -5,10 +5,12 @@
 //! dtype; biases in the compute dtype). Activations follow `model::llama`, `model::ops`,
 //! `train::loss` and `train::layerwise`: with a LoRA adapter on a projection every op of a layer
 //! is recorded for autograd, so a layer's graph keeps every tensor it computes; the counts below
-//! list them op by op, for the fused f32 CPU ops and for the composite path other dtypes take.
+//! list them op by op, for the fused f32 CPU ops and for the composite path other dtypes and
+//! every CUDA step take.
 
 use candle_core::DType;
 
+use crate::device::DeviceSpec;
 use crate::model::config::LlamaConfig;
 use crate::model::loader::BaseFormat;
 
@@ -131,10 +133,22 @@ pub struct Activations {
     pub loss: usize,
 }
 
-/// Whether a step runs the fused f32 CPU ops (`model::ops`: attention, RMSNorm, SwiGLU) rather
-/// than the composite candle graph; we plan CPU runs, so this is the compute dtype.
+/// Whether a step runs the fused f32 CPU ops (`model::ops`: attention, RMSNorm, SwiGLU, the
+/// fused LoRA op) rather than the composite candle graph: f32 compute on the CPU. A CUDA step
+/// takes the composite graph in any dtype (`cpu_tensor::fused_applies`).
 pub fn uses_fused_ops(s: &PlanSettings) -> bool {
-    s.compute_dtype == DType::F32
+    s.device == DeviceSpec::Cpu && s.compute_dtype == DType::F32
+}
+
+/// Bytes a Llama-family RMSNorm over `elems` values keeps in the composite graph
+/// (`rms_norm_composite`, computed in f32): x², x / rms and the output; in another dtype also the
+/// f32 copy of x and the cast back before the weight (f32 → f32 casts are the same tensor).
+fn rms_norm_composite_bytes(elems: usize, s: &PlanSettings) -> usize {
+    if s.compute_dtype == DType::F32 {
+        3 * elems * 4
+    } else {
+        elems * (3 * 4 + 2 * size(s.compute_dtype))
+    }
 }
 
 /// Elements one projection's forward keeps in the graph (`Linear::forward`). On the fused f32
@@ -199,7 +213,7 @@ pub fn fused_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
 }
 
 /// Whether a training step under `s` takes the hand-written Llama-family step
-/// (`train::llama_step`): f32 compute and plain LoRA (not AdaLoRA).
+/// (`train::llama_step`): f32 compute on the CPU and plain LoRA (not AdaLoRA); never on CUDA.
 pub fn uses_host_step(model: &PlanModel, s: &PlanSettings) -> bool {
     matches!(model, PlanModel::Llama(_)) && uses_fused_ops(s) && !s.adalora
 }
@@ -223,8 +237,9 @@ pub fn host_layer_backward_elems(cfg: &LlamaConfig, s: &PlanSettings) -> usize {
 }
 
 /// Elements of every tensor one decoder layer's forward allocates and its graph keeps on the
-/// composite path (other compute dtypes), op by op (see `attention_composite`, `Rope::apply`,
-/// `rms_norm_composite`, `softmax_last_dim`): `(attention-score sized, row sized)`.
+/// composite path (other compute dtypes, and CUDA), in units of the compute dtype, op by op
+/// (see `attention_composite`, `Rope::apply`, `rms_norm_composite`, `softmax_last_dim`):
+/// `(attention-score sized, row sized)`.
 pub fn composite_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> (usize, usize) {
     let n = s.batch_size * s.seq_len;
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
@@ -242,8 +257,8 @@ pub fn composite_layer_graph_elems(cfg: &LlamaConfig, s: &PlanSettings) -> (usiz
         };
         projection_elems(s, &lin) + dropout_mask
     };
-    // RMSNorm: x², x / rms, · weight.
-    let norm = 3 * n * h;
+    // RMSNorm, in units of the compute dtype (exact for 2- and 4-byte dtypes).
+    let norm = rms_norm_composite_bytes(n * h, s) / size(s.compute_dtype);
     // RoPE: -x2, cat, x·cos, rot·sin, sum (the negated half counts half) + gathered cos/sin.
     let rope = |width: usize| 9 * n * width / 2 + 2 * n * cfg.head_dim;
     let attention = linear("q_proj")
@@ -352,7 +367,11 @@ pub fn activations(model: &PlanModel, s: &PlanSettings) -> Activations {
             (
                 (score_elems + row_elems) * cd,
                 (COMPOSITE_BACKWARD_SCORES_PER_10 * score_elems
-                    + COMPOSITE_BACKWARD_ROWS_PER_10 * row_elems)
+                    + if s.compute_dtype == DType::F32 {
+                        COMPOSITE_BACKWARD_ROWS_PER_10
+                    } else {
+                        COMPOSITE_BACKWARD_ROWS_PER_10_16BIT
+                    } * row_elems)
                     * cd
                     / 10,
             )
@@ -393,7 +412,12 @@ pub fn activations(model: &PlanModel, s: &PlanSettings) -> Activations {
         } else {
             rows
         };
-        3 * n * h * cd + rows * model.vocab() * 4 + n * h * 4 + head_f32
+        // The final norm as its layers' norms are counted on the composite path.
+        let norm = match model {
+            PlanModel::Llama(_) if !uses_fused_ops(s) => rms_norm_composite_bytes(n * h, s),
+            _ => n * h * cd,
+        };
+        2 * n * h * cd + norm + rows * model.vocab() * 4 + n * h * 4 + head_f32
     } else {
         n * h * (cd + 4)
     };
@@ -454,8 +478,15 @@ pub const BERT_BACKWARD: LayerNormBackward = LayerNormBackward {
 };
 
 /// The composite path's backward, in tenths of the score-sized and row-sized parts of the
-/// graph, fitted with the counting allocator on f32 runs of this path; CPU training takes the
-/// fused ops instead, so no test run re-measures it.
+/// graph, fitted with the counting allocator on f32 runs of this path (f32 CPU training takes
+/// the fused ops instead, so no test run re-measures the f32 fit).
 pub const COMPOSITE_BACKWARD_SCORES_PER_10: usize = 13;
 /// See [`COMPOSITE_BACKWARD_SCORES_PER_10`].
 pub const COMPOSITE_BACKWARD_ROWS_PER_10: usize = 8;
+/// The row-sized part in a 16-bit compute dtype (a CUDA step's default), where RMSNorm's f32
+/// intermediates get f32 gradients: fitted with the counting allocator on bf16 steps on the
+/// CPU backend, the same graph a CUDA step records (`tests/plan_memory.rs`,
+/// `planned_bf16_activations_match_allocated_bytes`: 4 shapes × 3 checkpointing modes within
+/// 10%). The CPU's NF4 kernel adds an f32 output buffer cuBLAS does not, so on a GPU this
+/// errs high.
+pub const COMPOSITE_BACKWARD_ROWS_PER_10_16BIT: usize = 12;

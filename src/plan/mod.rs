@@ -2,14 +2,17 @@
 //!
 //! As llm.c plans a step's memory up front, `plan_memory` adds up the frozen base (as the loader
 //! stores it), adapters, their gradients, optimizer state, activations (with or without
-//! checkpointing), the loss's logits chunks, kernel scratch and the process's own baseline, and
-//! says whether the peak fits a budget. `qlora plan` prints it; `qlora train` prints it and
-//! refuses a run over `--memory-limit`.
+//! checkpointing), the loss's logits chunks, and what the device adds (`runtime`: kernel scratch
+//! and the process's baseline on the CPU; the CUDA context, cuBLAS's and the NF4 op's workspaces
+//! on a GPU), and says whether the peak fits a budget. A CPU plan is of host memory, a CUDA plan
+//! of device memory. `qlora plan` prints it; `qlora train` prints it and refuses a run over
+//! `--memory-limit`.
 
 pub mod budget;
 pub mod estimate;
 pub mod presets;
 pub mod rss;
+pub mod runtime;
 pub mod shape;
 pub mod size;
 
@@ -17,6 +20,7 @@ use std::fmt;
 
 use candle_core::DType;
 
+use crate::device::DeviceSpec;
 use crate::lora::config::{in_layers, names_explicitly, pattern_value, target_matches};
 use crate::model::config::PROJECTIONS;
 use crate::model::loader::BaseFormat;
@@ -25,6 +29,7 @@ use crate::train::layerwise::Checkpointing;
 use crate::train::loss::DEFAULT_CHUNK_ROWS;
 
 pub use budget::{most_kept_layers, plan_for_training, OverBudget};
+pub use runtime::RUNTIME_BASELINE_BYTES;
 pub use shape::{PlanLinear, PlanModel};
 pub use size::{format_bytes, parse_bytes};
 
@@ -58,6 +63,9 @@ impl From<&crate::optim::StateStorage> for OptimPlan {
 /// Everything about a run that decides its memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlanSettings {
+    /// Where the step runs: the CPU (the plan is of host memory; f32 Llama steps take the fused
+    /// ops) or a CUDA device (the plan is of device memory; every step takes candle's graph).
+    pub device: DeviceSpec,
     /// Tokens per sequence.
     pub seq_len: usize,
     /// Sequences per micro-batch.
@@ -122,6 +130,19 @@ impl PlanSettings {
         pattern_value(&self.rank_pattern, path).map_or(self.rank, |r| *r)
     }
 
+    /// `qlora train`'s defaults on `device`, in the dtypes a run there loads: `compute_dtype`, or
+    /// the device's default (f32 on the CPU, bf16 on CUDA), for activations and, as the loader
+    /// has it, for embeddings, head and norms.
+    pub fn for_device(device: DeviceSpec, compute_dtype: Option<DType>) -> Self {
+        let dtype = compute_dtype.unwrap_or_else(|| device.default_compute_dtype());
+        Self {
+            device,
+            compute_dtype: dtype,
+            weight_dtype: dtype,
+            ..Default::default()
+        }
+    }
+
     /// Which layers the planned step recomputes.
     pub fn checkpointing(&self) -> Checkpointing {
         Checkpointing {
@@ -132,10 +153,12 @@ impl PlanSettings {
 }
 
 impl Default for PlanSettings {
-    /// `qlora train`'s defaults: 4 × 512, r 16 on all linear layers, dropout, checkpointing,
-    /// plain f32 AdamW, NF4 blocksize 64 with double quantization, f32 compute and weights.
+    /// `qlora train`'s defaults on the CPU: 4 × 512, r 16 on all linear layers, dropout,
+    /// checkpointing, plain f32 AdamW, NF4 blocksize 64 with double quantization, f32 compute and
+    /// weights.
     fn default() -> Self {
         Self {
+            device: DeviceSpec::Cpu,
             seq_len: 512,
             batch_size: 4,
             rank: 16,
@@ -158,11 +181,6 @@ impl Default for PlanSettings {
         }
     }
 }
-
-/// What the process uses besides the model and the step: the binary, its libraries, allocator
-/// arenas, tokenizer, data. Measured: `qlora train` on the tiny-llama fixture (seq 32, batch 1)
-/// peaks at 28.9 MiB RSS; rounded up.
-pub const RUNTIME_BASELINE_BYTES: usize = 32 << 20;
 
 /// One line of the plan.
 #[derive(Clone, Debug, PartialEq)]
@@ -352,28 +370,7 @@ pub fn plan_memory(model: &PlanModel, s: &PlanSettings) -> MemoryPlan {
             backward_item
         });
     }
-    // Forward panels are 64 rows x in; backward panels up to 2048 rows x 128 columns
-    // (quant/src/cpu/gemm.rs); a thread keeps the largest it has used.
-    let widest = model
-        .linears()
-        .iter()
-        .map(|l| l.inp.max(l.out))
-        .max()
-        .unwrap_or(0);
-    let scratch = match s.base {
-        BaseFormat::Quantized(_) => s.threads * 4 * (64 * widest).max(widest.min(2048) * 128),
-        BaseFormat::Dense => 0,
-    };
-    items.push(PlanItem {
-        name: "kernel scratch",
-        detail: format!("{} threads x one decoded panel", s.threads),
-        bytes: scratch,
-    });
-    items.push(PlanItem {
-        name: "runtime",
-        detail: "binary, libraries, allocator, tokenizer (measured on a tiny run)".to_string(),
-        bytes: RUNTIME_BASELINE_BYTES,
-    });
+    items.extend(runtime::runtime_items(model, s));
     let peak = items.iter().map(|i| i.bytes).sum();
     MemoryPlan {
         items,
@@ -473,11 +470,16 @@ impl fmt::Display for MemoryPlan {
         let s = &self.settings;
         writeln!(
             f,
-            "memory plan: batch {} x seq {}, checkpointing {}, compute {:?}",
+            "memory plan: batch {} x seq {}, checkpointing {}, compute {:?}, {}",
             s.batch_size,
             s.seq_len,
             s.checkpointing(),
-            s.compute_dtype
+            s.compute_dtype,
+            match s.device {
+                DeviceSpec::Cpu => "host memory (cpu)".to_string(),
+                d @ DeviceSpec::Cuda(_) =>
+                    format!("device memory of {d} (host memory not counted)"),
+            }
         )?;
         let w = self.items.iter().map(|i| i.name.len()).max().unwrap_or(0);
         for i in &self.items {

@@ -7,8 +7,9 @@ use serde_json::json;
 use super::estimate::{self, adapter_params, base_bytes, optimizer_bytes, quantized_bytes};
 use super::presets::{preset_config, PRESETS};
 use super::*;
+use crate::device::DeviceSpec;
 use crate::model::config::LlamaConfig;
-use crate::model::loader::LoadOptions;
+use crate::model::loader::{BaseFormat, LoadOptions};
 use crate::model::random_source::generate_model;
 
 #[test]
@@ -284,4 +285,186 @@ fn largest_keep_layers_is_the_most_that_fit() {
     );
     // 8-bit optimizer state is smaller: the same limit keeps more layers.
     assert!(budget::most_kept_layers(&PlanModel::from(cfg.clone()), &s, true, None, limit) > 7);
+}
+
+/// `bytes` of the item called `name` in `plan`.
+fn item_bytes(plan: &MemoryPlan, name: &str) -> usize {
+    plan.items
+        .iter()
+        .find(|i| i.name == name)
+        .map(|i| i.bytes)
+        .unwrap_or_else(|| panic!("no {name} in {plan}"))
+}
+
+const CUDA_ITEMS: [&str; 4] = [
+    "dequantization workspace",
+    "cuBLAS workspace",
+    "CUDA kernel modules",
+    "CUDA context",
+];
+const HOST_ITEMS: [&str; 2] = ["kernel scratch", "runtime"];
+
+#[test]
+fn for_device_takes_the_dtypes_a_run_there_loads() {
+    assert_eq!(
+        PlanSettings::for_device(DeviceSpec::Cpu, None),
+        PlanSettings::default()
+    );
+    let gpu = PlanSettings::for_device(DeviceSpec::Cuda(1), None);
+    assert_eq!(gpu.device, DeviceSpec::Cuda(1));
+    assert_eq!(
+        (gpu.compute_dtype, gpu.weight_dtype),
+        (DType::BF16, DType::BF16)
+    );
+    let f32_gpu = PlanSettings::for_device(DeviceSpec::Cuda(0), Some(DType::F32));
+    assert_eq!(
+        (f32_gpu.compute_dtype, f32_gpu.weight_dtype),
+        (DType::F32, DType::F32)
+    );
+}
+
+#[test]
+fn host_step_and_fused_ops_are_cpu_only() {
+    let cfg = PlanModel::from(preset_config("llama-3-8b").unwrap());
+    let at = |device, dtype| PlanSettings::for_device(device, Some(dtype));
+    let cpu = at(DeviceSpec::Cpu, DType::F32);
+    assert!(estimate::uses_fused_ops(&cpu) && estimate::uses_host_step(&cfg, &cpu));
+    for s in [
+        at(DeviceSpec::Cuda(0), DType::F32),
+        at(DeviceSpec::Cuda(0), DType::BF16),
+        at(DeviceSpec::Cpu, DType::BF16),
+    ] {
+        assert!(
+            !estimate::uses_fused_ops(&s),
+            "{:?} {:?}",
+            s.device,
+            s.compute_dtype
+        );
+        assert!(
+            !estimate::uses_host_step(&cfg, &s),
+            "{:?} {:?}",
+            s.device,
+            s.compute_dtype
+        );
+    }
+}
+
+#[test]
+fn cuda_plan_has_the_device_items_and_none_of_the_host_ones() {
+    let cfg = PlanModel::from(preset_config("llama-3-8b").unwrap());
+    let s = PlanSettings {
+        seq_len: 2048,
+        batch_size: 2,
+        threads: 2,
+        ..PlanSettings::for_device(DeviceSpec::Cuda(0), None)
+    };
+    let gpu = plan_memory(&cfg, &s);
+    let names: Vec<_> = gpu.items.iter().map(|i| i.name).collect();
+    for name in CUDA_ITEMS {
+        assert!(names.contains(&name), "{name} missing from {gpu}");
+    }
+    for name in HOST_ITEMS {
+        assert!(!names.contains(&name), "{name} in {gpu}");
+    }
+    assert_eq!(item_bytes(&gpu, "CUDA context"), 500 << 20);
+    assert_eq!(item_bytes(&gpu, "cuBLAS workspace"), 32 << 20);
+    assert_eq!(item_bytes(&gpu, "CUDA kernel modules"), 16 << 20);
+    // The largest quantized weight of Llama-3-8B is an MLP projection, 14336 x 4096, in bf16.
+    assert_eq!(
+        item_bytes(&gpu, "dequantization workspace"),
+        14336 * 4096 * 2
+    );
+    // Embeddings and head in bf16 (2 x 128256 x 4096), 65 norms of 4096, RoPE f32 tables.
+    assert_eq!(
+        item_bytes(&gpu, "embeddings, head, norms"),
+        2 * 128_256 * 4096 * 2 + 65 * 4096 * 2 + 2 * 2048 * 128 * 4
+    );
+    let text = gpu.to_string();
+    assert!(
+        text.contains("compute BF16, device memory of cuda:0 (host memory not counted)"),
+        "{text}"
+    );
+    // The same run planned on the CPU in bf16 takes the same composite graph: only the items
+    // the device adds differ.
+    let cpu = plan_memory(
+        &cfg,
+        &PlanSettings {
+            device: DeviceSpec::Cpu,
+            ..s.clone()
+        },
+    );
+    let names: Vec<_> = cpu.items.iter().map(|i| i.name).collect();
+    for name in HOST_ITEMS {
+        assert!(names.contains(&name), "{name} missing from {cpu}");
+    }
+    for name in CUDA_ITEMS {
+        assert!(!names.contains(&name), "{name} in {cpu}");
+    }
+    let sum =
+        |p: &MemoryPlan, names: &[&str]| names.iter().map(|n| item_bytes(p, n)).sum::<usize>();
+    assert_eq!(
+        gpu.peak - sum(&gpu, &CUDA_ITEMS),
+        cpu.peak - sum(&cpu, &HOST_ITEMS)
+    );
+    assert!(cpu.to_string().contains("compute BF16, host memory (cpu)"));
+}
+
+#[test]
+fn dequant_workspace_is_the_largest_quantized_weight_in_the_compute_dtype() {
+    let workspace = |name: &str, s: &PlanSettings| {
+        runtime::dequant_workspace_bytes(&PlanModel::from(preset_config(name).unwrap()), s)
+    };
+    let bf16 = PlanSettings::for_device(DeviceSpec::Cuda(0), None);
+    let f32 = PlanSettings::for_device(DeviceSpec::Cuda(0), Some(DType::F32));
+    assert_eq!(workspace("llama-3-8b", &bf16), 117_440_512);
+    assert_eq!(workspace("llama-3-8b", &f32), 234_881_024);
+    assert_eq!(workspace("llama-2-7b", &bf16), 11008 * 4096 * 2);
+    assert_eq!(workspace("mistral-7b", &bf16), 14336 * 4096 * 2);
+    assert_eq!(workspace("qwen2-7b", &bf16), 18944 * 3584 * 2);
+    // The head and embeddings stay dense: the 128256 x 4096 head is not the largest weight.
+    assert!(workspace("llama-3-8b", &bf16) < 128_256 * 4096 * 2);
+    let dense = PlanSettings {
+        base: BaseFormat::Dense,
+        ..bf16.clone()
+    };
+    assert_eq!(workspace("llama-3-8b", &dense), 0);
+}
+
+#[test]
+fn bf16_gpu_activations_are_about_half_of_f32_on_the_composite_path() {
+    let cfg = PlanModel::from(preset_config("llama-3-8b").unwrap());
+    let at = |dtype| PlanSettings {
+        seq_len: 2048,
+        batch_size: 1,
+        ..PlanSettings::for_device(DeviceSpec::Cuda(0), Some(dtype))
+    };
+    let (a16, a32) = (
+        estimate::activations(&cfg, &at(DType::BF16)),
+        estimate::activations(&cfg, &at(DType::F32)),
+    );
+    let n = 2048;
+    // 33 checkpointed layer inputs [2048, 4096] and one [2048, 2048] mask, in the compute dtype.
+    assert_eq!(a16.layer_inputs, 33 * n * 4096 * 2);
+    assert_eq!(a32.layer_inputs, 2 * a16.layer_inputs);
+    assert_eq!(a32.mask, 2 * a16.mask);
+    // One layer's graph, counted by hand from `composite_layer_graph_elems`: six [32, 2048,
+    // 2048] score-sized tensors, and per token 348,384 values: r16 projections with dropout
+    // (3·out + 2·r + 2·in each: q 20512, k 11296, v 11296, o 20512, gate 51232, up 51232, down
+    // 40992), two RMSNorms of 8·4096 (in bf16: f32 copy, x², x/rms, then the cast and the
+    // weight), RoPE 18688 + 4864, per-head copies 4096 + 3·1024, probs·v and the merge 2·4096,
+    // SwiGLU 2·14336 and two residuals 2·4096. In f32 a norm is 3·4096: 307,424 per token,
+    // and the bf16 adapters are cast to f32 once per projection: 16 · Σ(in + out) values.
+    let scores = 6 * 32 * 2048 * 2048;
+    assert_eq!(a16.layer_graph, (scores + n * 348_384) * 2);
+    let casts = 16 * (2 * 8192 + 2 * 5120 + 3 * 18432);
+    assert_eq!(a32.layer_graph, (scores + n * 307_424 + casts) * 4);
+    let ratio = |a: usize, b: usize| a as f64 / b as f64;
+    let graph = ratio(a16.layer_graph, a32.layer_graph);
+    assert!((0.5..0.55).contains(&graph), "{graph}");
+    // The whole step's activation peak: the loss's f32 logits do not halve, so a little more.
+    let peak = ratio(
+        activation_peak(&cfg, &at(DType::BF16)),
+        activation_peak(&cfg, &at(DType::F32)),
+    );
+    assert!((0.5..0.6).contains(&peak), "{peak}");
 }
