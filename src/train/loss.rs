@@ -29,6 +29,9 @@ pub fn chunked_cross_entropy(
     targets: &[i64],
     chunk_rows: usize,
 ) -> Result<Tensor> {
+    if !h.device().is_cpu() {
+        return super::device_loss::chunked_cross_entropy_ops(h, head, targets, chunk_rows);
+    }
     let op = ChunkedCrossEntropy::new(h, head, targets, chunk_rows, h.track_op())?;
     h.contiguous()?.apply_op1(op)
 }
@@ -57,6 +60,9 @@ pub fn dense_cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
 /// Summed (not mean) cross-entropy of `h · headᵀ` over the counted targets, accumulated in
 /// f64; no gradient (evaluation).
 pub fn summed_nll(h: &Tensor, head: &Tensor, targets: &[i64], chunk_rows: usize) -> Result<f64> {
+    if !h.device().is_cpu() {
+        return super::device_loss::summed_nll_ops(h, head, targets, chunk_rows);
+    }
     let op = ChunkedCrossEntropy::new(h, head, targets, chunk_rows, false)?;
     let h32 = h.detach().to_dtype(DType::F32)?.contiguous()?;
     with_f32(&h32, |hv| Ok(op.pass(hv)?.0))
@@ -313,7 +319,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    /// Loss and gradient equal the plain (unchunked) cross-entropy, for any chunk size.
+    /// Loss and gradient equal the plain (unchunked) cross-entropy, for any chunk size, on the
+    /// CPU op and on the tensor-op version; the summed NLL of both equals the loss times the count.
     #[test]
     fn equals_dense_cross_entropy_and_its_gradient() {
         let dev = Device::Cpu;
@@ -336,8 +343,15 @@ mod tests {
             .unwrap();
         let gw = want.backward().unwrap();
         let gwant = gw.get(h.as_tensor()).unwrap();
-        for chunk in [1, 3, 7, 100] {
-            let got = chunked_cross_entropy(h.as_tensor(), &head, &targets, chunk).unwrap();
+        // The CPU op, and the tensor-op version a GPU runs (here on CPU tensors).
+        type LossFn = fn(&Tensor, &Tensor, &[i64], usize) -> Result<Tensor>;
+        let ops: LossFn = super::super::device_loss::chunked_cross_entropy_ops;
+        let cpu: LossFn = chunked_cross_entropy;
+        for (chunk, f) in [1, 3, 7, 100]
+            .into_iter()
+            .flat_map(|c| [(c, cpu), (c, ops)])
+        {
+            let got = f(h.as_tensor(), &head, &targets, chunk).unwrap();
             let d = (got.to_scalar::<f32>().unwrap() - want.to_scalar::<f32>().unwrap()).abs();
             assert!(d < 1e-5, "chunk {chunk}: loss differs by {d}");
             let g = got.backward().unwrap();
@@ -351,6 +365,17 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(d < 1e-5, "chunk {chunk}: gradient differs by {d}");
+        }
+        let want_sum = f64::from(want.to_scalar::<f32>().unwrap()) * 5.0;
+        for chunk in [2, 100] {
+            let a = summed_nll(h.as_tensor(), &head, &targets, chunk).unwrap();
+            let b =
+                super::super::device_loss::summed_nll_ops(h.as_tensor(), &head, &targets, chunk)
+                    .unwrap();
+            assert!(
+                (a - want_sum).abs() < 1e-4 && (b - want_sum).abs() < 1e-4,
+                "{a} {b} {want_sum}"
+            );
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data_parallel;
+pub mod device_loss;
 pub mod layerwise;
 pub mod llama_step;
 pub mod loss;
