@@ -10,6 +10,7 @@
 //!   backend follows the host optimizer's run (LoRA+, clipping and weight decay on).
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -149,7 +150,7 @@ fn batches(batch_size: usize) -> Batches {
 
 const STEPS: usize = 6;
 
-fn settings(grad_accum: usize, collective: Arc<dyn Collective>) -> TrainSettings {
+fn settings(grad_accum: usize, collective: Rc<dyn Collective>) -> TrainSettings {
     TrainSettings {
         steps: STEPS,
         grad_accum,
@@ -183,7 +184,7 @@ fn settings(grad_accum: usize, collective: Arc<dyn Collective>) -> TrainSettings
 
 fn run_single(out: &Path, batch: usize, grad_accum: usize, engine: UpdateEngine) -> TrainReport {
     let mut m = model(None, 7);
-    let mut s = settings(grad_accum, Arc::new(Single));
+    let mut s = settings(grad_accum, Rc::new(Single));
     s.optim_engine = Some(engine);
     train(
         &mut m,
@@ -206,7 +207,7 @@ fn run_two_ranks(outs: [&Path; 2], resume: Option<&Path>) -> [TrainReport; 2] {
             let out = outs[r.rank].to_path_buf();
             scope.spawn(move || {
                 let mut m = model(resume, 7 + r.rank as u64);
-                let mut s = settings(1, Arc::new(r));
+                let mut s = settings(1, Rc::new(r));
                 s.resume = resume.map(Path::to_path_buf);
                 train(&mut m, &lora_cfg(), "tiny", &mut batches(2), &[], &s, &out).unwrap()
             })

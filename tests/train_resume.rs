@@ -90,7 +90,7 @@ fn settings(
         stop: Some(Arc::new(AtomicBool::new(stop))),
         run_options: [("seed".to_string(), "3".to_string())].into(),
         profile: false,
-        collective: std::sync::Arc::new(qlora::distributed::Single),
+        collective: std::rc::Rc::new(qlora::distributed::Single),
         optim_engine: None,
     }
 }

@@ -1,7 +1,7 @@
 //! `qlora train`: fine-tune LoRA adapters on a frozen NF4 (or FP4, or full-precision) base.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
 
 use anyhow::Context;
 use candle_core::DType;
@@ -234,9 +234,9 @@ pub struct TrainArgs {
 /// Join the data-parallel job when `--distributed` asks for it: the collective, and the device
 /// this rank computes on. A rank other than 0 prints nothing on standard output from here on
 /// (errors still reach standard error).
-fn join_job(args: &mut TrainArgs) -> anyhow::Result<Arc<dyn Collective>> {
+fn join_job(args: &mut TrainArgs) -> anyhow::Result<Rc<dyn Collective>> {
     if !args.distributed {
-        return Ok(Arc::new(crate::distributed::Single));
+        return Ok(Rc::new(crate::distributed::Single));
     }
     let (collective, device) = crate::distributed::connect(args.model.device)?;
     args.model.device = device;

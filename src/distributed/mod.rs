@@ -5,7 +5,7 @@
 //! process per GPU with `RANK` / `WORLD_SIZE` / `LOCAL_RANK` set as torchrun does).
 
 use std::fmt;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use candle_core::Tensor;
 
@@ -163,7 +163,7 @@ impl LaunchEnv {
 /// The collective for a `--distributed` run on `device`: MPI on the CPU, NCCL on CUDA (one
 /// process per GPU; the device number is the launcher's local rank). Returns the engine and the
 /// device this rank computes on.
-pub fn connect(device: DeviceSpec) -> Result<(Arc<dyn Collective>, DeviceSpec), DistributedError> {
+pub fn connect(device: DeviceSpec) -> Result<(Rc<dyn Collective>, DeviceSpec), DistributedError> {
     match device {
         DeviceSpec::Cpu => connect_mpi(),
         DeviceSpec::Cuda(_) => connect_nccl(),
@@ -171,13 +171,13 @@ pub fn connect(device: DeviceSpec) -> Result<(Arc<dyn Collective>, DeviceSpec), 
 }
 
 #[cfg(feature = "mpi")]
-fn connect_mpi() -> Result<(Arc<dyn Collective>, DeviceSpec), DistributedError> {
+fn connect_mpi() -> Result<(Rc<dyn Collective>, DeviceSpec), DistributedError> {
     let c = mpi_engine::MpiCollective::init()?;
-    Ok((Arc::new(c), DeviceSpec::Cpu))
+    Ok((Rc::new(c), DeviceSpec::Cpu))
 }
 
 #[cfg(not(feature = "mpi"))]
-fn connect_mpi() -> Result<(Arc<dyn Collective>, DeviceSpec), DistributedError> {
+fn connect_mpi() -> Result<(Rc<dyn Collective>, DeviceSpec), DistributedError> {
     Err(DistributedError::NotCompiled {
         device: DeviceSpec::Cpu,
         feature: "mpi",
@@ -187,15 +187,15 @@ fn connect_mpi() -> Result<(Arc<dyn Collective>, DeviceSpec), DistributedError> 
 }
 
 #[cfg(feature = "nccl")]
-fn connect_nccl() -> Result<(Arc<dyn Collective>, DeviceSpec), DistributedError> {
+fn connect_nccl() -> Result<(Rc<dyn Collective>, DeviceSpec), DistributedError> {
     let env = LaunchEnv::from_vars(|k| std::env::var(k).ok())?;
     let device = DeviceSpec::Cuda(env.local_rank);
     let c = nccl_engine::NcclCollective::init(env)?;
-    Ok((Arc::new(c), device))
+    Ok((Rc::new(c), device))
 }
 
 #[cfg(not(feature = "nccl"))]
-fn connect_nccl() -> Result<(Arc<dyn Collective>, DeviceSpec), DistributedError> {
+fn connect_nccl() -> Result<(Rc<dyn Collective>, DeviceSpec), DistributedError> {
     Err(DistributedError::NotCompiled {
         device: DeviceSpec::Cuda(0),
         feature: "nccl",

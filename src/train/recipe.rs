@@ -409,7 +409,7 @@ impl TrainRecipe {
             stop: None,
             run_options: BTreeMap::new(),
             profile: false,
-            collective: std::sync::Arc::new(crate::distributed::Single),
+            collective: std::rc::Rc::new(crate::distributed::Single),
             optim_engine: None,
         }
     }

@@ -68,7 +68,7 @@ pub struct TrainSettings {
     /// The ranks of a data-parallel run ([`crate::distributed::Single`] for one process): each
     /// rank takes its share of every step's batches, gradients are summed over ranks, and only
     /// the writing rank writes.
-    pub collective: std::sync::Arc<dyn crate::distributed::Collective>,
+    pub collective: std::rc::Rc<dyn crate::distributed::Collective>,
     /// Where the optimizer update runs (`None`: by the parameters' device, the host update on
     /// CPU and tensor ops on a GPU).
     pub optim_engine: Option<crate::optim::UpdateEngine>,
