@@ -8,11 +8,14 @@
 //!
 //! Environment: `QLORA_SCALE_LAYERS` (default 32) for a quick check with fewer layers,
 //! `QLORA_SCALE_SEQ` (512), `QLORA_SCALE_BATCH` (1), `QLORA_SCALE_WEIGHT_DTYPE` (f32, what
-//! `qlora train` loads embeddings and head in, or bf16).
+//! `qlora train` loads embeddings and head in on the CPU, or bf16), `QLORA_SCALE_DEVICE` (cpu, or
+//! cuda[:N] in a `--features cuda` build: bf16 compute and weights, 1 warm-up step and
+//! `QLORA_SCALE_STEPS` (2) timed ones; peak device memory is measured from outside, by
+//! scripts/gpu-check.sh, since candle frees device memory as tensors drop).
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use qlora::lora::LoraConfig;
 use qlora::model::loader::LoadOptions;
 use qlora::model::random_source::generate_model;
@@ -38,8 +41,20 @@ fn main() -> anyhow::Result<()> {
     let layers = env_usize("QLORA_SCALE_LAYERS", 32)?;
     let seq = env_usize("QLORA_SCALE_SEQ", 512)?;
     let batch = env_usize("QLORA_SCALE_BATCH", 1)?;
+    let spec = match std::env::var("QLORA_SCALE_DEVICE") {
+        Ok(s) => qlora::device::DeviceSpec::parse(&s)?,
+        Err(_) => qlora::device::DeviceSpec::Cpu,
+    };
+    let device = spec.open()?;
+    let compute_dtype = spec.default_compute_dtype();
+    let timed_steps = if device.is_cpu() {
+        1
+    } else {
+        env_usize("QLORA_SCALE_STEPS", 2)?.max(1)
+    };
     let weight_dtype = match std::env::var("QLORA_SCALE_WEIGHT_DTYPE").as_deref() {
-        Err(_) | Ok("f32") => DType::F32,
+        Err(_) => compute_dtype,
+        Ok("f32") => DType::F32,
         Ok("bf16") => DType::BF16,
         Ok(other) => anyhow::bail!("QLORA_SCALE_WEIGHT_DTYPE={other}: expected f32 or bf16"),
     };
@@ -50,11 +65,11 @@ fn main() -> anyhow::Result<()> {
         seq_len: seq,
         batch_size: batch,
         weight_dtype,
-        ..Default::default()
+        ..PlanSettings::for_device(spec, Some(compute_dtype))
     };
     let plan = plan_memory(&cfg.clone().into(), &settings);
     println!(
-        "scale check: Llama-2-7B shape, {layers} layers, r 16 all-linear, NF4, batch {batch} x seq {seq}, checkpointing on, {} rayon threads",
+        "scale check: Llama-2-7B shape, {layers} layers, r 16 all-linear, NF4, batch {batch} x seq {seq}, checkpointing on, {spec} {compute_dtype:?}, {} rayon threads",
         rayon::current_num_threads()
     );
     println!("{plan}");
@@ -63,6 +78,8 @@ fn main() -> anyhow::Result<()> {
     let opts = LoadOptions {
         max_positions: Some(seq),
         weight_dtype: Some(weight_dtype),
+        compute_dtype,
+        device: device.clone(),
         ..Default::default()
     };
     let mut model = generate_model(&cfg, &opts, 42)?;
@@ -78,17 +95,29 @@ fn main() -> anyhow::Result<()> {
         .map(|i| ((i * 7919 + 13) % 32000) as u32)
         .collect();
     let batch_t = Batch {
-        ids: Tensor::from_vec(ids.clone(), (batch, seq), &Device::Cpu)?,
+        ids: Tensor::from_vec(ids.clone(), (batch, seq), &device)?,
         labels: ids.iter().map(|&x| x as i64).collect(),
         segments: None,
         positions: None,
         classes: None,
     };
+    let step = |opt: &mut AdamW| -> anyhow::Result<f64> {
+        let (loss, grads) =
+            loss_and_grads_layerwise(&model, &batch_t, &vars, Checkpointing::all(true))?;
+        opt.step(&grads, 2e-4)?;
+        device.synchronize()?;
+        Ok(loss)
+    };
+    if !device.is_cpu() {
+        // Kernel modules load and cuBLAS initializes on the first step.
+        step(&mut opt)?;
+    }
     let t1 = Instant::now();
-    let (loss, grads) =
-        loss_and_grads_layerwise(&model, &batch_t, &vars, Checkpointing::all(true))?;
-    opt.step(&grads, 2e-4)?;
-    let step_s = t1.elapsed().as_secs_f64();
+    let mut loss = 0.0;
+    for _ in 0..timed_steps {
+        loss = step(&mut opt)?;
+    }
+    let step_s = t1.elapsed().as_secs_f64() / timed_steps as f64;
     let peak = peak_rss_bytes().ok_or_else(|| anyhow::anyhow!("no /proc/self/status"))?;
     let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -99,12 +128,20 @@ fn main() -> anyhow::Result<()> {
     );
     println!("| what | plan | measured | plan / measured |");
     println!("| --- | ---: | ---: | ---: |");
-    println!(
-        "| peak RSS | {} | {} | {:.3} |",
-        format_bytes(plan.peak),
-        format_bytes(peak),
-        plan.peak as f64 / peak as f64
-    );
+    if device.is_cpu() {
+        println!(
+            "| peak RSS | {} | {} | {:.3} |",
+            format_bytes(plan.peak),
+            format_bytes(peak),
+            plan.peak as f64 / peak as f64
+        );
+    } else {
+        println!(
+            "| peak device memory | {} | (nvidia-smi, from outside) | |",
+            format_bytes(plan.peak)
+        );
+        println!("| peak host RSS | | {} | |", format_bytes(peak));
+    }
     println!(
         "| step time (forward + loss + backward with recompute + AdamW) | | {step_s:.1} s | |"
     );

@@ -3,11 +3,14 @@
 #   1. the kernels in quant/kernels/*.cu to PTX for sm_80 (Ampere: A100, RTX 30xx) and sm_90
 #      (Hopper), then each PTX through ptxas to machine code (catches what PTX alone accepts:
 #      register/shared-memory limits), printing register use per kernel;
-#   2. `cargo build --features cuda` (candle with CUDA, its kernels, our PTX via build.rs, the
-#      qlora binary) and the test binaries of the `cuda` feature;
+#   2. `cargo build --release --features cuda,nccl` (candle with CUDA, its kernels, our PTX via
+#      build.rs, the device-side optimizer and paged state, the NCCL collective, the qlora
+#      binary) and the test binaries, into target/cuda (apart from the CPU build, whose
+#      target/release/qlora it would otherwise replace);
 #   3. the GPU tests, which run on a GPU and report that they skip without one.
-# The toolkit comes from scripts/cuda-env.sh (PyPI wheels, cached in ~/.cache/qlora/cuda).
-# Logs: target/cuda-check/. CUDA_COMPUTE_CAP (default 80) picks the arch cargo builds for.
+# The toolkit comes from scripts/cuda-env.sh (PyPI wheels, cached in ~/.cache/qlora/cuda; NCCL
+# is linked against a stub). Logs: target/cuda-check/. CUDA_COMPUTE_CAP (default 80) picks the
+# arch cargo builds for. scripts/gpu-check.sh reuses this build on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/cuda-env.sh
@@ -34,8 +37,9 @@ for cu in quant/kernels/*.cu; do
 done
 echo "== kernels: $((SECONDS - start)) s"
 
-echo "== cargo build --features cuda (log: $out/cargo-build.log)"
-cargo build --workspace --features cuda --all-targets >"$out/cargo-build.log" 2>&1 || {
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
+echo "== cargo build --release --features cuda,nccl into $CARGO_TARGET_DIR (log: $out/cargo-build.log)"
+cargo build --release --workspace --features cuda,nccl --all-targets >"$out/cargo-build.log" 2>&1 || {
     tail -n 40 "$out/cargo-build.log"
     exit 1
 }
@@ -44,7 +48,7 @@ echo "== build: $((SECONDS - start)) s"
 # Same package and feature selection as the build above, so nothing is rebuilt (a narrower
 # `-p qlora-quant` selection resolves features differently and recompiles candle's kernels).
 echo "== GPU tests (they skip without a device)"
-cargo test --workspace --features cuda --tests -- gpu_ --nocapture 2>&1 |
+cargo test --release --workspace --features cuda,nccl --tests -- gpu_ --nocapture 2>&1 |
     tee "$out/gpu-tests.log" | grep -E 'skipping|test result|^test ' || true
 grep -q 'test result: ok' "$out/gpu-tests.log"
 echo "== check-cuda: ok in $((SECONDS - start)) s"
