@@ -156,7 +156,8 @@ pub struct TrainOptions {
     #[arg(long)]
     pub eval_every: Option<usize>,
     /// Page the optimizer state: keep at most this many MiB resident, the rest in a
-    /// memory-mapped file (bit-identical results).
+    /// memory-mapped file (bit-identical results); with --device cuda, at most this many MiB in
+    /// device memory, the rest in pinned host memory (QLoRA's paged optimizer).
     #[arg(long)]
     pub optim_resident_mb: Option<f64>,
     /// 8-bit blockwise optimizer state (as bitsandbytes' 8-bit AdamW).
