@@ -396,11 +396,16 @@ pub fn activations(model: &PlanModel, s: &PlanSettings) -> Activations {
     };
     // Loss (`train::loss`, one pass per chunk): the top hidden state's copy, its norm, the
     // shifted rows' copy, one reused `[chunk, vocab]` f32 logits buffer and the hidden gradient
-    // it fills (f32, kept for the backward); an f32 copy of the head when it is held in another
-    // dtype. An encoder's classification loss keeps the top hidden state and its gradient.
+    // it fills (f32, kept for the backward); with f32 activations on the CPU an f32 copy of the
+    // head when it is held in another dtype (the tensor-op loss, on a GPU or in bf16, keeps the
+    // head's dtype and takes a quarter of the rows for its four buffers: the same bytes). An encoder's classification loss keeps
+    // the top hidden state and its gradient.
     let loss = if model.vocab_loss() {
         let rows = s.chunk_rows.min(n).max(1);
-        let head_f32 = if s.weight_dtype == DType::F32 {
+        let head_f32 = if s.weight_dtype == DType::F32
+            || s.compute_dtype != DType::F32
+            || s.device != DeviceSpec::Cpu
+        {
             0
         } else {
             model.vocab() * h * 4

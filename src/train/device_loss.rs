@@ -1,9 +1,16 @@
-//! The chunked causal-LM cross-entropy as candle tensor ops, for hidden states on a device
-//! without the CPU kernel of [`chunked_cross_entropy`](super::loss::chunked_cross_entropy) (a
-//! GPU). Same contract and the same memory shape: per chunk of rows the logits `h · headᵀ` are
+//! The chunked causal-LM cross-entropy as candle tensor ops, for hidden states the CPU kernel of
+//! [`chunked_cross_entropy`](super::loss::chunked_cross_entropy) does not take: on a GPU, or in
+//! bf16 (where it runs as on a GPU, which is what lets the CPU's bf16 backend stand in for a GPU
+//! step in the memory plan's tests). Same contract and the same memory shape: per chunk of rows the logits `h · headᵀ` are
 //! formed (in `h`'s dtype, then f32 for the softmax, as transformers upcasts them), the chunk's
 //! summed negative log-likelihood and, when asked, `dh = (softmax - onehot) · head` are computed,
 //! and the logits are dropped; only `dh` (`[tokens, hidden]`) is kept for the backward.
+//!
+//! The head stays in its dtype (no f32 copy: 2 GiB for a 128k vocabulary at hidden 4096); the
+//! products run in `h`'s dtype and are widened to f32 after. A chunk holds about four f32
+//! `[rows, vocab]` buffers at its peak (the logits, log-softmax's internals, the softmax) where the
+//! CPU op holds one, so it takes a quarter of the CPU op's rows: the same bytes, which is what the
+//! memory plan counts.
 //!
 //! The gradient reaches `h` through `a - a.detach()` with `a = Σ h ⊙ dh`: exactly zero in value,
 //! `dh` in gradient, added to the loss value.
@@ -11,6 +18,9 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::loss::IGNORE_INDEX;
+
+/// The CPU op's rows per chunk divided by this: the same bytes (see the module doc).
+pub const ROWS_DIVISOR: usize = 4;
 
 /// Summed NLL over the counted rows, their count, and (with `want_grad`) `Σ_rows dh` in f32.
 fn pass(
@@ -27,12 +37,12 @@ fn pass(
     let dev = h.device();
     let h = h.detach();
     let head = head.detach().to_dtype(h.dtype())?;
-    let head32 = head.to_dtype(DType::F32)?;
+    let chunk_rows = (chunk_rows / ROWS_DIVISOR).max(1);
     let mut nll = 0f64;
     let mut counted = 0usize;
     let mut dh = Vec::new();
-    for start in (0..n).step_by(chunk_rows.max(1)) {
-        let len = chunk_rows.max(1).min(n - start);
+    for start in (0..n).step_by(chunk_rows) {
+        let len = chunk_rows.min(n - start);
         let t = &targets[start..start + len];
         let mask: Vec<f32> = t
             .iter()
@@ -49,18 +59,25 @@ fn pass(
         let idx: Vec<u32> = t.iter().map(|&x| x.max(0) as u32).collect();
         let idx = Tensor::from_vec(idx, len, dev)?;
         let mask = Tensor::from_vec(mask, (len, 1), dev)?;
-        let logits = h
-            .narrow(0, start, len)?
-            .matmul(&head.t()?)?
-            .to_dtype(DType::F32)?;
-        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        // Scoped so each [rows, vocab] buffer is freed as soon as the next exists.
+        let lsm = {
+            let logits = h
+                .narrow(0, start, len)?
+                .matmul(&head.t()?)?
+                .to_dtype(DType::F32)?;
+            candle_nn::ops::log_softmax(&logits, D::Minus1)?
+        };
         let picked = lsm.gather(&idx.unsqueeze(1)?, 1)?;
         let s = (picked * &mask)?.sum_all()?.to_dtype(DType::F64)?;
         nll -= s.to_scalar::<f64>()?;
         if want_grad {
-            let p = lsm.exp()?.broadcast_mul(&mask)?;
-            let onehot_head = head32.index_select(&idx, 0)?.broadcast_mul(&mask)?;
-            dh.push((p.matmul(&head32)? - onehot_head)?);
+            let p = lsm.exp()?.broadcast_mul(&mask)?.to_dtype(h.dtype())?;
+            drop(lsm);
+            let onehot_head = head
+                .index_select(&idx, 0)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&mask)?;
+            dh.push((p.matmul(&head)?.to_dtype(DType::F32)? - onehot_head)?);
         }
     }
     let dh = if want_grad {

@@ -29,7 +29,7 @@ pub fn chunked_cross_entropy(
     targets: &[i64],
     chunk_rows: usize,
 ) -> Result<Tensor> {
-    if !h.device().is_cpu() {
+    if !h.device().is_cpu() || h.dtype() != DType::F32 {
         return super::device_loss::chunked_cross_entropy_ops(h, head, targets, chunk_rows);
     }
     let op = ChunkedCrossEntropy::new(h, head, targets, chunk_rows, h.track_op())?;
@@ -60,7 +60,7 @@ pub fn dense_cross_entropy(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
 /// Summed (not mean) cross-entropy of `h · headᵀ` over the counted targets, accumulated in
 /// f64; no gradient (evaluation).
 pub fn summed_nll(h: &Tensor, head: &Tensor, targets: &[i64], chunk_rows: usize) -> Result<f64> {
-    if !h.device().is_cpu() {
+    if !h.device().is_cpu() || h.dtype() != DType::F32 {
         return super::device_loss::summed_nll_ops(h, head, targets, chunk_rows);
     }
     let op = ChunkedCrossEntropy::new(h, head, targets, chunk_rows, false)?;
