@@ -9,22 +9,18 @@
 //! - the trainer with the device-side optimizer (tensor ops, what runs on a GPU) on the CPU
 //!   backend follows the host optimizer's run (LoRA+, clipping and weight decay on).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Barrier, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use qlora::data::batches::{BatchOptions, Batches};
-use qlora::data::corpus::{Corpus, DataOptions};
-use qlora::data::tokenizer::TextTokenizer;
+use qlora::data::batches::Batches;
 use qlora::distributed::{Collective, DistributedError, Single};
 use qlora::lora::LoraConfig;
-use qlora::model::loader::{load_model, LoadOptions};
 use qlora::model::transformer::Model;
-use qlora::optim::schedule::{Schedule, ScheduleKind};
-use qlora::optim::{AdamWConfig, StateStorage, UpdateEngine};
-use qlora::peft;
+use qlora::optim::UpdateEngine;
 use qlora::train::trainer::{train, TrainReport, TrainSettings};
 
 /// Two ranks in one process: each operation posts this rank's values, waits for the other, and
@@ -108,10 +104,6 @@ impl Collective for ThreadRank {
     }
 }
 
-fn tiny_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
-}
-
 fn lora_cfg() -> LoraConfig {
     LoraConfig {
         rank: 4,
@@ -124,62 +116,24 @@ fn lora_cfg() -> LoraConfig {
 
 /// A fresh model with adapters: new ones from `seed` or those of a checkpoint.
 fn model(resume: Option<&Path>, seed: u64) -> Model {
-    let mut m = load_model(&tiny_dir(), &LoadOptions::default())
-        .unwrap()
-        .model;
-    match resume {
-        Some(dir) => {
-            peft::load_adapter(&mut m, &dir.join("adapter"), Some(DType::F32)).unwrap();
-        }
-        None => peft::attach_new(&mut m, &lora_cfg(), seed).unwrap(),
-    }
-    m
+    common::tiny_model(&lora_cfg(), seed, resume, &Device::Cpu, DType::F32)
 }
 
 fn batches(batch_size: usize) -> Batches {
-    let tok = TextTokenizer::from_dir(&tiny_dir()).unwrap().unwrap();
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sonnets/valid.txt");
-    let corpus = Corpus::load(&data, Some(&tok), &DataOptions::new(32, 512)).unwrap();
-    Batches::new(
-        corpus.examples,
-        BatchOptions::new(batch_size, 32, 2, 11),
-        &Device::Cpu,
-    )
-    .unwrap()
+    common::sonnet_batches(batch_size, &Device::Cpu)
 }
 
 const STEPS: usize = 6;
 
 fn settings(grad_accum: usize, collective: Rc<dyn Collective>) -> TrainSettings {
-    TrainSettings {
-        steps: STEPS,
-        grad_accum,
-        schedule: Schedule {
-            lr: 1e-2,
-            kind: ScheduleKind::Cosine,
-            warmup: 1,
-            total: STEPS,
-        },
-        adamw: AdamWConfig {
-            weight_decay: 0.01,
-            ..Default::default()
-        },
-        lora_plus_ratio: 4.0,
-        max_grad_norm: 0.5,
-        grad_checkpointing: true,
-        keep_layers: 0,
-        eval_every: 0,
-        seed: 3,
-        optim_storage: StateStorage::Plain,
-        progress: false,
-        save_every: 3,
-        resume: None,
-        stop: Some(Arc::new(AtomicBool::new(false))),
-        run_options: [("seed".to_string(), "3".to_string())].into(),
-        profile: false,
-        collective,
-        optim_engine: None,
-    }
+    let mut s = common::tiny_settings(STEPS);
+    s.grad_accum = grad_accum;
+    s.schedule.lr = 1e-2;
+    s.adamw.weight_decay = 0.01;
+    s.max_grad_norm = 0.5;
+    s.save_every = 3;
+    s.collective = collective;
+    s
 }
 
 fn run_single(out: &Path, batch: usize, grad_accum: usize, engine: UpdateEngine) -> TrainReport {

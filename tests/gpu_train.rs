@@ -9,21 +9,12 @@
 //!   GPU default) within 3e-2 relative of the f32 CPU losses.
 #![cfg(feature = "cuda")]
 
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use qlora::data::batches::{BatchOptions, Batches};
-use qlora::data::corpus::{Corpus, DataOptions};
-use qlora::data::tokenizer::TextTokenizer;
-use qlora::distributed::Single;
 use qlora::lora::LoraConfig;
-use qlora::model::loader::{load_model, LoadOptions};
-use qlora::optim::schedule::{Schedule, ScheduleKind};
 use qlora::optim::{AdamW, AdamWConfig, StateStorage, UpdateEngine};
-use qlora::peft;
-use qlora::train::trainer::{train, TrainSettings};
+use qlora::train::trainer::train;
 
 fn cuda() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -121,17 +112,7 @@ fn gpu_adamw_on_the_device_matches_the_host_update() {
     }
 }
 
-fn tiny_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
-}
-
 fn losses_on(device: &Device, compute: DType) -> Vec<f64> {
-    let opts = LoadOptions {
-        device: device.clone(),
-        compute_dtype: compute,
-        ..Default::default()
-    };
-    let mut m = load_model(&tiny_dir(), &opts).unwrap().model;
     let lora = LoraConfig {
         rank: 4,
         alpha: 8.0,
@@ -139,37 +120,9 @@ fn losses_on(device: &Device, compute: DType) -> Vec<f64> {
         dtype: DType::F32,
         ..Default::default()
     };
-    peft::attach_new(&mut m, &lora, 7).unwrap();
-    let tok = TextTokenizer::from_dir(&tiny_dir()).unwrap().unwrap();
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sonnets/valid.txt");
-    let corpus = Corpus::load(&data, Some(&tok), &DataOptions::new(32, 512)).unwrap();
-    let mut b = Batches::new(corpus.examples, BatchOptions::new(2, 32, 2, 11), device).unwrap();
-    let settings = TrainSettings {
-        steps: 6,
-        grad_accum: 1,
-        schedule: Schedule {
-            lr: 5e-3,
-            kind: ScheduleKind::Cosine,
-            warmup: 1,
-            total: 6,
-        },
-        adamw: AdamWConfig::default(),
-        lora_plus_ratio: 4.0,
-        max_grad_norm: 1.0,
-        grad_checkpointing: true,
-        keep_layers: 0,
-        eval_every: 0,
-        seed: 3,
-        optim_storage: StateStorage::Plain,
-        progress: false,
-        save_every: 0,
-        resume: None,
-        stop: Some(Arc::new(AtomicBool::new(false))),
-        run_options: Default::default(),
-        profile: false,
-        collective: std::rc::Rc::new(Single),
-        optim_engine: None,
-    };
+    let mut m = common::tiny_model(&lora, 7, None, device, compute);
+    let mut b = common::sonnet_batches(2, device);
+    let settings = common::tiny_settings(6);
     let out = tempfile::tempdir().unwrap();
     train(&mut m, &lora, "tiny", &mut b, &[], &settings, out.path())
         .unwrap()

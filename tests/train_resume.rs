@@ -2,25 +2,20 @@
 //! as the uninterrupted run (dropout on, shuffled data, checkpointing on), and a checkpoint from
 //! another model is refused. Also: paged optimizer state changes nothing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use qlora::data::batches::{BatchOptions, Batches};
-use qlora::data::corpus::{Corpus, DataOptions};
-use qlora::data::tokenizer::TextTokenizer;
+use qlora::data::batches::Batches;
 use qlora::lora::LoraConfig;
 use qlora::model::loader::{load_model, LoadOptions};
 use qlora::model::transformer::Model;
-use qlora::optim::schedule::{Schedule, ScheduleKind};
-use qlora::optim::{AdamWConfig, StateStorage};
+use qlora::optim::StateStorage;
 use qlora::peft;
 use qlora::train::trainer::{train, TrainReport, TrainSettings};
-
-fn tiny_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
-}
 
 fn lora_cfg() -> LoraConfig {
     LoraConfig {
@@ -34,28 +29,11 @@ fn lora_cfg() -> LoraConfig {
 
 /// A fresh model with adapters: new ones (seeded) or those of a checkpoint.
 fn model(resume: Option<&Path>) -> Model {
-    let mut m = load_model(&tiny_dir(), &LoadOptions::default())
-        .unwrap()
-        .model;
-    match resume {
-        Some(dir) => {
-            peft::load_adapter(&mut m, &dir.join("adapter"), Some(DType::F32)).unwrap();
-        }
-        None => peft::attach_new(&mut m, &lora_cfg(), 7).unwrap(),
-    }
-    m
+    common::tiny_model(&lora_cfg(), 7, resume, &Device::Cpu, DType::F32)
 }
 
 fn batches() -> Batches {
-    let tok = TextTokenizer::from_dir(&tiny_dir()).unwrap().unwrap();
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sonnets/valid.txt");
-    let corpus = Corpus::load(&data, Some(&tok), &DataOptions::new(32, 512)).unwrap();
-    Batches::new(
-        corpus.examples,
-        BatchOptions::new(2, 32, 2, 11),
-        &Device::Cpu,
-    )
-    .unwrap()
+    common::sonnet_batches(2, &Device::Cpu)
 }
 
 fn settings(
@@ -64,35 +42,15 @@ fn settings(
     stop: bool,
     storage: StateStorage,
 ) -> TrainSettings {
-    TrainSettings {
-        steps: 12,
-        grad_accum: 2,
-        schedule: Schedule {
-            lr: 5e-3,
-            kind: ScheduleKind::Cosine,
-            warmup: 2,
-            total: 12,
-        },
-        adamw: AdamWConfig {
-            weight_decay: 0.01,
-            ..Default::default()
-        },
-        lora_plus_ratio: 4.0,
-        max_grad_norm: 1.0,
-        grad_checkpointing: true,
-        keep_layers: 0,
-        eval_every: 0,
-        seed: 3,
-        optim_storage: storage,
-        progress: false,
-        save_every,
-        resume,
-        stop: Some(Arc::new(AtomicBool::new(stop))),
-        run_options: [("seed".to_string(), "3".to_string())].into(),
-        profile: false,
-        collective: std::rc::Rc::new(qlora::distributed::Single),
-        optim_engine: None,
-    }
+    let mut s = common::tiny_settings(12);
+    s.grad_accum = 2;
+    s.schedule.warmup = 2;
+    s.adamw.weight_decay = 0.01;
+    s.optim_storage = storage;
+    s.save_every = save_every;
+    s.resume = resume;
+    s.stop = Some(Arc::new(AtomicBool::new(stop)));
+    s
 }
 
 fn run(
@@ -180,7 +138,7 @@ fn checkpoint_from_another_adapter_layout_is_refused() {
     let mut m = model(None);
     train(&mut m, &lora_cfg(), "tiny", &mut batches(), &[], &s, &out).unwrap();
     // Same base, but adapters on two projections only.
-    let mut other = load_model(&tiny_dir(), &LoadOptions::default())
+    let mut other = load_model(&common::tiny_llama(), &LoadOptions::default())
         .unwrap()
         .model;
     let cfg = LoraConfig {

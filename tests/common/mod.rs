@@ -185,3 +185,85 @@ pub fn merge_like_peft(model: &Path) -> (tempfile::TempDir, PathBuf) {
     }
     (tmp, out)
 }
+
+/// tiny-llama, the two-layer random Llama of the fixtures.
+pub fn tiny_llama() -> PathBuf {
+    fixtures().join("tiny-llama")
+}
+
+/// tiny-llama on `device` in `compute` with adapters: new ones of `lora` from `seed`, or those
+/// of the checkpoint `resume` (loaded as f32).
+pub fn tiny_model(
+    lora: &qlora::lora::LoraConfig,
+    seed: u64,
+    resume: Option<&Path>,
+    device: &Device,
+    compute: DType,
+) -> qlora::model::transformer::Model {
+    let opts = LoadOptions {
+        device: device.clone(),
+        compute_dtype: compute,
+        ..Default::default()
+    };
+    let mut m = load_model(&tiny_llama(), &opts).unwrap().model;
+    match resume {
+        Some(dir) => {
+            qlora::peft::load_adapter(&mut m, &dir.join("adapter"), Some(DType::F32)).unwrap();
+        }
+        None => qlora::peft::attach_new(&mut m, lora, seed).unwrap(),
+    }
+    m
+}
+
+/// The held-out sonnets as tiny-llama's packed batches of `batch_size` x 32 tokens (shuffle
+/// seed 11) on `device`.
+pub fn sonnet_batches(batch_size: usize, device: &Device) -> qlora::data::batches::Batches {
+    use qlora::data::batches::{BatchOptions, Batches};
+    use qlora::data::corpus::{Corpus, DataOptions};
+    let tok = qlora::data::tokenizer::TextTokenizer::from_dir(&tiny_llama())
+        .unwrap()
+        .unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/sonnets/valid.txt");
+    let corpus = Corpus::load(&data, Some(&tok), &DataOptions::new(32, 512)).unwrap();
+    Batches::new(
+        corpus.examples,
+        BatchOptions::new(batch_size, 32, 2, 11),
+        device,
+    )
+    .unwrap()
+}
+
+/// Settings of a short tiny-llama run: `steps` steps of 1 micro-batch, lr 5e-3 cosine with 1
+/// warmup step, LoRA+ ratio 4, clipping at 1, checkpointing, seed 3, plain AdamW, one process,
+/// no checkpoints, no progress bar. Tests change the fields they are about.
+pub fn tiny_settings(steps: usize) -> qlora::train::trainer::TrainSettings {
+    use qlora::optim::schedule::{Schedule, ScheduleKind};
+    qlora::train::trainer::TrainSettings {
+        steps,
+        grad_accum: 1,
+        schedule: Schedule {
+            lr: 5e-3,
+            kind: ScheduleKind::Cosine,
+            warmup: 1,
+            total: steps,
+        },
+        adamw: qlora::optim::AdamWConfig::default(),
+        lora_plus_ratio: 4.0,
+        max_grad_norm: 1.0,
+        grad_checkpointing: true,
+        keep_layers: 0,
+        eval_every: 0,
+        seed: 3,
+        optim_storage: qlora::optim::StateStorage::Plain,
+        progress: false,
+        save_every: 0,
+        resume: None,
+        stop: Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+            false,
+        ))),
+        run_options: [("seed".to_string(), "3".to_string())].into(),
+        profile: false,
+        collective: std::rc::Rc::new(qlora::distributed::Single),
+        optim_engine: None,
+    }
+}
