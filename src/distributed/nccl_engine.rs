@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::backend::BackendDevice;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 
@@ -186,14 +187,14 @@ impl Collective for NcclCollective {
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), DistributedError> {
         let mut buf = self
             .stream
-            .memcpy_stod(values)
+            .clone_htod(values)
             .map_err(|e| op_err("upload", e))?;
         self.comm
             .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
             .map_err(|e| op_err("all-reduce", e))?;
         let out = self
             .stream
-            .memcpy_dtov(&buf)
+            .clone_dtoh(&buf)
             .map_err(|e| op_err("download", e))?;
         values.copy_from_slice(&out);
         Ok(())

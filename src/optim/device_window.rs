@@ -31,7 +31,7 @@ fn copy_into(t: &Tensor, view: &mut CudaViewMut<'_, f32>) -> Result<()> {
     let start = layout.start_offset();
     let src = cs.as_cuda_slice::<f32>()?;
     let src = src.slice(start..start + t.elem_count());
-    cs.device().cuda_stream().memcpy_dtod(&src, view).w()?;
+    cs.device.cuda_stream().memcpy_dtod(&src, view).w()?;
     Ok(())
 }
 
