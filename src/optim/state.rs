@@ -120,7 +120,7 @@ pub(crate) enum MomentValues {
 enum Pager {
     Host(Box<dyn PageStore>),
     #[cfg(feature = "cuda")]
-    Device(super::cuda_page_store::CudaPageStore),
+    Device(Box<super::cuda_page_store::CudaPageStore>),
 }
 
 impl Pager {
@@ -128,7 +128,7 @@ impl Pager {
         match self {
             Pager::Host(s) => s.as_mut(),
             #[cfg(feature = "cuda")]
-            Pager::Device(s) => s,
+            Pager::Device(s) => s.as_mut(),
         }
     }
 }
@@ -166,9 +166,9 @@ impl OptimState {
             }
             store = Some(match (engine, device) {
                 #[cfg(feature = "cuda")]
-                (UpdateEngine::Tensors, Device::Cuda(dev)) => Pager::Device(
+                (UpdateEngine::Tensors, Device::Cuda(dev)) => Pager::Device(Box::new(
                     super::cuda_page_store::CudaPageStore::new(dev, *resident_bytes, *page_bytes)?,
-                ),
+                )),
                 _ => Pager::Host(Box::new(MmapPageStore::new(
                     *resident_bytes,
                     *page_bytes,

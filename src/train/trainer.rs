@@ -204,15 +204,16 @@ pub fn check_output_dir(out: &Path) -> Result<(), ModelError> {
 
 /// Global L2 norm of the gradients.
 fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
-    let mut sq = 0f64;
+    // Summed where the gradients are, read back once (one device sync per step on a GPU).
+    let mut sq: Option<Tensor> = None;
     for g in grads.iter().flatten() {
-        sq += g
-            .to_dtype(candle_core::DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        let s = g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?;
+        sq = Some(match sq {
+            Some(t) => (t + s)?,
+            None => s,
+        });
     }
-    Ok(sq.sqrt())
+    Ok(sq.map_or(Ok(0.0), |t| t.to_scalar::<f64>())?.sqrt())
 }
 
 /// Train `model`'s adapters on batches from `train` (cycling over epochs) for

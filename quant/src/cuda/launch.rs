@@ -76,10 +76,12 @@ impl DeviceWeight {
 
 type WeightKey = (usize, DeviceId);
 
+/// Uploaded weights by host weight and device, each with a weak handle to its host weight.
+type WeightCache = Mutex<HashMap<WeightKey, (Weak<Nf4Tensor>, Arc<DeviceWeight>)>>;
+
 /// Uploaded weights, each with a weak handle so a dropped weight's entry is recognised.
-fn weight_cache() -> &'static Mutex<HashMap<WeightKey, (Weak<Nf4Tensor>, Arc<DeviceWeight>)>> {
-    static CACHE: OnceLock<Mutex<HashMap<WeightKey, (Weak<Nf4Tensor>, Arc<DeviceWeight>)>>> =
-        OnceLock::new();
+fn weight_cache() -> &'static WeightCache {
+    static CACHE: OnceLock<WeightCache> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
