@@ -213,6 +213,73 @@ impl Plot<'_> {
     }
 }
 
+/// A run's curves in `out`: `loss.svg` (each step's training loss, faint, its smoothed curve,
+/// the validation losses as markers, the learning rate `lr` on the second axis) and, for a
+/// classifier, `accuracy.svg`; each with its PNG.
+pub fn draw_run_curves(
+    out: &Path,
+    losses: &[f64],
+    val_losses: &[(usize, f64)],
+    val_accuracy: &[(f64, f64)],
+    lr: &[(f64, f64)],
+) -> Result<(), ModelError> {
+    let train_pts: Vec<(f64, f64)> = losses
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| ((i + 1) as f64, l))
+        .collect();
+    let val_pts: Vec<(f64, f64)> = val_losses.iter().map(|&(s, l)| (s as f64, l)).collect();
+    let smooth = smoothed(&train_pts, 0.9);
+    let mut series = vec![
+        Styled {
+            series: Series {
+                name: "train loss",
+                points: &train_pts,
+            },
+            style: Style::Faint,
+        },
+        Styled {
+            series: Series {
+                name: "train loss (smoothed)",
+                points: &smooth,
+            },
+            style: Style::Line,
+        },
+    ];
+    if !val_pts.is_empty() {
+        series.push(Styled {
+            series: Series {
+                name: "validation loss",
+                points: &val_pts,
+            },
+            style: Style::Markers,
+        });
+    }
+    draw_styled(
+        &out.join("loss.svg"),
+        "QLoRA training",
+        "loss",
+        &series,
+        Some(lr),
+    )?;
+    if !val_accuracy.is_empty() {
+        draw_styled(
+            &out.join("accuracy.svg"),
+            "validation accuracy",
+            "accuracy",
+            &[Styled {
+                series: Series {
+                    name: "validation accuracy",
+                    points: val_accuracy,
+                },
+                style: Style::Markers,
+            }],
+            None,
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
 use super::layerwise::{loss_and_grads_layerwise, Checkpointing};
-use super::plot::{draw_styled, smoothed, Series, Style, Styled};
+use super::plot::draw_run_curves;
 use super::step::Batch;
 use crate::data::batches::Batches;
 use crate::lora::adalora::{orth_reg, RankAllocator, Triplet};
@@ -571,66 +571,16 @@ pub fn train(
     if !writer {
         return Ok(report);
     }
-    let (losses, val_losses, val_accuracy) =
-        (&report.losses, &report.val_losses, &report.val_accuracy);
-
-    let train_pts: Vec<(f64, f64)> = losses
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| ((i + 1) as f64, l))
-        .collect();
-    let val_pts: Vec<(f64, f64)> = val_losses.iter().map(|&(s, l)| (s as f64, l)).collect();
-    let smooth = smoothed(&train_pts, 0.9);
-    let lr_pts: Vec<(f64, f64)> = (0..settings.steps)
+    let lr: Vec<(f64, f64)> = (0..settings.steps)
         .map(|s| ((s + 1) as f64, settings.schedule.lr_at(s)))
         .collect();
-    let mut series = vec![
-        Styled {
-            series: Series {
-                name: "train loss",
-                points: &train_pts,
-            },
-            style: Style::Faint,
-        },
-        Styled {
-            series: Series {
-                name: "train loss (smoothed)",
-                points: &smooth,
-            },
-            style: Style::Line,
-        },
-    ];
-    if !val_pts.is_empty() {
-        series.push(Styled {
-            series: Series {
-                name: "validation loss",
-                points: &val_pts,
-            },
-            style: Style::Markers,
-        });
-    }
-    draw_styled(
-        &out.join("loss.svg"),
-        "QLoRA training",
-        "loss",
-        &series,
-        Some(&lr_pts),
+    draw_run_curves(
+        out,
+        &report.losses,
+        &report.val_losses,
+        &report.val_accuracy,
+        &lr,
     )?;
-    if !val_accuracy.is_empty() {
-        draw_styled(
-            &out.join("accuracy.svg"),
-            "validation accuracy",
-            "accuracy",
-            &[Styled {
-                series: Series {
-                    name: "validation accuracy",
-                    points: val_accuracy,
-                },
-                style: Style::Markers,
-            }],
-            None,
-        )?;
-    }
 
     if !report.interrupted {
         let dir = out.join("adapter");
