@@ -90,14 +90,17 @@ pub fn reduce_step(
     } else {
         (1.0 / world as f64, loss)
     };
-    // One buffer for all gradients; a parameter without a gradient on this rank contributes
-    // zeros (another rank may have one), as DDP does for unused parameters.
+    // One buffer for all gradients, in one layout on every rank: a parameter without a gradient
+    // must come as zeros ([`fill_missing`]), as DDP sends for unused parameters.
     let mut flat = Vec::with_capacity(grads.len());
     let mut shapes = Vec::with_capacity(grads.len());
-    for g in &grads {
-        let g = g
-            .as_ref()
-            .expect("gradients are filled with zeros before the reduction");
+    for (i, g) in grads.iter().enumerate() {
+        let Some(g) = g else {
+            return Err(ModelError::invalid(
+                "--distributed",
+                format!("parameter {i} has no gradient: fill_missing gives it zeros first"),
+            ));
+        };
         shapes.push((g.shape().clone(), g.dtype()));
         flat.push((g.to_dtype(DType::F32)?.flatten_all()? * weight)?);
     }
