@@ -12,6 +12,7 @@ pub mod model_args;
 pub mod plan;
 pub mod quantize;
 pub mod train;
+pub mod train_options;
 
 /// QLoRA fine-tuning in Rust: NF4 + double-quantized frozen base, 16-bit LoRA adapters.
 #[derive(Parser, Debug)]
