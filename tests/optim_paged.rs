@@ -3,10 +3,12 @@
 //! the updates of plain in-memory AdamW, and optimizer state exported mid-run resumes
 //! bit-identically, in the same or another storage.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use qlora::optim::{AdamW, AdamWConfig, StateStorage};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 const SHAPES: &[&[usize]] = &[&[512, 1024], &[1000, 7], &[3, 5], &[64, 2049], &[4096]];
 
@@ -18,12 +20,6 @@ fn cfg() -> AdamWConfig {
     }
 }
 
-fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect()
-}
-
 /// Named variables of `SHAPES` with values from `seed`; the one 2-D odd shape is bf16 so the
 /// dtype round trip is covered too.
 fn vars(seed: u64) -> Vec<(String, Var)> {
@@ -33,7 +29,8 @@ fn vars(seed: u64) -> Vec<(String, Var)> {
         .enumerate()
         .map(|(i, &shape)| {
             let n: usize = shape.iter().product();
-            let t = Tensor::from_vec(random_vec(&mut rng, n, 0.1), shape, &Device::Cpu).unwrap();
+            let t = Tensor::from_vec(common::random_vec(&mut rng, n, 0.1), shape, &Device::Cpu)
+                .unwrap();
             let t = if i == 1 {
                 t.to_dtype(DType::BF16).unwrap()
             } else {
@@ -66,7 +63,10 @@ fn grads(step: usize) -> Vec<Option<Tensor>> {
             }
             let n: usize = shape.iter().product();
             let scale = 10f32.powi(i as i32 - 3);
-            Some(Tensor::from_vec(random_vec(&mut rng, n, scale), shape, &Device::Cpu).unwrap())
+            Some(
+                Tensor::from_vec(common::random_vec(&mut rng, n, scale), shape, &Device::Cpu)
+                    .unwrap(),
+            )
         })
         .collect()
 }

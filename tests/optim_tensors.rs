@@ -7,21 +7,17 @@
 //! two roundings as tensor ops): at most an ulp per step in `m`, which is what the tolerances
 //! below allow for. The 8-bit rounding itself (absmax, scaling, nearest code) must agree exactly.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use qlora::optim::blockwise8::Blockwise8;
 use qlora::optim::tensor_update::TensorBlockwise8;
 use qlora::optim::{AdamW, AdamWConfig, StateStorage, UpdateEngine};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 const SHAPES: &[&[usize]] = &[&[64, 300], &[1000, 7], &[3, 5], &[16, 2049], &[4096]];
 const STEPS: usize = 6;
-
-fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect()
-}
 
 /// Named variables of `SHAPES`; the second is bf16 (the default adapter dtype).
 fn vars(seed: u64) -> Vec<(String, Var)> {
@@ -31,7 +27,8 @@ fn vars(seed: u64) -> Vec<(String, Var)> {
         .enumerate()
         .map(|(i, &shape)| {
             let n: usize = shape.iter().product();
-            let t = Tensor::from_vec(random_vec(&mut rng, n, 0.1), shape, &Device::Cpu).unwrap();
+            let t = Tensor::from_vec(common::random_vec(&mut rng, n, 0.1), shape, &Device::Cpu)
+                .unwrap();
             let t = if i == 1 {
                 t.to_dtype(DType::BF16).unwrap()
             } else {
@@ -60,7 +57,10 @@ fn grads(step: usize) -> Vec<Option<Tensor>> {
             }
             let n: usize = shape.iter().product();
             let scale = 10f32.powi(i as i32 - 3);
-            Some(Tensor::from_vec(random_vec(&mut rng, n, scale), shape, &Device::Cpu).unwrap())
+            Some(
+                Tensor::from_vec(common::random_vec(&mut rng, n, scale), shape, &Device::Cpu)
+                    .unwrap(),
+            )
         })
         .collect()
 }
@@ -215,7 +215,7 @@ fn tensor_8bit_rounding_is_the_host_rounding_exactly() {
     let mut rng = StdRng::seed_from_u64(3);
     // Values across decades, exact zeros, an all-zero block, a short last block, and values on
     // the code's midpoints (where the rounding rule decides).
-    let mut x = random_vec(&mut rng, 5 * 256 + 77, 1.0);
+    let mut x = common::random_vec(&mut rng, 5 * 256 + 77, 1.0);
     for (i, v) in x.iter_mut().enumerate() {
         *v *= 10f32.powi(-((i % 7) as i32));
     }

@@ -9,6 +9,7 @@ use std::fmt;
 
 use candle_core::{DType, Tensor};
 use mpi::collective::SystemOperation;
+use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -51,10 +52,11 @@ impl MpiCollective {
         })
     }
 
-    fn sum_f32(&self, values: &mut [f32]) {
+    /// Sum `values` over all ranks: reduced onto rank 0, then broadcast from there.
+    fn sum<T: Equivalence + Copy + Default>(&self, values: &mut [T]) {
         let root = self.world.process_at_rank(0);
         if self.rank == 0 {
-            let mut out = vec![0f32; values.len()];
+            let mut out = vec![T::default(); values.len()];
             root.reduce_into_root(&*values, &mut out[..], SystemOperation::sum());
             values.copy_from_slice(&out);
         } else {
@@ -76,7 +78,7 @@ impl Collective for MpiCollective {
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor, DistributedError> {
         let mut v = host_f32(t)?;
-        self.sum_f32(&mut v);
+        self.sum(&mut v);
         like(v, t)
     }
     fn broadcast(&self, t: &Tensor) -> Result<Tensor, DistributedError> {
@@ -85,15 +87,7 @@ impl Collective for MpiCollective {
         like(v, t)
     }
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), DistributedError> {
-        let root = self.world.process_at_rank(0);
-        if self.rank == 0 {
-            let mut out = vec![0f64; values.len()];
-            root.reduce_into_root(&*values, &mut out[..], SystemOperation::sum());
-            values.copy_from_slice(&out);
-        } else {
-            root.reduce_into(&*values, SystemOperation::sum());
-        }
-        root.broadcast_into(values);
+        self.sum(values);
         Ok(())
     }
 }

@@ -267,3 +267,11 @@ pub fn tiny_settings(steps: usize) -> qlora::train::trainer::TrainSettings {
         optim_engine: None,
     }
 }
+
+/// `n` values uniform in [-scale, scale) from `rng`.
+pub fn random_vec(rng: &mut rand::rngs::StdRng, n: usize, scale: f32) -> Vec<f32> {
+    use rand::Rng;
+    (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect()
+}
